@@ -1,0 +1,38 @@
+"""BrainAgeLib: brain age from a T1-weighted MRI with the two-stage BrainRotViT model.
+
+Slicer-independent: imports no Slicer, Qt or MRML. Heavy parts (torch, timm) are imported
+lazily so that ``import BrainAgeLib`` stays fast and works where only I/O is needed.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import BrainAgeError, CheckpointError, CohortError, InvalidVolumeError
+from .presets import PRESETS, ModelConfig, PreprocessConfig, get_preset
+from .volume import Volume
+
+_LAZY = {
+    "load_volume": ("io", "load_volume"),
+    "save_volume": ("io", "save_volume"),
+    "prepare": ("preprocess", "prepare"),
+    "Prepared": ("preprocess", "Prepared"),
+    "build_model": ("model", "build_model"),
+    "BrainAgeModel": ("model", "BrainAgeModel"),
+    "load_model": ("checkpoint", "load_model"),
+    "Result": ("result", "Result"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "__version__", "BrainAgeError", "CheckpointError", "CohortError", "InvalidVolumeError",
+    "PRESETS", "ModelConfig", "PreprocessConfig", "get_preset", "Volume", *_LAZY,
+]

@@ -1,0 +1,142 @@
+"""Model presets: one table of configs, each a plain dataclass (data, not code branches).
+
+``paper`` reproduces BrainRotViT (Jalal et al., 2025, arXiv 2511.15188) exactly: ViT-B/16 at
+224 px over 160 sagittal slices, and the residual CNN whose flattened map is 143 x 687 = 98,241
+features feeding a 512-unit FC layer. ``demo`` is the small preset of the bundled demo model
+(fewer pixels, fewer slices, a smaller ViT, a pooled head); ``tiny`` exists for fast tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a T1 volume becomes the stack of sagittal slices the encoder sees."""
+
+    n4_bias_correction: bool = True
+    n4_shrink_factor: int = 4            # N4 runs on the image shrunk by this factor (speed)
+    skull_strip: str = "auto"           # "auto" (detect stripped input), "template", "none"
+    registration_spacing_mm: float = 3.0  # grid the template registration runs on
+    crop_threshold: float = 0.1          # largest connected component above this (after min-max)
+    n_slices: int = 160                  # sagittal slices after resampling the L-R axis (cubic)
+    image_size: int = 224                # each slice resized to image_size x image_size
+    quantize_8bit: bool = True           # floor(255 x) as the authors' ToPILImage does
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "PreprocessConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of both stages plus the preprocessing that feeds them."""
+
+    name: str
+    # Stage 1: ViT slice encoder (timm VisionTransformer)
+    image_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6         # timm's default; Hugging Face checkpoints use 1e-12
+    in_chans: int = 3
+    n_slices: int = 160
+    n_train_slices: int = 32             # evenly spaced sagittal slices per subject in stage 1
+    age_bin_edges: Tuple[float, ...] = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
+    # Stage 2: residual CNN over the [n_slices, embed_dim] pseudo-image
+    cnn_channels: Tuple[int, ...] = (8, 4, 1)
+    cnn_kernels: Tuple[Tuple[int, int], ...] = ((10, 60), (5, 15), (2, 6))
+    head: str = "flatten"                # "flatten" (paper) or "pooled"
+    pooled_size: Optional[Tuple[int, int]] = None  # adaptive average pool size for head="pooled"
+    hidden_sizes: Tuple[int, ...] = (512, 128)
+    dropout: float = 0.3
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    @property
+    def n_age_bins(self) -> int:
+        return len(self.age_bin_edges) - 1
+
+    @property
+    def n_classes(self) -> int:
+        """Stage-1 classes: age bin x sex (sex-major: class = sex * n_age_bins + bin)."""
+        return 2 * self.n_age_bins
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        if isinstance(values.get("preprocess"), dict):
+            values["preprocess"] = PreprocessConfig.from_dict(values["preprocess"])
+        for key in ("age_bin_edges", "cnn_channels", "hidden_sizes"):
+            if key in values:
+                values[key] = tuple(values[key])
+        if "cnn_kernels" in values:
+            values["cnn_kernels"] = tuple(tuple(k) for k in values["cnn_kernels"])
+        if values.get("pooled_size") is not None:
+            values["pooled_size"] = tuple(values["pooled_size"])
+        return cls(**values)
+
+
+PRESETS: Dict[str, ModelConfig] = {
+    "paper": ModelConfig(name="paper"),
+    "demo": ModelConfig(
+        name="demo",
+        image_size=96,
+        patch_size=16,
+        embed_dim=192,
+        depth=4,
+        num_heads=3,
+        n_slices=64,
+        n_train_slices=32,
+        cnn_channels=(8, 4, 1),
+        cnn_kernels=((5, 15), (3, 7), (2, 3)),
+        head="pooled",
+        pooled_size=(8, 16),
+        hidden_sizes=(64, 32),
+        dropout=0.3,
+        preprocess=PreprocessConfig(n_slices=64, image_size=96, registration_spacing_mm=4.0),
+    ),
+    "tiny": ModelConfig(
+        name="tiny",
+        image_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        n_slices=16,
+        n_train_slices=8,
+        cnn_channels=(4, 2, 1),
+        cnn_kernels=((3, 5), (2, 3), (2, 2)),
+        head="pooled",
+        pooled_size=(4, 4),
+        hidden_sizes=(16, 8),
+        dropout=0.0,
+        preprocess=PreprocessConfig(
+            n4_bias_correction=False, skull_strip="none", n_slices=16, image_size=32
+        ),
+    ),
+}
+
+
+def get_preset(preset: "str | ModelConfig") -> ModelConfig:
+    """Look a preset up by name (a ModelConfig passes through)."""
+    if isinstance(preset, ModelConfig):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise KeyError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}") from None

@@ -1,0 +1,55 @@
+"""Shared pytest fixtures: real anatomy that ships inside installed packages, made offline.
+
+- ``mni_t1_path``: the MNI152 2009a T1 at 1 mm from nilearn's wheel (brain only, 197x233x189).
+- ``colin27_path``: Colin27 ``ch2.nii.gz`` from Debian's mricron-data (whole head); tests that
+  need it are skipped where the package is not installed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Keep torch on the two cores CI has, and never reach for the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+COLIN27 = Path("/usr/share/mricron/templates/ch2.nii.gz")
+COLIN27_BRAIN = Path("/usr/share/mricron/templates/ch2better.nii.gz")
+
+
+def nilearn_data_file(name: str) -> Path:
+    nilearn = pytest.importorskip("nilearn")
+    path = Path(nilearn.__file__).parent / "datasets" / "data" / name
+    if not path.exists():
+        pytest.skip(f"{name} is not in this nilearn wheel")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mni_t1_path() -> Path:
+    return nilearn_data_file("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def mni_gm_path() -> Path:
+    return nilearn_data_file("mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def mni_wm_path() -> Path:
+    return nilearn_data_file("mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def colin27_path() -> Path:
+    if not COLIN27.exists():
+        pytest.skip("Colin27 (Debian package mricron-data) is not installed")
+    return COLIN27
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
