@@ -7,15 +7,18 @@ and of Slicer's IJKToRAS matrix. Orientation and spacing are read from the affin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
 
 
-@dataclass
+@dataclass(eq=False)
 class Volume:
-    """A 3D image: ``array`` float32 [I, J, K] and ``affine`` 4x4 voxel -> RAS (mm)."""
+    """A 3D image: ``array`` float32 [I, J, K] and ``affine`` 4x4 voxel -> RAS (mm).
+
+    Integer arrays (labelmaps) keep their integer dtype; every other dtype becomes float32.
+    """
 
     array: np.ndarray
     affine: np.ndarray
@@ -47,3 +50,26 @@ class Volume:
     def with_array(self, array: np.ndarray) -> "Volume":
         """A new Volume on the same grid holding ``array``."""
         return Volume(array, self.affine.copy())
+
+    def reoriented(self, codes: Union[str, Sequence[str]] = "RAS") -> "Volume":
+        """The same image with its voxel axes permuted and flipped to point along ``codes``.
+
+        Exact: voxels are only reordered (no interpolation), and the affine is updated so that
+        every voxel keeps its RAS world position in mm. For an oblique scan each voxel axis goes
+        to the world axis it is closest to. ``codes`` is e.g. "RAS", "LPS" or ("P", "S", "R").
+        """
+        target = nib.orientations.axcodes2ornt(tuple(codes))
+        current = nib.orientations.io_orientation(self.affine)
+        transform = nib.orientations.ornt_transform(current, target)
+        array = np.ascontiguousarray(nib.orientations.apply_orientation(self.array, transform))
+        affine = self.affine @ nib.orientations.inv_ornt_aff(transform, self.shape)
+        return Volume(array, affine)
+
+    def voxel_to_world(self, ijk: np.ndarray) -> np.ndarray:
+        """RAS positions (mm) of voxel indices ``ijk``, shape [..., 3] (fractional indices allowed)."""
+        return nib.affines.apply_affine(self.affine, np.asarray(ijk, dtype=np.float64))
+
+    def world_to_voxel(self, points_ras: np.ndarray) -> np.ndarray:
+        """Continuous voxel indices [..., 3] of RAS points (mm); round them to pick a voxel."""
+        inverse = np.linalg.inv(self.affine)
+        return nib.affines.apply_affine(inverse, np.asarray(points_ras, dtype=np.float64))

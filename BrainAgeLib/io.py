@@ -1,0 +1,398 @@
+"""Reading and writing 3D MRI volumes: one loader for every format, RAS everywhere.
+
+``load_volume`` reads NIfTI (.nii, .nii.gz), FreeSurfer MGH (.mgz, .mgh), NRRD (.nrrd, .nhdr),
+MetaImage (.mha, .mhd) and a folder holding a DICOM series (or one .dcm file of it), and
+returns a :class:`Volume`: a float32 array [I, J, K] with a 4x4 voxel -> RAS (mm) affine.
+NIfTI and MGH go through nibabel, whose affines are already RAS. NRRD, MetaImage and DICOM go
+through SimpleITK, whose geometry is LPS; it is converted exactly: the array SimpleITK gives is
+indexed [k, j, i] and is transposed to [i, j, k], and the affine is
+``diag(-1, -1, 1, 1) @ [direction * spacing | origin]``.
+
+Every loaded volume passes :func:`validate_volume`, which rejects what cannot be a head MRI
+with an :class:`InvalidVolumeError` naming the file and the problem:
+
+- dimensionality: 2D images (or a single slice), 4D images with more than one volume, vector
+  or colour voxels. A 4D image holding exactly one volume is accepted and squeezed to 3D.
+- geometry: a non-finite or singular affine; voxel spacing outside 0.2-8 mm along any axis;
+  fewer than 16 voxels, or a field of view under 50 mm, along any axis (too small for a head).
+- intensities: all voxels zero, or all voxels equal. NaN/Inf voxels are *cleaned* (set to 0,
+  with a logged warning giving their number) when they are fewer than 1% of the voxels, and
+  *rejected* above that, since then they are part of the image rather than a few bad voxels.
+
+``save_volume`` writes NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd),
+chosen by extension, atomically: the file is written under a temporary name in the target
+folder and then moved into place with ``os.replace``, so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InvalidVolumeError
+from .volume import Volume
+
+__all__ = [
+    "Volume", "load_volume", "save_volume", "validate_volume",
+    "READ_EXTENSIONS", "WRITE_EXTENSIONS",
+    "MIN_SPACING_MM", "MAX_SPACING_MM", "MIN_EXTENT_MM", "MIN_VOXELS_PER_AXIS", "MAX_NONFINITE_FRACTION",
+]
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+NIBABEL_EXTENSIONS = (".nii.gz", ".nii", ".mgz", ".mgh")
+SITK_EXTENSIONS = (".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_EXTENSIONS = (".dcm", ".ima")
+READ_EXTENSIONS = NIBABEL_EXTENSIONS + SITK_EXTENSIONS + DICOM_EXTENSIONS
+WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+# Limits of what can be a head MRI (see the module docstring).
+MIN_SPACING_MM = 0.2
+MAX_SPACING_MM = 8.0
+MIN_EXTENT_MM = 50.0
+MIN_VOXELS_PER_AXIS = 16
+MAX_NONFINITE_FRACTION = 0.01
+
+# SimpleITK (ITK) geometry is LPS; BrainAge's is RAS. Flipping x and y converts either way.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_volume(path: PathLike, *, series_uid: Optional[str] = None) -> Volume:
+    """Read a 3D image file (or DICOM series folder) as a validated RAS :class:`Volume`.
+
+    ``path`` is a .nii/.nii.gz/.mgz/.mgh/.nrrd/.nhdr/.mha/.mhd file, a folder with one DICOM
+    series, or one .dcm file of a series (the whole series in its folder is read). Where a
+    folder holds several series, ``series_uid`` picks one (the error lists them).
+    The array is float32 [I, J, K]; the affine maps voxel indices to RAS mm.
+    Raises :class:`InvalidVolumeError` for anything that is not a usable 3D head image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InvalidVolumeError("file not found", path)
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise InvalidVolumeError("permission denied: the file cannot be read by this user", path)
+    if path.is_dir():
+        array, affine = _read_dicom_series(path, path, series_uid)
+    else:
+        ext = _extension(path)
+        if ext in NIBABEL_EXTENSIONS:
+            array, affine = _read_with_nibabel(path)
+        elif ext in SITK_EXTENSIONS:
+            array, affine = _read_with_simpleitk(path)
+        elif ext in DICOM_EXTENSIONS:
+            array, affine = _read_dicom_series(path.parent, path, series_uid)
+        else:
+            raise InvalidVolumeError(
+                f"unsupported file type {ext or '(no extension)'!r}; BrainAge reads "
+                f"{', '.join(READ_EXTENSIONS)} files and DICOM series folders", path)
+    return validate_volume(Volume(array, affine), path)
+
+
+def _extension(path: Path) -> str:
+    name = path.name.lower()
+    for ext in (".nii.gz",):
+        if name.endswith(ext):
+            return ext
+    return path.suffix.lower()
+
+
+def _read_with_nibabel(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        image = nib.load(str(path), mmap=False)
+    except PermissionError as error:
+        raise InvalidVolumeError(f"permission denied ({error.strerror})", path) from None
+    except Exception as error:  # nibabel raises many types for a file that is not an image
+        raise InvalidVolumeError(
+            f"not a readable {_format_name(path)} image (the header could not be parsed: "
+            f"{_short(error)})", path) from None
+    try:
+        array = image.get_fdata(dtype=np.float32)
+    except MemoryError:
+        raise InvalidVolumeError(f"too large to load: shape {image.shape}", path) from None
+    except (EOFError, zlib.error) as error:
+        raise InvalidVolumeError(f"truncated or corrupt file: the voxel data ends early ({_short(error)})", path) from None
+    except Exception as error:
+        raise InvalidVolumeError(f"truncated or corrupt file: the voxel data could not be read ({_short(error)})", path) from None
+    array = _to_3d(array, path, time_axis_first=False)
+    return array, np.asarray(image.affine, dtype=np.float64)
+
+
+def _read_with_simpleitk(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise InvalidVolumeError(
+            f"not a readable {_format_name(path)} image, or a truncated one ({_itk_reason(error)})", path) from None
+    return _from_sitk(image, path)
+
+
+def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> Tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    try:
+        series = list(reader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as error:
+        raise InvalidVolumeError(f"could not scan the folder for DICOM files ({_itk_reason(error)})", path) from None
+    if path != folder:  # one file of a series: read the series that file belongs to
+        own = _dicom_series_of_file(path)
+        if own is None or own not in series:
+            raise InvalidVolumeError("not a readable DICOM image file", path)
+        series_uid = series_uid or own
+    if not series:
+        raise InvalidVolumeError("no DICOM series found in this folder", path)
+    if series_uid is None:
+        if len(series) > 1:
+            listing = "; ".join(
+                f"{uid} ({len(reader.GetGDCMSeriesFileNames(str(folder), uid))} files)" for uid in series)
+            raise InvalidVolumeError(
+                f"the folder holds {len(series)} DICOM series; choose one with series_uid: {listing}", path)
+        series_uid = series[0]
+    elif series_uid not in series:
+        raise InvalidVolumeError(f"no DICOM series {series_uid!r} here (found: {', '.join(series)})", path)
+    files = reader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise InvalidVolumeError(f"the DICOM series could not be read ({_itk_reason(error)})", path) from None
+    return _from_sitk(image, path)
+
+
+def _dicom_series_of_file(path: Path) -> Optional[str]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        return reader.GetMetaData("0020|000e").strip().rstrip("\x00").strip()
+    except RuntimeError:
+        return None
+
+
+def _from_sitk(image, path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image (LPS, array [k, j, i]) -> array [i, j, k] and voxel -> RAS affine."""
+    import SimpleITK as sitk
+
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise InvalidVolumeError(
+            f"has {components} values per voxel (a colour or vector image); BrainAge needs a "
+            "grey-scale T1-weighted volume", path)
+    dim = image.GetDimension()
+    if dim < 3:
+        raise InvalidVolumeError(f"is a {dim}D image of size {image.GetSize()}; BrainAge needs a 3D volume", path)
+    try:
+        array = sitk.GetArrayFromImage(image)  # [(t,) k, j, i]
+    except RuntimeError as error:
+        raise InvalidVolumeError(f"the voxel data could not be read ({_itk_reason(error)})", path) from None
+    array = _to_3d(array.astype(np.float32, copy=False), path, time_axis_first=True)
+    array = np.ascontiguousarray(array.transpose(2, 1, 0))  # [k, j, i] -> [i, j, k]
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)[:3]
+    affine_lps = np.eye(4)
+    affine_lps[:3, :3] = direction * spacing  # column c is axis c's direction times its spacing
+    affine_lps[:3, 3] = origin
+    return array, LPS_TO_RAS @ affine_lps
+
+
+def _to_3d(array: np.ndarray, path: Path, *, time_axis_first: bool) -> np.ndarray:
+    """Squeeze a single-volume 4D (or 5D) array to 3D; reject 2D and multi-volume data.
+
+    nibabel puts extra axes last ([i, j, k, t]); SimpleITK's arrays put them first ([t, k, j, i]).
+    """
+    if array.ndim < 3:
+        raise InvalidVolumeError(f"is a {array.ndim}D image of shape {array.shape}; BrainAge needs a 3D volume", path)
+    if array.ndim > 3:
+        extra = array.shape[: array.ndim - 3] if time_axis_first else array.shape[3:]
+        volumes = int(np.prod(extra))
+        if volumes != 1:
+            raise InvalidVolumeError(
+                f"is a {array.ndim}D image of shape {array.shape} holding {volumes} volumes; "
+                "BrainAge needs a single 3D volume (extract one first)", path)
+        array = array.reshape(array.shape[array.ndim - 3:] if time_axis_first else array.shape[:3])
+    return array
+
+
+def _format_name(path: Path) -> str:
+    return {
+        ".nii.gz": "NIfTI", ".nii": "NIfTI", ".mgz": "MGH", ".mgh": "MGH", ".nrrd": "NRRD",
+        ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage",
+    }.get(_extension(path), "image")
+
+
+def _short(error: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _itk_reason(error: BaseException) -> str:
+    """The useful last line of an ITK exception (they carry file/line noise first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("sitk::ERROR", "itk::ERROR")) or ":" in line:
+            text = line.split("): ", 1)[-1]
+            return _short(text)
+    return _short(error)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def validate_volume(volume: Volume, path: Optional[PathLike] = None) -> Volume:
+    """Check that ``volume`` can be a head MRI; return it as float32, NaN/Inf cleaned.
+
+    ``path`` only names the source in error messages (an MRML node name works too).
+    Raises :class:`InvalidVolumeError` for a singleton (2D) axis, too few voxels or too small a
+    field of view (< 16 voxels or < 50 mm along an axis), a non-finite or singular affine,
+    spacing outside 0.2-8 mm, more than 1% NaN/Inf voxels, all-zero or constant intensities.
+    Up to 1% NaN/Inf voxels are set to 0 with a logged warning. The input is never modified.
+    """
+    array = np.asarray(volume.array)
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    shape = tuple(int(n) for n in array.shape)
+    if array.ndim != 3:
+        raise InvalidVolumeError(f"is a {array.ndim}D array of shape {shape}; BrainAge needs a 3D volume", path)
+    if min(shape) == 1:
+        raise InvalidVolumeError(f"is a 2D image (a single slice, shape {shape}); BrainAge needs a 3D volume", path)
+    if min(shape) < MIN_VOXELS_PER_AXIS:
+        raise InvalidVolumeError(
+            f"is too small to be a head: shape {shape} has fewer than {MIN_VOXELS_PER_AXIS} voxels along an axis", path)
+
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InvalidVolumeError("has a non-finite (NaN/Inf) voxel-to-world affine", path)
+    linear = affine[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing == 0) or abs(np.linalg.det(linear)) <= 1e-6 * float(np.prod(spacing)):
+        raise InvalidVolumeError(
+            "has a singular voxel-to-world affine (voxel axes of zero length or parallel to each other)", path)
+    spacing_text = " x ".join(f"{s:.3g}" for s in spacing)
+    if np.any(spacing < MIN_SPACING_MM) or np.any(spacing > MAX_SPACING_MM):
+        raise InvalidVolumeError(
+            f"has an implausible voxel spacing of {spacing_text} mm (expected {MIN_SPACING_MM:g}-"
+            f"{MAX_SPACING_MM:g} mm along every axis)", path)
+    extent = spacing * np.asarray(shape)
+    if np.any(extent < MIN_EXTENT_MM):
+        extent_text = " x ".join(f"{e:.3g}" for e in extent)
+        raise InvalidVolumeError(
+            f"is too small to be a head: the field of view is {extent_text} mm (at least "
+            f"{MIN_EXTENT_MM:g} mm needed along every axis)", path)
+
+    data = array.astype(np.float32, copy=False)  # values beyond float32's range become Inf here
+    finite = np.isfinite(data)
+    bad = int(finite.size - np.count_nonzero(finite))
+    if bad:
+        fraction = bad / finite.size
+        if fraction > MAX_NONFINITE_FRACTION:
+            raise InvalidVolumeError(
+                f"has {bad} NaN/Inf voxels ({100 * fraction:.2g}% of {finite.size}); at most "
+                f"{100 * MAX_NONFINITE_FRACTION:g}% are cleaned to 0", path)
+        data = np.where(finite, data, np.float32(0))
+        log.warning("%s: set %d NaN/Inf voxels (%.2g%% of the volume) to 0", path or "volume", bad, 100 * fraction)
+    low, high = float(data.min()), float(data.max())
+    if low == high == 0.0:
+        raise InvalidVolumeError("is empty: every voxel is zero", path)
+    if low == high:
+        raise InvalidVolumeError(f"is constant: every voxel equals {low:g}", path)
+    return Volume(data, affine.copy())
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def save_volume(volume: Volume, path: PathLike) -> Path:
+    """Write ``volume`` to ``path`` as NIfTI, NRRD or MetaImage by extension, atomically.
+
+    The file(s) are written with their final names in a temporary folder beside ``path`` and
+    moved into place with ``os.replace`` (for detached-header formats, .nhdr/.mhd, the data file
+    first and the header last). Float arrays are written as float32; integer arrays (labelmaps)
+    keep an integer type. Returns the path written.
+    """
+    path = Path(path)
+    ext = _extension(path)
+    if ext not in WRITE_EXTENSIONS:
+        raise InvalidVolumeError(
+            f"cannot write {ext or '(no extension)'!r} files; use one of {', '.join(WRITE_EXTENSIONS)}", path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InvalidVolumeError(f"the output folder {str(folder)!r} does not exist", path)
+    array = _array_for_disk(np.asarray(volume.array))
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) == 0:
+        raise InvalidVolumeError("cannot write a volume whose affine is singular or non-finite", path)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    except OSError as error:
+        raise InvalidVolumeError(f"cannot write to the output folder ({error.strerror})", path) from None
+    try:
+        target = staging / path.name
+        if ext in (".nii", ".nii.gz"):
+            _write_nifti(array, affine, target)
+        else:
+            _write_with_simpleitk(array, affine, target)
+        written = sorted(staging.iterdir(), key=lambda p: p.name == path.name)  # header last
+        for item in written:
+            os.replace(item, folder / item.name)
+    except OSError as error:
+        raise InvalidVolumeError(f"could not write the file ({error.strerror or error})", path) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _array_for_disk(array: np.ndarray) -> np.ndarray:
+    """float32 for real data; integer data keeps an integer type readers understand."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.dtype.itemsize == 8:  # int64 is poorly supported; shrink when the values fit
+            low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+            if np.iinfo(np.int32).min <= low and high <= np.iinfo(np.int32).max:
+                return array.astype(np.int32)
+        return array
+    return array.astype(np.float32, copy=False)
+
+
+def _write_nifti(array: np.ndarray, affine: np.ndarray, target: Path) -> None:
+    image = nib.Nifti1Image(array, affine, dtype=array.dtype)
+    image.set_sform(affine, code=1)  # scanner-anatomical
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    nib.save(image, str(target))
+
+
+def _write_with_simpleitk(array: np.ndarray, affine: np.ndarray, target: Path) -> None:
+    import SimpleITK as sitk
+
+    affine_lps = LPS_TO_RAS @ affine
+    spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))  # [i,j,k] -> [k,j,i]
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(x) for x in affine_lps[:3, 3]])
+    image.SetDirection([float(x) for x in (affine_lps[:3, :3] / spacing).ravel()])
+    try:
+        sitk.WriteImage(image, str(target), useCompression=True)
+    except RuntimeError as error:
+        raise OSError(_itk_reason(error)) from None
