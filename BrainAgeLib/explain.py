@@ -1,0 +1,214 @@
+"""The paper's explanation: a fused 3D attention map from guided backprop and ViT attention.
+
+BrainRotViT (Jalal et al., 2025, arXiv 2511.15188) explains one prediction in four steps, all
+on the stack of S sagittal slices the model saw (model space):
+
+1. **Guided backprop through the residual CNN.** The predicted age (years) is differentiated
+   with respect to the [S, D] matrix of slice embeddings, with every activation of the CNN
+   passing back only positive gradients (see :func:`guided_backprop`). The result is an
+   [S, D] saliency: which embedding dimensions of which slice pushed the age up.
+2. **Saliency onto patches.** For each slice, the dot product of its saliency row with each of
+   the N last-layer patch tokens of the ViT (final-normed) gives one relevance per patch; it is
+   min-max scaled over that slice's N patches to [0, 1].
+3. **Times attention.** The scaled relevance is multiplied by the last block's CLS->patch
+   attention (mean over heads), so a patch counts when the CNN cares about what it encodes *and*
+   the ViT looked at it.
+4. **Masked and upsampled.** The patch-grid map is masked to brain, upsampled bilinearly from
+   the patch grid (14 x 14 for ViT-B/16 at 224 px) to the slice size, masked again at full
+   resolution and scaled by its maximum over the whole stack, giving [S, H, W] in [0, 1].
+
+Every step is one batched tensor operation over all slices (no Python loop over slices).
+``Prepared.to_input_grid`` then maps the [S, H, W] stack back onto the input's voxel grid.
+
+The guided-backprop rule for SiLU. Springenberg et al. defined guided backprop for ReLU: the
+gradient passes an activation only where the forward input was positive *and* the incoming
+gradient is positive, ``g_in = 1[x > 0] * max(g_out, 0)``. ReLU's derivative ``1[x > 0]`` is
+replaced here by SiLU's derivative ``s(x) * (1 + x * (1 - s(x)))`` (s = logistic sigmoid),
+which is negative for x < about -1.28; so that only positive gradients travel, the product is
+clamped as well::
+
+    g_in = max(0, silu'(x) * max(0, g_out))
+
+For ReLU this is exactly Springenberg's rule; for SiLU it keeps the smooth weighting of the
+activation and never lets a negative gradient (from either factor) through.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Activation modules guided backprop rewrites. Anything else (LayerNorm, pooling, convs,
+#: the sex concatenation) backpropagates unchanged, as in the original method.
+GUIDED_ACTIVATIONS: Tuple[type, ...] = (nn.SiLU, nn.ReLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Mish)
+
+
+def _guided_hook(module: nn.Module, grad_input: Tuple[Optional[torch.Tensor], ...],
+                 grad_output: Tuple[Optional[torch.Tensor], ...]):
+    """Backward hook: ``g_in = max(0, act'(x) * max(0, g_out))``.
+
+    ``grad_input`` already holds ``act'(x) * g_out``; where ``g_out <= 0`` the guided value is 0,
+    elsewhere it is that product clamped at 0.
+    """
+    g_in, g_out = grad_input[0], grad_output[0]
+    if g_in is None or g_out is None:
+        return None
+    return (torch.where(g_out > 0, g_in.clamp(min=0), torch.zeros_like(g_in)),)
+
+
+@contextlib.contextmanager
+def guided_backprop(module: nn.Module) -> Iterator[List[nn.Module]]:
+    """Inside this context, every activation module in ``module`` backpropagates guided gradients.
+
+    Works with hooks on the existing activation modules (nothing is replaced); the hooks are
+    removed on exit, even after an error, so the model afterwards is exactly as before. Yields
+    the list of activations it guides. Raises ``ValueError`` if ``module`` has none, since the
+    result would silently be a plain gradient.
+    """
+    activations = [m for m in module.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
+    if not activations:
+        raise ValueError(
+            f"{type(module).__name__} has no activation modules ({', '.join(t.__name__ for t in GUIDED_ACTIVATIONS)}); "
+            "guided backprop needs them as modules, not functional calls"
+        )
+    handles = [m.register_full_backward_hook(_guided_hook) for m in activations]
+    try:
+        yield activations
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def slice_saliency(regressor: nn.Module, embeddings: torch.Tensor, sex_value: float) -> torch.Tensor:
+    """Guided-backprop saliency of the predicted age w.r.t. the slice embeddings.
+
+    ``embeddings`` [S, D] (one subject), ``sex_value`` 0 = male, 1 = female (the model's coding).
+    Returns [S, D] float32 on the embeddings' device: d(age in years)/d(embedding) under the
+    guided rule. The regressor runs in eval mode (no dropout) and its mode is restored afterwards.
+    """
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be [S, D] for one subject, got shape {tuple(embeddings.shape)}")
+    param = next(regressor.parameters(), None)
+    device = param.device if param is not None else embeddings.device
+    dtype = param.dtype if param is not None else torch.float32
+    x = embeddings.detach().to(device=device, dtype=dtype).unsqueeze(0).requires_grad_(True)
+    sex = torch.tensor([float(sex_value)], device=device, dtype=dtype)
+    was_training = regressor.training
+    regressor.eval()
+    try:
+        with torch.enable_grad(), guided_backprop(regressor):
+            age = regressor(x, sex)
+            (grad,) = torch.autograd.grad(age.sum(), x)
+    finally:
+        regressor.train(was_training)
+    return grad[0].detach().float()
+
+
+def _as_tensor(array: Any, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.detach().to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(array), device=device, dtype=dtype)
+
+
+def fuse_slice_attention(saliency: torch.Tensor, patch_tokens: torch.Tensor,
+                         cls_attention: torch.Tensor, brain_mask: torch.Tensor,
+                         patch_grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Steps 2-4 of the method, batched over slices: [S, D], [S, N, D], [S, N], [S, H, W] -> [S, H, W].
+
+    ``brain_mask`` is boolean (or 0/1) on the slice grid. ``patch_grid`` (rows, cols) of the N
+    patches defaults to a square grid. The result lies in [0, 1], is 0 outside the brain mask
+    and its maximum over the stack is 1 (unless the whole map is 0).
+    """
+    n_slices, n_patches, dim = patch_tokens.shape
+    if saliency.shape != (n_slices, dim):
+        raise ValueError(f"saliency {tuple(saliency.shape)} does not match patch tokens {tuple(patch_tokens.shape)}")
+    if cls_attention.shape != (n_slices, n_patches):
+        raise ValueError(f"CLS attention {tuple(cls_attention.shape)} does not match patch tokens {tuple(patch_tokens.shape)}")
+    if brain_mask.ndim != 3 or brain_mask.shape[0] != n_slices:
+        raise ValueError(f"brain mask {tuple(brain_mask.shape)} must be [S={n_slices}, H, W]")
+    if patch_grid is None:
+        side = int(round(n_patches ** 0.5))
+        if side * side != n_patches:
+            raise ValueError(f"{n_patches} patches are not a square grid; pass patch_grid")
+        patch_grid = (side, side)
+    rows, cols = patch_grid
+    height, width = int(brain_mask.shape[1]), int(brain_mask.shape[2])
+
+    relevance = torch.einsum("snd,sd->sn", patch_tokens.float(), saliency.float())
+    low = relevance.amin(dim=1, keepdim=True)
+    span = relevance.amax(dim=1, keepdim=True) - low
+    relevance = torch.where(span > 0, (relevance - low) / span.clamp(min=1e-12), torch.zeros_like(relevance))
+    fused = (relevance * cls_attention.float()).reshape(n_slices, 1, rows, cols)
+
+    mask = brain_mask.to(dtype=torch.float32).unsqueeze(1)
+    # A patch counts as brain if any of its pixels is; masking on the patch grid first keeps
+    # background patches from bleeding into the brain's edge when upsampling.
+    patch_mask = F.adaptive_max_pool2d(mask, (rows, cols))
+    upsampled = F.interpolate(fused * patch_mask, size=(height, width), mode="bilinear", align_corners=False)
+    stack = (upsampled * mask).squeeze(1).clamp(min=0)
+    peak = stack.max()
+    return stack / peak if peak > 0 else stack
+
+
+def _encoder_outputs(model: Any, slices: Any, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``model.encoder.forward_explain`` over all slices in batches (no grad)."""
+    encoder = model.encoder
+    device = next(encoder.parameters()).device
+    slices = _as_tensor(slices, torch.device("cpu"))
+    embeddings, tokens, attention = [], [], []
+    with torch.no_grad():
+        for start in range(0, slices.shape[0], batch_size):
+            x = encoder.normalize(slices[start:start + batch_size].to(device))
+            e, t, a = encoder.forward_explain(x)
+            embeddings.append(e)
+            tokens.append(t)
+            attention.append(a)
+    return torch.cat(embeddings), torch.cat(tokens), torch.cat(attention)
+
+
+ExplainInputs = Union[torch.Tensor, np.ndarray, Sequence[torch.Tensor]]
+
+
+def explain_slices(model: Any, prepared: Any, embeddings: ExplainInputs, sex_value: float, *,
+                   patch_tokens: Optional[torch.Tensor] = None,
+                   cls_attention: Optional[torch.Tensor] = None,
+                   batch_size: int = 32) -> np.ndarray:
+    """The fused attention map of one subject in model space: float32 [S, H, W] in [0, 1].
+
+    ``model`` is a BrainAgeModel (``.encoder``, ``.regressor``, ``.config``); ``prepared`` the
+    subject's Prepared (``.slices`` [S, H, W], ``.brain_mask`` [S, H, W]). ``embeddings`` is
+    either the [S, D] slice embeddings, or the ``(embeddings, patch_tokens, cls_attention)``
+    triple ``encoder.forward_explain`` returned for all S slices. Pass the triple (or the two
+    keywords) when the encoder already ran with ``forward_explain``: otherwise the encoder
+    runs again here to get the patch tokens and attention, which doubles the ViT's cost.
+    ``sex_value``: 0 = male, 1 = female. Map it to the input grid with
+    ``prepared.to_input_grid``.
+    """
+    if isinstance(embeddings, (tuple, list)):
+        if len(embeddings) != 3:
+            raise ValueError("embeddings must be [S, D] or the (embeddings, patch_tokens, cls_attention) triple")
+        embeddings, patch_tokens, cls_attention = embeddings
+    regressor = model.regressor
+    device = next(regressor.parameters()).device
+    embeddings = _as_tensor(embeddings, device)
+    if patch_tokens is None or cls_attention is None:
+        _, patch_tokens, cls_attention = _encoder_outputs(model, prepared.slices, batch_size)
+    patch_tokens = _as_tensor(patch_tokens, device)
+    cls_attention = _as_tensor(cls_attention, device)
+    brain_mask = _as_tensor(prepared.brain_mask, device, dtype=torch.bool)
+
+    config = getattr(model, "config", None)
+    patch_grid = None
+    if config is not None:
+        side = int(config.image_size) // int(config.patch_size)
+        if side * side == patch_tokens.shape[1]:
+            patch_grid = (side, side)
+
+    saliency = slice_saliency(regressor, embeddings, sex_value)
+    with torch.no_grad():
+        stack = fuse_slice_attention(saliency, patch_tokens, cls_attention, brain_mask, patch_grid)
+    return stack.cpu().numpy().astype(np.float32, copy=False)
