@@ -9,9 +9,11 @@ __version__ = "0.1.0"
 
 from .errors import BrainAgeError, CheckpointError, CohortError, InvalidVolumeError
 from .presets import PRESETS, ModelConfig, PreprocessConfig, get_preset
-from .volume import Volume
 
+# Lazy too (nibabel): the Slicer module imports BrainAgeLib.slicer_bridge with only numpy
+# present, before it has installed BrainAge's other dependencies.
 _LAZY = {
+    "Volume": ("volume", "Volume"),
     "load_volume": ("io", "load_volume"),
     "save_volume": ("io", "save_volume"),
     "prepare": ("preprocess", "prepare"),
@@ -34,5 +36,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "__version__", "BrainAgeError", "CheckpointError", "CohortError", "InvalidVolumeError",
-    "PRESETS", "ModelConfig", "PreprocessConfig", "get_preset", "Volume", *_LAZY,
+    "PRESETS", "ModelConfig", "PreprocessConfig", "get_preset", *_LAZY,
 ]
