@@ -1,0 +1,137 @@
+"""Where and in which precision the model runs.
+
+- ``resolve_device("auto")`` picks CUDA when available, then Apple's MPS, else the CPU. Asking
+  explicitly for ``"cuda"`` on a machine without it is an error (``DeviceUnavailableError``),
+  not a silent fallback: a user who names a device should learn that it is missing. "auto" is
+  the fallback path, and it is what the Slicer module and the CLI use by default.
+- Autocast: on CUDA the ViT runs in bfloat16 (float16 on GPUs without bf16). On the CPU,
+  bfloat16 is used only where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where
+  it is several times faster; elsewhere torch emulates it slowly, so fp32 stays. The regressor
+  always runs in float32. Agreement with fp32 is tested to stay within 0.1 years.
+- Slices go to the device in batches sized to its free memory, through pinned host memory on CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Optional, Union
+
+import torch
+
+from .errors import BrainAgeError
+from .presets import ModelConfig
+
+DeviceLike = Union[str, torch.device, None]
+
+#: Precision names accepted by ``autocast_dtype``.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Slices per ViT batch on the CPU (larger batches gain nothing there and cost memory).
+CPU_BATCH_SIZE = 32
+
+
+class DeviceUnavailableError(BrainAgeError, RuntimeError):
+    """The requested device does not exist on this machine (or is not a device name)."""
+
+
+def resolve_device(device: DeviceLike = "auto") -> torch.device:
+    """``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda"``/``"cuda:N"`` or ``"mps"`` -> torch.device."""
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = (device or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "gpu":
+        name = "cuda"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            built = torch.version.cuda
+            why = "this torch build has no CUDA support" if built is None else (
+                f"this torch is built for CUDA {built}, but no CUDA GPU or driver is visible")
+            raise DeviceUnavailableError(f"device {name!r} was requested, but {why}; use 'auto' or 'cpu'")
+        result = torch.device(name)
+        if result.index is not None and result.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"device {name!r} was requested, but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return result
+    if name == "mps":
+        if not _mps_available():
+            raise DeviceUnavailableError("device 'mps' was requested, but Apple's MPS backend is not available")
+        return torch.device("mps")
+    raise DeviceUnavailableError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX tiles)."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        return False
+    if capability not in ("AVX512", "AMX"):  # AVX2/default builds emulate bf16 slowly
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
+    """The autocast dtype for the ViT on ``device``, or None for plain float32."""
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise BrainAgeError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision != "auto":
+        return _DTYPES[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else None
+    return None  # MPS: fp32 (its autocast support varies between torch releases)
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+    """``torch.autocast`` for ``dtype`` on ``device`` (a no-op context for float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def precision_name(dtype: Optional[torch.dtype]) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def slice_batch_size(device: torch.device, config: ModelConfig, n_slices: int) -> int:
+    """How many slices go through the ViT at once on ``device``.
+
+    On CUDA: as many as fit in half of the free memory, estimating a slice's peak activations
+    as a few copies of its MLP hidden state (tokens x 4D); capped at ``n_slices``.
+    """
+    n_slices = max(1, int(n_slices))
+    if device.type != "cuda":
+        return min(n_slices, CPU_BATCH_SIZE)
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except Exception:
+        return min(n_slices, CPU_BATCH_SIZE)
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    per_slice = tokens * config.embed_dim * config.mlp_ratio * 4 * 4  # bytes, generous
+    return int(max(1, min(n_slices, (free * 0.5) // per_slice)))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a host tensor to ``device``, through pinned memory and a non-blocking copy on CUDA."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

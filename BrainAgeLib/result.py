@@ -1,0 +1,81 @@
+"""`Result`: everything one brain-age prediction reports."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .volume import Volume
+
+DEMO_DISCLAIMER = (
+    "This model is trained on synthetic phantoms, not on real people; "
+    "its predictions are for demonstration and testing only and are NOT for clinical use."
+)
+
+
+@dataclass
+class Result:
+    """One prediction. Ages and gaps in years; ``attention`` lies on the input volume's grid.
+
+    ``brain_age_gap`` (BAG) = predicted - chronological age; ``corrected_brain_age_gap`` removes
+    the model's age trend (de Lange & Cole) when the model carries bias-correction coefficients.
+    Both are None without a chronological age.
+    """
+
+    predicted_age: float
+    chronological_age: Optional[float] = None
+    brain_age_gap: Optional[float] = None
+    corrected_brain_age_gap: Optional[float] = None
+    sex: str = "unknown"
+    sex_was_unknown: bool = False
+    attention: Optional[Volume] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+    model_name: str = ""
+    model_intended_use: str = ""
+    model_is_demo: bool = False
+    warnings: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe summary (no arrays): numbers, strings, booleans, the timings in seconds."""
+        return {
+            "predicted_age": _number(self.predicted_age),
+            "chronological_age": _number(self.chronological_age),
+            "brain_age_gap": _number(self.brain_age_gap),
+            "corrected_brain_age_gap": _number(self.corrected_brain_age_gap),
+            "sex": self.sex,
+            "sex_was_unknown": bool(self.sex_was_unknown),
+            "has_attention": self.attention is not None,
+            "timings": {str(k): _number(v) for k, v in self.timings.items()},
+            "model_name": self.model_name,
+            "model_intended_use": self.model_intended_use,
+            "model_is_demo": bool(self.model_is_demo),
+            "warnings": [str(w) for w in self.warnings],
+        }
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [f"Predicted brain age: {self.predicted_age:.1f} years"]
+        if self.chronological_age is not None and self.brain_age_gap is not None:
+            gap = f"Chronological age: {self.chronological_age:.1f} years; brain-age gap: {self.brain_age_gap:+.1f} years"
+            if self.corrected_brain_age_gap is not None:
+                gap += f" (bias-corrected: {self.corrected_brain_age_gap:+.1f} years)"
+            lines.append(gap)
+        if self.sex_was_unknown:
+            lines.append("Sex: unknown (mean of the female and male predictions)")
+        else:
+            lines.append(f"Sex: {self.sex}")
+        model = f"Model: {self.model_name}" if self.model_name else "Model: (unnamed)"
+        if self.model_intended_use:
+            model += f" ({self.model_intended_use})"
+        lines.append(model)
+        if self.model_is_demo:
+            lines.append(f"NOTE: {DEMO_DISCLAIMER}")
+        lines.extend(f"Warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def _number(value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
