@@ -25,6 +25,7 @@ folder and then moved into place with ``os.replace``, so a reader never sees hal
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import shutil
@@ -112,7 +113,9 @@ def _extension(path: Path) -> str:
 
 def _read_with_nibabel(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     try:
-        image = nib.load(str(path), mmap=False)
+        image = _open_with_nibabel(path)
+    except InvalidVolumeError:
+        raise
     except PermissionError as error:
         raise InvalidVolumeError(f"permission denied ({error.strerror})", path) from None
     except Exception as error:  # nibabel raises many types for a file that is not an image
@@ -123,12 +126,40 @@ def _read_with_nibabel(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         array = image.get_fdata(dtype=np.float32)
     except MemoryError:
         raise InvalidVolumeError(f"too large to load: shape {image.shape}", path) from None
-    except (EOFError, zlib.error) as error:
-        raise InvalidVolumeError(f"truncated or corrupt file: the voxel data ends early ({_short(error)})", path) from None
     except Exception as error:
-        raise InvalidVolumeError(f"truncated or corrupt file: the voxel data could not be read ({_short(error)})", path) from None
+        raise InvalidVolumeError(
+            f"truncated or corrupt file: the voxel data could not be read ({_short(error)})", path) from None
     array = _to_3d(array, path, time_axis_first=False)
     return array, np.asarray(image.affine, dtype=np.float64)
+
+
+def _open_with_nibabel(path: Path):
+    """nibabel image of ``path``. Gzipped files are decompressed here, in one pass that also
+    checks gzip's CRC and length, so a truncated or corrupted .nii.gz/.mgz is caught rather
+    than read as silently wrong voxels (nibabel stops reading before the checksum)."""
+    if _extension(path) not in (".nii.gz", ".mgz"):
+        return nib.load(str(path), mmap=False)
+    with open(path, "rb") as stream:
+        if stream.read(2) != b"\x1f\x8b":
+            raise InvalidVolumeError(
+                f"not a readable {_format_name(path)} image (the file is not gzip-compressed, "
+                f"as {_extension(path)} files are)", path)
+    try:
+        with gzip.open(path, "rb") as stream:
+            raw = stream.read()
+    except EOFError:
+        raise InvalidVolumeError("truncated file: the compressed data ends early", path) from None
+    except (gzip.BadGzipFile, zlib.error) as error:
+        raise InvalidVolumeError(f"corrupt file: the compressed data is damaged ({_short(error)})", path) from None
+    classes = (nib.MGHImage,) if _extension(path) == ".mgz" else (nib.Nifti1Image, nib.Nifti2Image)
+    problems = []
+    for image_class in classes:
+        try:
+            return image_class.from_bytes(raw)
+        except Exception as error:
+            problems.append(_short(error))
+    raise InvalidVolumeError(
+        f"not a readable {_format_name(path)} image (the header could not be parsed: {problems[-1]})", path)
 
 
 def _read_with_simpleitk(path: Path) -> Tuple[np.ndarray, np.ndarray]:
