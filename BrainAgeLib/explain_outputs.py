@@ -234,11 +234,18 @@ def write_montage(result: Any, path: PathLike, *, volume: Optional[Volume] = Non
     fig.text(0.01, 0.02, footer, color="0.8", fontsize=8)
     if getattr(result, "model_is_demo", False):
         fig.text(0.5, 0.06, _DEMO_LINE, color="#ff5050", fontsize=11, ha="center", weight="bold")
+    return save_figure(fig, path, dpi=dpi)
+
+
+def save_figure(fig: Any, path: PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically (temporary file beside ``path``), then close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, facecolor="black", format="png")
+        fig.savefig(tmp, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,252 @@
+"""Cohort attention maps: the mean explanation over many subjects, overall and by age decade.
+
+As in the paper's figure of attention by decade, each subject's attention map (on its own input
+grid, as ``brainage predict --explain`` or a batch run writes it) is first carried into template
+space with the subject's ``input_to_template`` transform (4x4, input RAS mm -> template RAS mm,
+from the registration done in preprocessing, stored in the ``<stem>_attention.json`` sidecar that
+:func:`BrainAgeLib.explain_outputs.write_explanation_outputs` writes), resampled (trilinear) onto
+the bundled 2 mm MNI152 grid, and averaged. Decades are of chronological age (years): a subject
+of 64.9 falls in "60-69". Subjects without a chronological age count in the overall mean only.
+
+Maps are accumulated one subject at a time, so a cohort of any size fits in memory.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import BrainAgeError, CohortError
+from .volume import Volume
+
+PathLike = Union[str, Path]
+SIDECAR_SUFFIX = "_attention.json"
+
+
+@dataclass
+class CohortSubject:
+    """One subject's explanation as a batch run left it."""
+
+    name: str
+    attention_path: Path
+    chronological_age: Optional[float] = None   # years
+    predicted_age: Optional[float] = None       # years
+    input_to_template: Optional[np.ndarray] = None  # 4x4, input RAS mm -> template RAS mm
+
+
+@dataclass
+class CohortMaps:
+    """Mean attention in template space: over everyone, and per decade of chronological age.
+
+    ``mean`` and every ``by_decade`` map lie on ``template``'s grid; ``counts`` holds how many
+    subjects each map averages ("all" and each decade label such as "60-69").
+    """
+
+    mean: Volume
+    by_decade: Dict[str, Volume]
+    counts: Dict[str, int]
+    subjects: List[str] = field(default_factory=list)
+
+
+def decade_label(age: float, width: int = 10) -> str:
+    """'60-69' for 64.9 years (``width``-year bins starting at multiples of ``width``)."""
+    start = int(math.floor(float(age) / width) * width)
+    return f"{start}-{start + width - 1}"
+
+
+def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> List[CohortSubject]:
+    """Every subject explanation under ``folders`` (searched recursively for ``*_attention.json``).
+
+    Raises ``CohortError`` if there is none, or if a sidecar is unreadable or names a map that
+    does not exist.
+    """
+    if isinstance(folders, (str, Path)):
+        folders = [folders]
+    subjects: List[CohortSubject] = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CohortError(f"{folder}: not a folder")
+        for sidecar in sorted(folder.rglob(f"*{SIDECAR_SUFFIX}"), key=lambda p: (p.name, str(p))):
+            subjects.append(_read_sidecar(sidecar))
+    if not subjects:
+        raise CohortError(
+            f"no explanations (*{SIDECAR_SUFFIX}) under {', '.join(str(f) for f in folders)}; "
+            "run the batch with --explain")
+    return subjects
+
+
+def _read_sidecar(path: Path) -> CohortSubject:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        attention_path = path.parent / str(data["attention_file"])
+        transform = data.get("input_to_template")
+        transform = None if transform is None else np.asarray(transform, dtype=np.float64).reshape(4, 4)
+        age = data.get("chronological_age")
+        predicted = data.get("predicted_age")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CohortError(f"{path}: unreadable explanation sidecar ({type(error).__name__}: {error})") from None
+    if not attention_path.exists():
+        raise CohortError(f"{path}: its attention map {attention_path.name} is missing")
+    return CohortSubject(
+        name=path.name[: -len(SIDECAR_SUFFIX)],
+        attention_path=attention_path,
+        chronological_age=None if age is None else float(age),
+        predicted_age=None if predicted is None else float(predicted),
+        input_to_template=transform,
+    )
+
+
+def attention_in_template_space(attention: Volume, input_to_template: Optional[np.ndarray],
+                                template_grid: Volume) -> np.ndarray:
+    """Resample a subject's map (its input grid) onto ``template_grid`` (trilinear, 0 outside).
+
+    ``input_to_template`` maps input RAS mm to template RAS mm; None means the input already is
+    in template space (identity). Returns float32 on the template's [I, J, K].
+    """
+    from scipy import ndimage
+
+    transform = np.eye(4) if input_to_template is None else np.asarray(input_to_template, dtype=np.float64)
+    # template voxel -> template RAS -> input RAS -> input voxel
+    voxel_map = np.linalg.inv(attention.affine) @ np.linalg.inv(transform) @ template_grid.affine
+    return ndimage.affine_transform(
+        np.asarray(attention.array, dtype=np.float32), voxel_map[:3, :3], offset=voxel_map[:3, 3],
+        output_shape=template_grid.shape, order=1, mode="constant", cval=0.0,
+    ).astype(np.float32, copy=False)
+
+
+def cohort_attention_maps(subjects: Iterable[CohortSubject], template_grid: Optional[Volume] = None, *,
+                          decade_width: int = 10, assume_template_space: bool = False) -> CohortMaps:
+    """Average the subjects' attention maps in template space, overall and by age decade.
+
+    ``template_grid`` defaults to the bundled MNI152 2 mm template. A subject without an
+    ``input_to_template`` transform is an error (its map would land on the wrong anatomy) unless
+    ``assume_template_space`` says the inputs already are in template space.
+    """
+    from .io import load_volume
+
+    if template_grid is None:
+        from .template import load_template
+
+        template_grid = load_template().t1
+    total = np.zeros(template_grid.shape, dtype=np.float64)
+    decade_sums: Dict[str, np.ndarray] = {}
+    counts: Dict[str, int] = {"all": 0}
+    names: List[str] = []
+    for subject in subjects:
+        if subject.input_to_template is None and not assume_template_space:
+            raise CohortError(
+                f"{subject.attention_path}: no input -> template transform was stored for this subject "
+                "(registration did not run); pass assume_template_space only if the inputs are "
+                "already registered to MNI152")
+        try:
+            attention = load_volume(subject.attention_path)
+        except BrainAgeError as error:
+            raise CohortError(str(error)) from None
+        mapped = attention_in_template_space(attention, subject.input_to_template, template_grid)
+        total += mapped
+        counts["all"] += 1
+        names.append(subject.name)
+        if subject.chronological_age is not None and np.isfinite(subject.chronological_age):
+            label = decade_label(subject.chronological_age, decade_width)
+            if label not in decade_sums:
+                decade_sums[label] = np.zeros(template_grid.shape, dtype=np.float64)
+                counts[label] = 0
+            decade_sums[label] += mapped
+            counts[label] += 1
+    if counts["all"] == 0:
+        raise CohortError("no subjects to average")
+    mean = template_grid.with_array((total / counts["all"]).astype(np.float32))
+    labels = sorted(decade_sums, key=lambda text: int(text.split("-")[0]))
+    by_decade = {
+        label: template_grid.with_array((decade_sums[label] / counts[label]).astype(np.float32))
+        for label in labels
+    }
+    counts = {"all": counts["all"], **{label: counts[label] for label in labels}}
+    return CohortMaps(mean=mean, by_decade=by_decade, counts=counts, subjects=names)
+
+
+def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
+                      background: Optional[Volume] = None) -> Dict[str, Path]:
+    """Write the cohort maps, a summary JSON and a PNG figure (rows: all, then each decade).
+
+    Files: ``cohort_attention_mean.<fmt>``, ``cohort_attention_<decade>.<fmt>``,
+    ``cohort_attention.json`` (counts, subjects) and ``cohort_attention.png``.
+    """
+    from .explain_outputs import FORMATS, _atomic_write_bytes
+    from .io import save_volume
+
+    if fmt not in FORMATS:
+        raise BrainAgeError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise BrainAgeError(f"{out_dir}: output folder does not exist")
+    ext = FORMATS[fmt]
+    paths: Dict[str, Path] = {"mean": save_volume(maps.mean, out_dir / f"cohort_attention_mean{ext}")}
+    for label, volume in maps.by_decade.items():
+        paths[label] = save_volume(volume, out_dir / f"cohort_attention_{label}{ext}")
+    summary = {"counts": maps.counts, "subjects": maps.subjects,
+               "files": {key: path.name for key, path in paths.items()}}
+    paths["summary"] = _atomic_write_bytes(out_dir / "cohort_attention.json",
+                                           (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    paths["figure"] = write_cohort_figure(maps, out_dir / "cohort_attention.png", background=background)
+    return paths
+
+
+def write_cohort_figure(maps: CohortMaps, path: PathLike, background: Optional[Volume] = None,
+                        dpi: int = 100) -> Path:
+    """PNG: one row per map (all subjects, then each decade), axial/coronal/sagittal planes through
+    the peak of the overall mean, over ``background`` (default: the bundled template T1)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .explain_outputs import _planes, attention_peak, save_figure
+
+    if background is None:
+        try:
+            from .template import load_template
+
+            background = load_template().t1
+        except BrainAgeError:
+            background = None
+    if background is not None and background.shape != maps.mean.shape:
+        background = None
+    rows = [("all", maps.mean)] + list(maps.by_decade.items())
+    mean_ras = maps.mean.reoriented("RAS")
+    peak = attention_peak(mean_ras)
+    spacing = mean_ras.spacing
+    aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
+    bg_planes = None
+    if background is not None:
+        bg = np.asarray(background.reoriented("RAS").array, dtype=np.float32)
+        bg = bg / max(float(np.percentile(bg, 99.5)), 1e-6)
+        bg_planes = _planes(bg, peak)
+    vmax = max(float(np.asarray(v.array).max()) for _, v in rows) or 1.0
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 2.8 * len(rows)), facecolor="black", squeeze=False)
+    cmap = matplotlib.colormaps["hot"]
+    for row, (label, volume) in enumerate(rows):
+        planes = _planes(np.asarray(volume.reoriented("RAS").array, dtype=np.float32), peak)
+        for col, (name, image, _) in enumerate(planes):
+            ax = axes[row, col]
+            ax.set_facecolor("black")
+            if bg_planes is not None:
+                ax.imshow(bg_planes[col][1], cmap="gray", origin="lower", aspect=aspects[col], vmin=0, vmax=1)
+            rgba = cmap(np.clip(image / vmax, 0, 1))
+            rgba[..., 3] = np.clip(image / vmax * 1.5, 0, 0.85) if bg_planes is not None else 1.0
+            ax.imshow(rgba, origin="lower", aspect=aspects[col])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                title = "all subjects" if label == "all" else f"age {label}"
+                ax.set_ylabel(f"{title}\n(n={maps.counts.get(label, 0)})", color="white", fontsize=9)
+            if row == 0:
+                ax.set_title(name, color="white", fontsize=10)
+    fig.suptitle("Mean attention in MNI152 space, planes through the overall peak\n"
+                 "(axial and coronal in radiological view: patient right on the left)", color="white", fontsize=10)
+    return save_figure(fig, path, dpi=dpi)

@@ -1,0 +1,176 @@
+"""Cohort attention maps: subject maps carried into template space and averaged by age decade.
+
+Each synthetic subject has its own grid (orientation, spacing, field of view) and its own
+input -> template transform; its attention map is a blob placed where a known template-space
+point lands in that subject. Averaged in template space, the blobs must come back to that point.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from BrainAgeLib.cli import main
+from BrainAgeLib.cohort_maps import (
+    CohortSubject,
+    attention_in_template_space,
+    cohort_attention_maps,
+    decade_label,
+    read_batch_explanations,
+    write_cohort_maps,
+)
+from BrainAgeLib.errors import CohortError
+from BrainAgeLib.explain_outputs import write_sidecar
+from BrainAgeLib.io import load_volume, save_volume
+from BrainAgeLib.result import Result
+from BrainAgeLib.volume import Volume
+
+# A 4 mm template grid covering MNI space, RAS-oriented.
+TEMPLATE = Volume(np.zeros((45, 54, 45), np.float32),
+                  np.array([[4, 0, 0, -90], [0, 4, 0, -126], [0, 0, 4, -72], [0, 0, 0, 1]], float))
+YOUNG_SPOT = np.array([30.0, -20.0, 10.0])    # template RAS mm where young subjects' maps peak
+OLD_SPOT = np.array([-24.0, 30.0, -6.0])      # ... and older subjects'
+
+
+def rigid(angle_deg: float, axis: int, shift) -> np.ndarray:
+    """4x4 rotation about one RAS axis followed by a shift (mm)."""
+    a = np.deg2rad(angle_deg)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    m = np.eye(4)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    m[:3, 3] = shift
+    return m
+
+
+def subject_map(spot_template: np.ndarray, input_to_template: np.ndarray, orientation: str,
+                spacing: float) -> Volume:
+    """A subject grid (LPS/PIR/... at ``spacing`` mm) with a Gaussian blob (sigma 8 mm) at the
+    point that ``input_to_template`` sends to ``spot_template``."""
+    shape = (48, 56, 44)
+    ras = Volume(np.zeros(shape, np.float32),
+                 np.diag([spacing, spacing, spacing, 1.0]) @ np.array(
+                     [[1, 0, 0, -shape[0] / 2], [0, 1, 0, -shape[1] / 2], [0, 0, 1, -shape[2] / 2], [0, 0, 0, 1]]))
+    grid = ras.reoriented(orientation)
+    spot_input = (np.linalg.inv(input_to_template) @ np.append(spot_template, 1.0))[:3]
+    world = grid.voxel_to_world(np.stack(np.indices(grid.shape), axis=-1).astype(float))
+    blob = np.exp(-np.sum((world - spot_input) ** 2, axis=-1) / (2 * 8.0 ** 2))
+    return grid.with_array((blob / blob.max()).astype(np.float32))
+
+
+def peak_ras(volume: Volume) -> np.ndarray:
+    index = np.unravel_index(int(np.argmax(volume.array)), volume.shape)
+    return volume.voxel_to_world(np.array(index, float))
+
+
+@pytest.fixture
+def batch_folder(tmp_path):
+    """What a batch run with --explain leaves: per subject a map and its JSON sidecar."""
+    subjects = [  # (stem, age, spot, transform, orientation, spacing)
+        ("sub-01", 23.0, YOUNG_SPOT, rigid(10, 2, [5, -8, 3]), "LPS", 3.0),
+        ("sub-02", 27.5, YOUNG_SPOT, rigid(-15, 0, [-6, 4, 10]), "PIR", 3.5),
+        ("sub-03", 64.0, OLD_SPOT, rigid(20, 1, [2, 2, -12]), "RAS", 3.0),
+        ("sub-04", 69.9, OLD_SPOT, rigid(-8, 2, [0, -10, 0]), "ASL", 4.0),
+    ]
+    out = tmp_path / "batch"
+    (out / "site-b").mkdir(parents=True)
+    for n, (stem, age, spot, transform, orientation, spacing) in enumerate(subjects):
+        folder = out if n < 2 else out / "site-b"
+        attention = subject_map(spot, transform, orientation, spacing)
+        save_volume(attention, folder / f"{stem}_attention.nii.gz")
+        result = Result(predicted_age=age + 2, chronological_age=age, brain_age_gap=2.0, attention=attention)
+        write_sidecar(result, folder / f"{stem}_attention.json", attention_file=f"{stem}_attention.nii.gz",
+                      input_to_template=transform)
+    return out
+
+
+def test_decade_labels():
+    assert decade_label(64.9) == "60-69"
+    assert decade_label(70.0) == "70-79"
+    assert decade_label(7.5, width=5) == "5-9"
+
+
+def test_resampling_follows_the_transform_and_the_grid_orientation():
+    transform = rigid(25, 2, [12, -7, 4])
+    attention = subject_map(YOUNG_SPOT, transform, "LIP", 3.0)
+    mapped = attention_in_template_space(attention, transform, TEMPLATE)
+    assert mapped.shape == TEMPLATE.shape and mapped.dtype == np.float32
+    assert np.linalg.norm(peak_ras(TEMPLATE.with_array(mapped)) - YOUNG_SPOT) <= 4.0 * np.sqrt(3)
+    # without the transform the blob lands somewhere else
+    unregistered = TEMPLATE.with_array(attention_in_template_space(attention, None, TEMPLATE))
+    assert np.linalg.norm(peak_ras(unregistered) - YOUNG_SPOT) > 10.0
+
+
+def test_cohort_mean_and_decade_maps_land_on_the_template_anatomy(batch_folder, tmp_path):
+    subjects = read_batch_explanations(batch_folder)
+    assert [s.name for s in subjects] == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    assert subjects[2].chronological_age == 64.0 and subjects[2].input_to_template.shape == (4, 4)
+
+    maps = cohort_attention_maps(subjects, TEMPLATE)
+    assert maps.counts == {"all": 4, "20-29": 2, "60-69": 2}
+    assert list(maps.by_decade) == ["20-29", "60-69"]
+    young, old = maps.by_decade["20-29"], maps.by_decade["60-69"]
+    voxel = 4.0 * np.sqrt(3)
+    assert np.linalg.norm(peak_ras(young) - YOUNG_SPOT) <= voxel
+    assert np.linalg.norm(peak_ras(old) - OLD_SPOT) <= voxel
+    # both subjects of a decade agree after registration: the decade peak keeps ~full height
+    assert young.array.max() > 0.85 and old.array.max() > 0.85
+    # the overall mean is the count-weighted mean of the decades
+    np.testing.assert_allclose(maps.mean.array, (young.array + old.array) / 2, atol=1e-6)
+    young_index = np.round(young.world_to_voxel(YOUNG_SPOT)).astype(int)
+    assert young.array[tuple(young_index)] > 10 * old.array[tuple(young_index)]
+
+    paths = write_cohort_maps(maps, tmp_path)
+    reloaded = load_volume(paths["mean"])
+    np.testing.assert_allclose(reloaded.array, maps.mean.array, atol=1e-6)
+    np.testing.assert_allclose(reloaded.affine, TEMPLATE.affine)
+    assert paths["60-69"].name == "cohort_attention_60-69.nii.gz"
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["counts"]["20-29"] == 2 and summary["subjects"][0] == "sub-01"
+    assert paths["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_subjects_without_age_count_only_in_the_mean(tmp_path):
+    transform = np.eye(4)
+    attention = subject_map(YOUNG_SPOT, transform, "RAS", 3.0)
+    save_volume(attention, tmp_path / "a_attention.nii.gz")
+    subjects = [CohortSubject("a", tmp_path / "a_attention.nii.gz", None, 50.0, transform),
+                CohortSubject("b", tmp_path / "a_attention.nii.gz", 41.0, 50.0, transform)]
+    maps = cohort_attention_maps(subjects, TEMPLATE)
+    assert maps.counts == {"all": 2, "40-49": 1}
+
+
+def test_missing_registration_is_an_error_unless_inputs_are_in_template_space(tmp_path):
+    attention = subject_map(YOUNG_SPOT, np.eye(4), "RAS", 3.0)
+    save_volume(attention, tmp_path / "s_attention.nii.gz")
+    write_sidecar(Result(predicted_age=50.0, chronological_age=52.0, attention=attention),
+                  tmp_path / "s_attention.json", attention_file="s_attention.nii.gz")
+    subjects = read_batch_explanations(tmp_path)
+    with pytest.raises(CohortError, match="s_attention.nii.gz.*no input -> template transform"):
+        cohort_attention_maps(subjects, TEMPLATE)
+    maps = cohort_attention_maps(subjects, TEMPLATE, assume_template_space=True)
+    assert np.linalg.norm(peak_ras(maps.mean) - YOUNG_SPOT) <= 4.0 * np.sqrt(3)
+
+
+def test_bad_batch_folders_name_the_problem(tmp_path):
+    with pytest.raises(CohortError, match="no explanations"):
+        read_batch_explanations(tmp_path)
+    (tmp_path / "x_attention.json").write_text(json.dumps({"attention_file": "x_attention.nii.gz"}))
+    with pytest.raises(CohortError, match="x_attention.json: its attention map x_attention.nii.gz is missing"):
+        read_batch_explanations(tmp_path)
+    (tmp_path / "x_attention.json").write_text("{not json")
+    with pytest.raises(CohortError, match="x_attention.json: unreadable"):
+        read_batch_explanations(tmp_path)
+
+
+def test_cohort_maps_command(batch_folder, tmp_path, capsys):
+    # the command uses the bundled MNI152 2 mm template grid
+    out = tmp_path / "cohort"
+    assert main(["cohort-maps", str(batch_folder), "--out", str(out), "--format", "nrrd"]) == 0
+    printed = capsys.readouterr().out
+    assert "averaged 4 subjects (20-29: 2, 60-69: 2)" in printed
+    mean = load_volume(out / "cohort_attention_mean.nrrd")
+    assert mean.spacing == pytest.approx((2.0, 2.0, 2.0))
+    assert np.linalg.norm(peak_ras(load_volume(out / "cohort_attention_20-29.nrrd")) - YOUNG_SPOT) <= 2 * np.sqrt(3) + 1
+    assert (out / "cohort_attention.png").exists()
