@@ -1,0 +1,373 @@
+"""BrainAge checkpoints: one ``.safetensors`` file holding the weights and a JSON model card.
+
+Format (version 1): the tensors of ``BrainAgeModel.state_dict()`` in float32, and in the
+safetensors header's ``__metadata__`` the key ``"brainage"`` whose value is a JSON object with
+the format version, preset name and full ``ModelConfig``, the preprocessing, the stage-1 class
+names and age bins, the bias-correction coefficients, a training-data summary, metrics, the
+intended use, whether it is a demo model, its source, the library version and a SHA-256 digest
+of the weights. Nothing is ever unpickled: pickles and PyTorch zip files are refused with a
+message, and a file whose tensors do not match the architecture its metadata describes is
+refused before any weight is used.
+
+``load_model(name_or_path)`` takes a file path or a registered name: ``"demo"`` is the model
+bundled in ``Resources/Models``; entries with a URL are downloaded once into
+``resources.cache_dir()`` and verified against their SHA-256 (``register_model`` adds entries).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import torch
+
+from . import __version__
+from .errors import CheckpointError
+from .presets import ModelConfig
+from .resources import cache_dir, resource_path
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_KEY = "brainage"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_PICKLE_PROTOCOL_BYTE = 0x80
+_ZIP_MAGIC = b"PK\x03\x04"
+_CHUNK = 1 << 20
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model known by name: bundled with BrainAge, or downloaded once from ``url``."""
+
+    name: str
+    filename: str
+    description: str = ""
+    url: Optional[str] = None
+    sha256: Optional[str] = None
+    bundled: bool = False
+
+    def local_path(self) -> Path:
+        """Where the file is (bundled) or will be cached (downloaded)."""
+        return resource_path("Models", self.filename) if self.bundled else cache_dir() / self.filename
+
+
+#: Models known by name. The demo model is trained on synthetic phantoms (not for clinical use).
+REGISTRY: Dict[str, ModelEntry] = {
+    "demo": ModelEntry(
+        name="demo",
+        filename="brainage_demo.safetensors",
+        description="demo preset trained on synthetic phantoms; for demonstration only, not for clinical use",
+        bundled=True,
+    ),
+}
+
+
+def register_model(entry: ModelEntry) -> None:
+    """Add (or replace) a named model; downloaded entries need both ``url`` and ``sha256``."""
+    if not entry.bundled and not (entry.url and entry.sha256):
+        raise ValueError(f"model {entry.name!r}: a downloaded model needs both url and sha256")
+    REGISTRY[entry.name] = entry
+
+
+def available_models() -> List[ModelEntry]:
+    """Registered models, in registration order."""
+    return list(REGISTRY.values())
+
+
+# ---------------------------------------------------------------------------- saving
+def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``model`` (a BrainAgeModel) to ``path`` atomically; returns the path.
+
+    ``metadata`` may hold name, intended_use, is_demo, source, trained, training_data, metrics,
+    bias_correction (a BiasCorrection or its dict) and any other JSON-safe entries; the
+    architecture, preprocessing, classes, versions and weights digest are filled in here.
+    """
+    from .model.brain_age_model import class_names
+
+    path = Path(path)
+    config: ModelConfig = model.config
+    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
+    card = build_metadata(config, metadata or {})
+    card["weights_sha256"] = weights_digest(tensors)
+    card["class_names"] = class_names(config)
+    header = {METADATA_KEY: json.dumps(card, sort_keys=True, default=_json_default), "format": "pt"}
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=header)
+        _apply_umask(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_metadata(config: ModelConfig, metadata: Mapping[str, Any]) -> Dict[str, Any]:
+    """The JSON model card of a checkpoint (without the weights digest)."""
+    card: Dict[str, Any] = {
+        "name": config.name,
+        "intended_use": "",
+        "is_demo": False,
+        "trained": True,
+        "source": "",
+        "training_data": {},
+        "metrics": {},
+        "bias_correction": None,
+    }
+    card.update({k: v for k, v in metadata.items() if k not in ("config", "weights_sha256")})
+    correction = card.get("bias_correction")
+    if correction is not None and hasattr(correction, "to_dict"):
+        card["bias_correction"] = correction.to_dict()
+    card.update(
+        format_version=FORMAT_VERSION,
+        library_version=__version__,
+        preset=config.name,
+        config=config.to_dict(),
+        preprocessing=config.preprocess.to_dict(),
+        age_bin_edges=list(config.age_bin_edges),
+    )
+    return card
+
+
+def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, shapes and raw bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- loading
+def load_model(name_or_path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "torch.nn.Module":
+    """A BrainAgeModel from a registered name (``"demo"``, ...) or a ``.safetensors`` path, in eval mode."""
+    path = resolve_checkpoint(name_or_path)
+    return load_checkpoint(path, device=device)
+
+
+def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> Path:
+    """The local file of a registered model (downloading it once if needed) or of a path."""
+    if isinstance(name_or_path, str) and name_or_path in REGISTRY:
+        return _registry_file(REGISTRY[name_or_path])
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if isinstance(name_or_path, str) and os.sep not in name_or_path and not path.suffix:
+        raise CheckpointError(
+            f"unknown model {name_or_path!r}: neither a registered model ({', '.join(REGISTRY)}) nor an existing file")
+    raise CheckpointError("no such model file", path)
+
+
+def read_metadata(path: PathLike) -> Dict[str, Any]:
+    """The JSON model card of a checkpoint, after checking that the file is a sound BrainAge safetensors file."""
+    path = Path(path)
+    _check_container(path)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception as error:  # SafetensorError is not importable under a stable name
+        raise CheckpointError(f"not a valid safetensors file, truncated or damaged ({error})", path) from None
+    if METADATA_KEY not in header:
+        raise CheckpointError(
+            "a safetensors file without BrainAge metadata (foreign weights?); convert foreign checkpoints "
+            "to BrainAge's format first", path)
+    try:
+        card = json.loads(header[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"the BrainAge metadata is not valid JSON ({error})", path) from None
+    if not isinstance(card, dict) or "config" not in card:
+        raise CheckpointError("the BrainAge metadata lacks the model config", path)
+    version = card.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format {version!r} is newer than this BrainAge ({__version__}, format {FORMAT_VERSION}) reads; "
+            "upgrade BrainAge", path)
+    return card
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", verify_digest: bool = True) -> "torch.nn.Module":
+    """A BrainAgeModel from a BrainAge ``.safetensors`` file (see the module docstring for the checks)."""
+    from safetensors import safe_open
+
+    from .devices import resolve_device
+    from .model.brain_age_model import BrainAgeModel
+
+    path = Path(path)
+    card = read_metadata(path)
+    try:
+        config = ModelConfig.from_dict(card["config"])
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"the model config in the metadata is unusable ({error})", path) from None
+    target = resolve_device(device)
+    try:
+        with torch.device("meta"):
+            model = BrainAgeModel(config, metadata=card)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"the model config in the metadata is unusable ({error})", path) from None
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+    with safe_open(str(path), framework="pt") as handle:
+        stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        _check_layout(path, config, expected, stored)
+        tensors = {key: handle.get_tensor(key) for key in expected}
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"tensor {key!r} has dtype {tensor.dtype}, expected floating point", path)
+        if tensor.dtype != torch.float32:
+            tensors[key] = tensor.float()
+    if verify_digest and card.get("weights_sha256"):
+        actual = weights_digest(tensors)
+        if actual != card["weights_sha256"]:
+            raise CheckpointError(
+                "the weights do not match the digest recorded when the checkpoint was saved "
+                "(the file was modified or damaged); do not use it", path)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    leftover = [name for name, value in list(model.named_parameters()) + list(model.named_buffers()) if value.is_meta]
+    if leftover:
+        raise CheckpointError(f"checkpoint leaves tensors unset: {leftover[:5]}", path)
+    model.to(target)
+    model.eval()
+    return model
+
+
+def _check_container(path: Path) -> None:
+    """Refuse missing, empty, pickled, zipped or truncated files before safetensors parses them."""
+    if not path.is_file():
+        raise CheckpointError("no such model file", path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head[:4] == _ZIP_MAGIC:
+        raise CheckpointError(
+            "a PyTorch zip checkpoint (torch.save), which holds pickled code; BrainAge never unpickles model "
+            "files. Convert it to BrainAge's safetensors format with the import tool", path)
+    if head[:1] and head[0] == _PICKLE_PROTOCOL_BYTE:
+        raise CheckpointError(
+            "a Python pickle; BrainAge never unpickles model files. Convert it to BrainAge's safetensors "
+            "format with the import tool", path)
+    if size < 8:
+        raise CheckpointError(f"truncated: {size} bytes, too short for a safetensors file", path)
+    (header_length,) = struct.unpack("<Q", head)
+    if header_length > _MAX_HEADER_BYTES or header_length > size - 8:
+        raise CheckpointError(
+            f"not a safetensors file, or truncated (header claims {header_length} bytes, file has {size})", path)
+
+
+def _check_layout(path: Path, config: ModelConfig, expected: Dict[str, tuple], stored: Dict[str, tuple]) -> None:
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+    if not (missing or unexpected or wrong):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensors (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append("shape mismatches: " + "; ".join(
+            f"{k} is {list(stored[k])}, expected {list(expected[k])}" for k in wrong[:3]))
+    raise CheckpointError(
+        f"the weights do not fit the {config.name!r} architecture its metadata describes: " + "; ".join(problems), path)
+
+
+# ---------------------------------------------------------------------------- registry files
+def _registry_file(entry: ModelEntry) -> Path:
+    path = entry.local_path()
+    if entry.bundled:
+        if not path.is_file():
+            raise CheckpointError(
+                f"the bundled {entry.name!r} model is not in this installation yet; "
+                "pass the path of a checkpoint instead, or build the demo model first", path)
+        if entry.sha256:
+            _verify_sha256(path, entry)
+        return path
+    if path.is_file():
+        actual = file_sha256(path)
+        if actual == entry.sha256:
+            return path
+        logger.warning("cached %s has SHA-256 %s, expected %s; downloading it again", path, actual, entry.sha256)
+    download(entry, path)
+    return path
+
+
+def _verify_sha256(path: Path, entry: ModelEntry) -> None:
+    actual = file_sha256(path)
+    if actual != entry.sha256:
+        raise CheckpointError(
+            f"SHA-256 {actual} differs from the expected {entry.sha256} for model {entry.name!r}: "
+            "the file was modified or damaged; do not use it", path)
+
+
+def file_sha256(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(entry: ModelEntry, destination: Path, timeout_s: float = 60.0) -> Path:
+    """Fetch ``entry.url`` into ``destination`` atomically, verifying its SHA-256 before it is kept."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
+    os.close(handle)
+    digest = hashlib.sha256()
+    logger.info("downloading model %r from %s to %s", entry.name, entry.url, destination)
+    try:
+        with urllib.request.urlopen(entry.url, timeout=timeout_s) as response, open(temporary, "wb") as out:
+            for chunk in iter(lambda: response.read(_CHUNK), b""):
+                digest.update(chunk)
+                out.write(chunk)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        Path(temporary).unlink(missing_ok=True)
+        reason = getattr(error, "reason", error)
+        raise CheckpointError(
+            f"could not download model {entry.name!r} from {entry.url} ({reason}). On an offline machine, "
+            f"download it elsewhere and put it at {destination} (SHA-256 {entry.sha256})") from None
+    if digest.hexdigest() != entry.sha256:
+        Path(temporary).unlink(missing_ok=True)
+        raise CheckpointError(
+            f"the file downloaded for model {entry.name!r} from {entry.url} has SHA-256 {digest.hexdigest()}, "
+            f"expected {entry.sha256}: tampered or damaged, not kept")
+    _apply_umask(temporary)
+    os.replace(temporary, destination)
+    return destination
+
+
+def _apply_umask(path: PathLike) -> None:
+    """Give a mkstemp file (created 0600) the permissions a normally created file would have."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"checkpoint metadata value of type {type(value).__name__} is not JSON-serialisable")
