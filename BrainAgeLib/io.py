@@ -25,9 +25,11 @@ folder and then moved into place with ``os.replace``, so a reader never sees hal
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -166,10 +168,15 @@ def _read_with_simpleitk(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
     try:
-        image = sitk.ReadImage(str(path))
+        with _quiet_itk():
+            image = sitk.ReadImage(str(path))
     except RuntimeError as error:
+        if "Unable to determine ImageIO reader" in str(error):
+            raise InvalidVolumeError(
+                f"not a readable {_format_name(path)} image (no image reader recognises its contents)", path) from None
         raise InvalidVolumeError(
-            f"not a readable {_format_name(path)} image, or a truncated one ({_itk_reason(error)})", path) from None
+            f"truncated or corrupt {_format_name(path)} file: the image could not be read ({_itk_reason(error)})",
+            path) from None
     return _from_sitk(image, path)
 
 
@@ -178,7 +185,8 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> T
 
     reader = sitk.ImageSeriesReader()
     try:
-        series = list(reader.GetGDCMSeriesIDs(str(folder)))
+        with _quiet_itk():
+            series = list(reader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError as error:
         raise InvalidVolumeError(f"could not scan the folder for DICOM files ({_itk_reason(error)})", path) from None
     if path != folder:  # one file of a series: read the series that file belongs to
@@ -200,7 +208,8 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> T
     files = reader.GetGDCMSeriesFileNames(str(folder), series_uid)
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with _quiet_itk():
+            image = reader.Execute()
     except RuntimeError as error:
         raise InvalidVolumeError(f"the DICOM series could not be read ({_itk_reason(error)})", path) from None
     return _from_sitk(image, path)
@@ -276,13 +285,30 @@ def _short(error: BaseException, limit: int = 160) -> str:
 
 
 def _itk_reason(error: BaseException) -> str:
-    """The useful last line of an ITK exception (they carry file/line noise first)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if not line.startswith(("sitk::ERROR", "itk::ERROR")) or ":" in line:
-            text = line.split("): ", 1)[-1]
-            return _short(text)
-    return _short(error)
+    """The useful line of an ITK exception, without source locations, object addresses or a
+    stale errno ("Reason: No such file or directory" is printed for files that do exist)."""
+    lines = []
+    for line in str(error).splitlines():
+        line = line.strip()
+        if not line or line.startswith(("Exception thrown in", "Reason:")) or line.endswith(":"):
+            continue
+        line = re.sub(r"^(ITK ERROR: \w+\(0x[0-9a-f]+\): |sitk::ERROR: )", "", line)
+        line = re.sub(r"^\[\w+\] \w+: ", "", line)
+        lines.append(line)
+    return _short(lines[-1] if lines else error)
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    """Silence ITK's warnings on stderr (e.g. "No Series were found"); errors still raise."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,10 +362,10 @@ def validate_volume(volume: Volume, path: Optional[PathLike] = None) -> Volume:
         fraction = bad / finite.size
         if fraction > MAX_NONFINITE_FRACTION:
             raise InvalidVolumeError(
-                f"has {bad} NaN/Inf voxels ({100 * fraction:.2g}% of {finite.size}); at most "
+                f"has {bad} NaN/Inf voxels ({100 * fraction:.3g}% of {finite.size}); at most "
                 f"{100 * MAX_NONFINITE_FRACTION:g}% are cleaned to 0", path)
         data = np.where(finite, data, np.float32(0))
-        log.warning("%s: set %d NaN/Inf voxels (%.2g%% of the volume) to 0", path or "volume", bad, 100 * fraction)
+        log.warning("%s: set %d NaN/Inf voxels (%.3g%% of the volume) to 0", path or "volume", bad, 100 * fraction)
     low, high = float(data.min()), float(data.max())
     if low == high == 0.0:
         raise InvalidVolumeError("is empty: every voxel is zero", path)
