@@ -1,0 +1,261 @@
+"""What the 3D Slicer module needs, as plain numpy and Python (no Slicer, Qt or MRML here).
+
+The Slicer module (BrainAge/BrainAge.py) stays a thin layer of widgets and MRML nodes; every
+conversion and check it relies on lives here, where pytest can reach it:
+
+- Geometry. ``slicer.util.arrayFromVolume`` gives a volume node's voxels indexed [K, J, I]
+  (VTK's x-fastest memory order read as a C array), while a :class:`Volume` is [I, J, K]. The
+  node's IJKToRAS matrix *is* the Volume's affine (voxel index -> RAS, mm), so the conversion
+  is a transpose plus a copy of the matrix. ``volume_from_kji`` / ``kji_from_volume`` do it.
+- Colour tables: ``color_table_rows`` turns (label, name, RGBA 0-255) entries into the rows a
+  ``vtkMRMLColorTableNode`` takes (``SetColor(index, name, r, g, b, a)`` with 0-1 components).
+- The results panel text (``result_text``), widget input checks (``check_inputs``), the pinned
+  pip requirements installed on first use (``missing_requirements``), and the progress/cancel
+  relay between the worker thread and the GUI timer (``ProgressRelay``).
+
+Importing this module needs only numpy (the Slicer module imports it before BrainAge's other
+dependencies are installed); anything heavier is imported inside the function that uses it.
+"""
+from __future__ import annotations
+
+import html
+import math
+import os
+import threading
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import BrainAgeError
+from .sex import InvalidSexError, parse_sex
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .attention_labelmap import ColorEntry
+    from .result import Result
+    from .volume import Volume
+
+#: Devices the module offers ("auto" = CUDA if present, else CPU).
+DEVICES = ("auto", "cpu", "cuda")
+#: Chronological ages (years) the module accepts.
+AGE_RANGE = (0.0, 120.0)
+
+#: Packages installed with ``slicer.util.pip_install`` on first use, pinned to the releases CI
+#: runs (known to work together). torch/torchvision come from the PyTorch extension instead.
+#: numpy is never installed: Slicer ships its own, and replacing it breaks Slicer.
+PIP_REQUIREMENTS: Dict[str, str] = {
+    "nibabel": "5.4.2",
+    "SimpleITK": "2.5.7",
+    "scipy": "1.17.1",
+    "safetensors": "0.8.0",
+    "timm": "1.0.31",
+    "pillow": "13.0.0",
+    "matplotlib": "3.11.2",
+    "tqdm": "4.70.1",
+}
+#: What BrainAge asks of the torch that PyTorchUtils installs.
+TORCH_REQUIREMENT = ">=2.1"
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+def volume_from_kji(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> "Volume":
+    """A :class:`Volume` from ``slicer.util.arrayFromVolume`` output and the node's IJKToRAS.
+
+    ``array_kji`` [K, J, I] is copied (the Volume never shares the node's memory), ``ijk_to_ras``
+    is the 4x4 voxel index -> RAS (mm) matrix. Voxel (i, j, k) of the Volume is
+    ``array_kji[k, j, i]`` and lies at ``ijk_to_ras @ (i, j, k, 1)`` in both.
+    """
+    from .volume import Volume
+
+    array_kji = np.asarray(array_kji)
+    if array_kji.ndim != 3:
+        raise ValueError(f"expected a 3D [K,J,I] voxel array, got shape {array_kji.shape}")
+    return Volume(np.ascontiguousarray(array_kji.transpose(2, 1, 0)), checked_ijk_to_ras(ijk_to_ras))
+
+
+def kji_from_volume(volume: "Volume") -> Tuple[np.ndarray, np.ndarray]:
+    """``(array_kji, ijk_to_ras)`` for ``slicer.util.updateVolumeFromArray`` and SetIJKToRASMatrix.
+
+    The array is a C-contiguous copy indexed [K, J, I], in the Volume's dtype.
+    """
+    return np.ascontiguousarray(np.asarray(volume.array).transpose(2, 1, 0)), checked_ijk_to_ras(volume.affine)
+
+
+def checked_ijk_to_ras(matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` as a float64 4x4 copy, after checking it is a finite affine (last row 0 0 0 1)."""
+    matrix = np.array(matrix, dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise ValueError(f"IJKToRAS must be a 4x4 matrix, got shape {matrix.shape}")
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError("IJKToRAS holds NaN or Inf")
+    if not np.allclose(matrix[3], (0.0, 0.0, 0.0, 1.0)):
+        raise ValueError(f"IJKToRAS must end with the row 0 0 0 1, got {matrix[3].tolist()}")
+    return matrix
+
+
+def same_grid(a: "Volume", b: "Volume", atol_mm: float = 1e-4) -> bool:
+    """True when ``a`` and ``b`` have the same shape and voxel -> RAS mapping (within ``atol_mm``)."""
+    return a.shape == b.shape and bool(np.allclose(a.affine, b.affine, atol=atol_mm, rtol=0.0))
+
+
+# --- colour tables --------------------------------------------------------------------------
+
+def color_table_rows(colors: Sequence["ColorEntry"]) -> Tuple[int, List[Tuple[int, str, float, float, float, float]]]:
+    """``(number_of_colors, rows)`` for a ``vtkMRMLColorTableNode``.
+
+    ``rows`` has one ``(index, name, r, g, b, a)`` per index 0..max label, components in 0-1.
+    Indices missing from ``colors`` become transparent black, as Slicer's .ctbl reader does.
+    """
+    by_label = {int(label): (name, rgba) for label, name, rgba in colors}
+    if not by_label or min(by_label) < 0:
+        raise ValueError("a colour table needs at least one entry and no negative labels")
+    count = max(by_label) + 1
+    rows = []
+    for index in range(count):
+        name, rgba = by_label.get(index, (f"unused_{index}", (0, 0, 0, 0)))
+        r, g, b, a = (float(c) / 255.0 for c in rgba)
+        rows.append((index, str(name), r, g, b, a))
+    return count, rows
+
+
+# --- the results panel ----------------------------------------------------------------------
+
+def result_text(result: "Result") -> str:
+    """The results panel as HTML: ages and gaps (years), the model and what it is meant for.
+
+    The demo model's disclaimer (synthetic training data, not for clinical use) is shown in
+    red, first, so nobody reads the numbers without it.
+    """
+    from .result import DEMO_DISCLAIMER
+
+    rows: List[Tuple[str, str]] = [("Predicted brain age", _years(result.predicted_age))]
+    if result.chronological_age is None:
+        rows.append(("Brain-age gap (BAG)", "enter the chronological age to compute it"))
+    else:
+        rows.append(("Chronological age", _years(result.chronological_age)))
+        rows.append(("Brain-age gap (BAG)", _years(result.brain_age_gap, signed=True)))
+        corrected = result.corrected_brain_age_gap
+        rows.append(("Bias-corrected BAG",
+                     _years(corrected, signed=True) if corrected is not None
+                     else "not available (the model has no bias-correction coefficients)"))
+    sex = "unknown (mean of the female and male predictions)" if result.sex_was_unknown else result.sex
+    rows.append(("Sex", sex))
+    rows.append(("Model", result.model_name or "(unnamed)"))
+    rows.append(("Intended use", result.model_intended_use or "(not stated by the model)"))
+    total = result.timings.get("total") if result.timings else None
+    if total is not None:
+        rows.append(("Time", f"{float(total):.1f} s"))
+
+    parts = []
+    if result.model_is_demo:
+        parts.append(f'<p style="color:#b00000"><b>Demo model: synthetic, not clinical.</b> '
+                     f'{html.escape(DEMO_DISCLAIMER)}</p>')
+    parts.append("<table>" + "".join(
+        f"<tr><td><b>{html.escape(label)}:</b></td><td>{html.escape(value)}</td></tr>" for label, value in rows
+    ) + "</table>")
+    if result.warnings:
+        parts.append("<p><b>Warnings:</b></p><ul>" + "".join(
+            f"<li>{html.escape(str(w))}</li>" for w in result.warnings) + "</ul>")
+    return "\n".join(parts)
+
+
+def _years(value: Optional[float], signed: bool = False) -> str:
+    if value is None or not math.isfinite(float(value)):
+        return "not available"
+    return f"{float(value):+.1f} years" if signed else f"{float(value):.1f} years"
+
+
+# --- widget inputs --------------------------------------------------------------------------
+
+def check_inputs(
+    volume_shape: Optional[Sequence[int]],
+    sex: Optional[str],
+    chronological_age: Optional[float],
+    model: str,
+    device: str,
+    cuda_available: Optional[bool] = None,
+) -> List[str]:
+    """Problems with the module's inputs, one sentence each; empty when Estimate may run.
+
+    ``volume_shape``: the selected volume's voxel dimensions (None when nothing is selected).
+    ``chronological_age``: years, or None when not given. ``model``: "demo", an http(s) URL or
+    the path of a model file. ``cuda_available``: None when unknown (torch not imported yet).
+    """
+    problems = []
+    if volume_shape is None:
+        problems.append("Select an input volume.")
+    elif len(volume_shape) != 3 or min(int(n) for n in volume_shape) < 2:
+        problems.append(f"The input volume must be 3D; its voxel dimensions are {tuple(volume_shape)}.")
+    try:
+        parse_sex(sex)
+    except InvalidSexError as error:
+        problems.append(f"Sex: {error}.")
+    if chronological_age is not None:
+        age = float(chronological_age)
+        if not (math.isfinite(age) and AGE_RANGE[0] < age < AGE_RANGE[1]):
+            problems.append(f"Chronological age must be between {AGE_RANGE[0]:g} and {AGE_RANGE[1]:g} years, "
+                            f"got {chronological_age}.")
+    model = (model or "").strip()
+    if not model:
+        problems.append("Choose a model: the bundled demo, a model file or a URL.")
+    elif model.lower().startswith("http://"):
+        problems.append("Model URLs must use https://.")
+    elif model != "demo" and not model.lower().startswith("https://") and not os.path.exists(model):
+        problems.append(f"Model file not found: {model}")
+    if device not in DEVICES:
+        problems.append(f"Device must be one of {', '.join(DEVICES)}, got {device!r}.")
+    elif device == "cuda" and cuda_available is False:
+        problems.append("CUDA was chosen but no CUDA GPU is available here; choose auto or CPU.")
+    return problems
+
+
+# --- first-run dependencies -----------------------------------------------------------------
+
+def missing_requirements(installed_version: Callable[[str], Optional[str]]) -> List[str]:
+    """Pinned pip specs (``name==version``) of the ``PIP_REQUIREMENTS`` not installed yet.
+
+    ``installed_version(name)`` returns the installed version or None (in Slicer: a wrapper of
+    ``importlib.metadata.version``). Installed packages are left alone whatever their version,
+    so BrainAge never replaces a package Slicer or another extension relies on.
+    """
+    return [f"{name}=={version}" for name, version in PIP_REQUIREMENTS.items() if not installed_version(name)]
+
+
+# --- progress and cancel across threads -----------------------------------------------------
+
+class EstimationCancelled(BrainAgeError):
+    """The user pressed Cancel; raised inside the worker thread by its progress callback."""
+
+
+class ProgressRelay:
+    """The ``progress`` callback of ``model.predict`` for a worker thread, and its Cancel switch.
+
+    The worker calls the relay with (fraction 0-1, message); the GUI reads ``snapshot()`` from
+    a timer and calls ``cancel()`` from its Cancel button. The next progress call after a
+    cancel raises :class:`EstimationCancelled`, which unwinds the prediction.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fraction = 0.0
+        self._message = ""
+        self._cancelled = threading.Event()
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        if self._cancelled.is_set():
+            raise EstimationCancelled("cancelled by the user")
+        with self._lock:
+            self._fraction = min(max(float(fraction), 0.0), 1.0)
+            self._message = str(message)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def snapshot(self) -> Tuple[float, str]:
+        """The latest (fraction, message)."""
+        with self._lock:
+            return self._fraction, self._message

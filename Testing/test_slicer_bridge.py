@@ -1,0 +1,243 @@
+"""The numpy side of the Slicer module: KJI arrays <-> Volume, colour rows, result text, input checks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from BrainAgeLib import Volume
+from BrainAgeLib.attention_labelmap import attention_colors
+from BrainAgeLib.result import Result
+from BrainAgeLib.slicer_bridge import (
+    PIP_REQUIREMENTS,
+    EstimationCancelled,
+    ProgressRelay,
+    check_inputs,
+    checked_ijk_to_ras,
+    color_table_rows,
+    kji_from_volume,
+    missing_requirements,
+    result_text,
+    same_grid,
+    volume_from_kji,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def oblique_flipped_ijk_to_ras():
+    """Rotated 25 deg about S then 10 deg about R, spacing 1.2/0.9/3 mm, the I axis flipped."""
+    a, b = np.radians(25.0), np.radians(10.0)
+    about_s = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    about_r = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = about_r @ about_s @ np.diag([-1.2, 0.9, 3.0])
+    matrix[:3, 3] = [91.5, -120.25, -60.0]
+    return matrix
+
+
+def test_kji_array_becomes_ijk_volume_and_a_marker_keeps_its_ras_position():
+    ijk_to_ras = oblique_flipped_ijk_to_ras()
+    array_kji = np.random.default_rng(0).random((7, 9, 11)).astype(np.float32)  # K=7, J=9, I=11
+    i, j, k = 3, 5, 2
+    array_kji[k, j, i] = 1000.0  # the marker, written the way slicer.util.arrayFromVolume indexes
+
+    volume = volume_from_kji(array_kji, ijk_to_ras)
+
+    assert volume.shape == (11, 9, 7)
+    assert np.unravel_index(np.argmax(volume.array), volume.shape) == (i, j, k)
+    marker_ras = ijk_to_ras @ np.array([i, j, k, 1.0])
+    np.testing.assert_allclose(volume.voxel_to_world(np.array([i, j, k])), marker_ras[:3])
+    np.testing.assert_allclose(volume.spacing, (1.2, 0.9, 3.0))
+    assert volume.orientation[0] in ("L", "P")  # the flipped I axis points leftwards-ish
+
+    # The Volume is a copy: changing it leaves the node's array alone.
+    volume.array[0, 0, 0] = -5.0
+    assert array_kji[0, 0, 0] != -5.0
+
+
+def test_round_trip_volume_kji_volume_is_exact_for_labelmaps_too():
+    ijk_to_ras = oblique_flipped_ijk_to_ras()
+    labels = np.random.default_rng(1).integers(0, 11, size=(6, 8, 5)).astype(np.uint8)  # [I,J,K]
+    volume = Volume(labels, ijk_to_ras)
+
+    array_kji, matrix = kji_from_volume(volume)
+    assert array_kji.shape == (5, 8, 6) and array_kji.dtype == np.uint8
+    assert array_kji.flags.c_contiguous
+    np.testing.assert_array_equal(matrix, ijk_to_ras)
+    assert array_kji[4, 7, 5] == labels[5, 7, 4]
+
+    back = volume_from_kji(array_kji, matrix)
+    np.testing.assert_array_equal(back.array, labels)
+    assert back.array.dtype == np.uint8
+    assert same_grid(back, volume)
+    shifted = ijk_to_ras.copy()
+    shifted[0, 3] += 0.5  # half a millimetre to the left
+    assert not same_grid(Volume(labels, shifted), volume)
+    assert not same_grid(Volume(labels[:, :, :4], ijk_to_ras), volume)
+
+
+def test_kji_layout_matches_simpleitk_reading_the_same_oblique_file(tmp_path):
+    """SimpleITK's GetArrayFromImage is [K,J,I] like arrayFromVolume; its geometry is LPS."""
+    nib = pytest.importorskip("nibabel")
+    sitk = pytest.importorskip("SimpleITK")
+    ijk_to_ras = oblique_flipped_ijk_to_ras()
+    data = np.random.default_rng(2).random((11, 9, 7)).astype(np.float32)  # [I,J,K]
+    path = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(data, ijk_to_ras), str(path))
+
+    image = sitk.ReadImage(str(path))
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing())
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    from_sitk = volume_from_kji(sitk.GetArrayFromImage(image), np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps)
+
+    np.testing.assert_array_equal(from_sitk.array, data)
+    np.testing.assert_allclose(from_sitk.affine, ijk_to_ras, atol=1e-4)
+
+
+def test_ijk_to_ras_must_be_a_finite_affine():
+    with pytest.raises(ValueError, match="4x4"):
+        checked_ijk_to_ras(np.eye(3))
+    bad = np.eye(4)
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        checked_ijk_to_ras(bad)
+    projective = np.eye(4)
+    projective[3, 0] = 0.1
+    with pytest.raises(ValueError, match="0 0 0 1"):
+        checked_ijk_to_ras(projective)
+    with pytest.raises(ValueError, match="3D"):
+        volume_from_kji(np.zeros((4, 4)), np.eye(4))
+
+
+def test_color_table_rows_are_0_to_1_and_fill_gaps_with_transparent_black():
+    colors = attention_colors(3)
+    count, rows = color_table_rows(colors)
+    assert count == 4 and [row[0] for row in rows] == [0, 1, 2, 3]
+    assert rows[0] == (0, "Background", 0.0, 0.0, 0.0, 0.0)
+    label, name, rgba = colors[3]
+    assert rows[3][1] == name
+    np.testing.assert_allclose(rows[3][2:], np.array(rgba) / 255.0)
+    assert all(0.0 <= c <= 1.0 for row in rows for c in row[2:])
+
+    count, rows = color_table_rows([(0, "Background", (0, 0, 0, 0)), (2, "two", (255, 128, 0, 255))])
+    assert count == 3 and rows[1][2:] == (0.0, 0.0, 0.0, 0.0)
+    np.testing.assert_allclose(rows[2][2:], (1.0, 128 / 255, 0.0, 1.0))
+
+
+def demo_result(**changes):
+    values = dict(
+        predicted_age=71.26, chronological_age=68.0, brain_age_gap=3.26, corrected_brain_age_gap=2.04,
+        sex="F", model_name="demo <tiny>", model_intended_use="software demonstration and tests",
+        model_is_demo=True, timings={"total": 4.27}, warnings=["input was not skull-stripped"],
+    )
+    values.update(changes)
+    return Result(**values)
+
+
+def test_result_text_shows_ages_gaps_model_and_the_demo_disclaimer_first():
+    text = result_text(demo_result())
+    assert text.index("Demo model: synthetic, not clinical") < text.index("Predicted brain age")
+    assert "NOT for clinical use" in text
+    for expected in ("71.3 years", "68.0 years", "+3.3 years", "+2.0 years", "4.3 s",
+                     "demo &lt;tiny&gt;", "software demonstration and tests", "input was not skull-stripped"):
+        assert expected in text, expected
+    assert "<tiny>" not in text  # names are escaped, never interpreted as HTML
+
+
+def test_result_text_without_age_or_demo_says_what_is_missing():
+    text = result_text(demo_result(chronological_age=None, brain_age_gap=None, corrected_brain_age_gap=None,
+                                   model_is_demo=False, model_name="BrainRotViT (published)", warnings=[]))
+    assert "Demo model" not in text
+    assert "enter the chronological age" in text
+    assert "Warnings" not in text
+    no_correction = result_text(demo_result(corrected_brain_age_gap=None))
+    assert "no bias-correction coefficients" in no_correction
+    negative = result_text(demo_result(brain_age_gap=-4.04))
+    assert "-4.0 years" in negative
+
+
+def test_check_inputs_accepts_a_complete_form(tmp_path):
+    model_file = tmp_path / "model.safetensors"
+    model_file.write_bytes(b"x")
+    assert check_inputs((192, 256, 256), "F", 63.5, "demo", "auto") == []
+    assert check_inputs((192, 256, 256), "unknown", None, str(model_file), "cpu") == []
+    assert check_inputs((192, 256, 256), "male", None, "https://example.org/m.safetensors", "cuda", True) == []
+
+
+@pytest.mark.parametrize("args, problem", [
+    ((None, "F", None, "demo", "auto"), "Select an input volume"),
+    (((256, 256, 1), "F", None, "demo", "auto"), "must be 3D"),
+    (((256, 256), "F", None, "demo", "auto"), "must be 3D"),
+    (((64, 64, 64), "X", None, "demo", "auto"), "Sex"),
+    (((64, 64, 64), "F", 150.0, "demo", "auto"), "between 0 and 120"),
+    (((64, 64, 64), "F", float("nan"), "demo", "auto"), "between 0 and 120"),
+    (((64, 64, 64), "F", None, "", "auto"), "Choose a model"),
+    (((64, 64, 64), "F", None, "/no/such/model.safetensors", "auto"), "/no/such/model.safetensors"),
+    (((64, 64, 64), "F", None, "http://example.org/m.safetensors", "auto"), "https"),
+    (((64, 64, 64), "F", None, "demo", "tpu"), "Device"),
+    (((64, 64, 64), "F", None, "demo", "cuda", False), "no CUDA GPU"),
+])
+def test_check_inputs_names_each_problem(args, problem):
+    problems = check_inputs(*args)
+    assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_cuda_is_not_rejected_while_its_availability_is_unknown():
+    assert check_inputs((64, 64, 64), "F", None, "demo", "cuda", None) == []
+
+
+def test_missing_requirements_are_pinned_and_installed_ones_left_alone():
+    installed = {"nibabel": "5.0.0", "scipy": "1.10.0", "SimpleITK": "2.3.0"}
+    missing = missing_requirements(installed.get)
+    assert "nibabel==5.4.2" not in " ".join(missing)  # an older nibabel is kept, not replaced
+    assert f"timm=={PIP_REQUIREMENTS['timm']}" in missing
+    assert all("==" in spec for spec in missing)
+    assert not any(spec.startswith(("numpy", "torch")) for spec in missing)
+    assert missing_requirements(lambda name: "1.0") == []
+
+
+def test_progress_relay_reports_and_cancel_stops_the_worker():
+    relay = ProgressRelay()
+    relay(1.7, "too far")
+    assert relay.snapshot() == (1.0, "too far")  # clamped to 0-1
+
+    outcome = {}
+
+    def worker():
+        try:
+            for step in range(1000):
+                relay(step / 1000, f"slice {step}")
+                time.sleep(0.002)
+            outcome["finished"] = True
+        except EstimationCancelled:
+            outcome["cancelled_at"] = relay.snapshot()[0]
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(0.05)
+    relay.cancel()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert relay.cancelled and "finished" not in outcome
+    assert 0.0 < outcome["cancelled_at"] < 1.0
+
+
+def test_bridge_imports_and_checks_inputs_with_numpy_alone():
+    """Slicer imports the bridge before BrainAge's dependencies are installed."""
+    code = (
+        "import sys\n"
+        "for name in ('nibabel', 'torch', 'scipy', 'SimpleITK', 'matplotlib', 'timm', 'safetensors'):\n"
+        "    sys.modules[name] = None\n"
+        "from BrainAgeLib.slicer_bridge import check_inputs\n"
+        "assert check_inputs((64, 64, 64), 'F', 70.0, 'demo', 'auto') == []\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
