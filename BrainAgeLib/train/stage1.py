@@ -224,7 +224,7 @@ def train_stage1(
             scheduler.step()
             if guards:
                 _hold_key_rows(guards)
-            loss_sum += float(loss)
+            loss_sum += loss.item()
             batches += 1
             bar.set_postfix(loss=f"{loss_sum / batches:.3f}")
         record = {"epoch": epoch, "train_loss": loss_sum / max(batches, 1)}

@@ -2,9 +2,13 @@
 
 Each subject is its [S, D] embedding matrix (from the frozen stage-1 encoder) and its sex
 (M = 0, F = 1); the target is chronological age in years. MSE loss, Adam (paper: lr 5e-4); the
-epoch with the lowest validation MAE is kept. The output layer's bias starts at the mean
-training age, so the first epochs learn the age differences rather than spending hundreds of
-steps walking the bias up from zero to ~50 years.
+epoch with the lowest validation MAE is kept.
+
+The network is trained on standardised ages, z = (age - mean) / sd of the training split, and
+the scale is then folded into its last (linear) layer: w <- sd * w, b <- sd * b + mean. The saved
+regressor therefore outputs years, exactly as the paper's, but Adam's fixed-size steps do not
+have to walk an output bias from 0 up to ~50 years first, which takes thousands of steps at
+lr 5e-4 and is most of a small cohort's training budget.
 """
 from __future__ import annotations
 
@@ -47,15 +51,19 @@ class Stage2Result:
 
 
 @torch.no_grad()
-def predict_ages(regressor: nn.Module, data: EmbeddingSet, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
-    """Predicted ages (years) of every subject in ``data``."""
+def predict_ages(
+    regressor: nn.Module, data: EmbeddingSet, device: str = "cpu", batch_size: int = 64,
+    scale: float = 1.0, shift: float = 0.0,
+) -> np.ndarray:
+    """Predicted ages (years) of every subject in ``data`` (``scale * output + shift``)."""
     regressor.eval()
     out = []
     for start in range(0, len(data.ids), batch_size):
         emb = data.embeddings[start:start + batch_size].to(device)
         sex = data.sex[start:start + batch_size].to(device)
         out.append(regressor(emb, sex).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+    ages = torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+    return ages * scale + shift
 
 
 def _output_layer(regressor: nn.Module) -> Optional[nn.Linear]:
@@ -81,9 +89,10 @@ def train_stage2(
         raise ValueError(f"batch_size2={config.batch_size2} is not divisible by {context.world_size} processes")
     regressor.to(device)
     output = _output_layer(regressor)
+    shift, scale = 0.0, 1.0
     if output is not None and output.bias is not None:
-        with torch.no_grad():
-            output.bias.fill_(float(train.age.mean()))
+        shift = float(train.age.mean())
+        scale = float(train.age.std()) if len(train.age) > 1 and float(train.age.std()) > 0 else 1.0
     optimizer = torch.optim.Adam(regressor.parameters(), lr=config.lr2)
     dataset = train.dataset()
     sampler = DistributedSampler(dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed)
@@ -113,15 +122,16 @@ def train_stage2(
         sampler.set_epoch(epoch)
         loss_sum, batches = 0.0, 0
         for emb, sex, age in loader:
-            loss = nn.functional.mse_loss(model(emb.to(device), sex.to(device)), age.to(device))
+            target = (age.to(device) - shift) / scale
+            loss = nn.functional.mse_loss(model(emb.to(device), sex.to(device)), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss)
+            loss_sum += loss.item()
             batches += 1
-        record = {"epoch": epoch, "train_mse": loss_sum / max(batches, 1)}
+        record = {"epoch": epoch, "train_mse": loss_sum / max(batches, 1) * scale ** 2}
         if context.is_main:
-            predicted = predict_ages(regressor, val, device)
+            predicted = predict_ages(regressor, val, device, scale=scale, shift=shift)
             record["val_mae"] = float(np.mean(np.abs(predicted - val.age.numpy())))
             if record["val_mae"] < best["val_mae"]:
                 best = {"epoch": epoch, "val_mae": record["val_mae"]}
@@ -139,6 +149,10 @@ def train_stage2(
         best_weights, best, history = state["best_model"], dict(state["best"]), list(state["history"])
     if best_weights is not None:
         regressor.load_state_dict(best_weights)
+    if output is not None and output.bias is not None:
+        with torch.no_grad():  # fold the age standardisation into the last layer: outputs are years
+            output.weight.mul_(scale)
+            output.bias.mul_(scale).add_(shift)
     regressor.eval()
     if context.is_main:
         log(f"stage 2: best epoch {int(best['epoch']) + 1}/{config.epochs2}, validation MAE {best['val_mae']:.2f} years")
