@@ -35,12 +35,14 @@ activation and never lets a negative gradient (from either factor) through.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import BrainAgeError
 
 #: Activation modules guided backprop rewrites. Anything else (LayerNorm, pooling, convs,
 #: the sex concatenation) backpropagates unchanged, as in the original method.
@@ -86,7 +88,7 @@ def guided_backprop(module: nn.Module) -> Iterator[List[nn.Module]]:
 def slice_saliency(regressor: nn.Module, embeddings: torch.Tensor, sex_value: float) -> torch.Tensor:
     """Guided-backprop saliency of the predicted age w.r.t. the slice embeddings.
 
-    ``embeddings`` [S, D] (one subject), ``sex_value`` 0 = male, 1 = female (the model's coding).
+    ``embeddings`` [S, D] (one subject), ``sex_value`` 0 = male, 1 = female, 0.5 or NaN = unknown.
     Returns [S, D] float32 on the embeddings' device: d(age in years)/d(embedding) under the
     guided rule. The regressor runs in eval mode (no dropout) and its mode is restored afterwards.
     """
@@ -96,7 +98,10 @@ def slice_saliency(regressor: nn.Module, embeddings: torch.Tensor, sex_value: fl
     device = param.device if param is not None else embeddings.device
     dtype = param.dtype if param is not None else torch.float32
     x = embeddings.detach().to(device=device, dtype=dtype).unsqueeze(0).requires_grad_(True)
-    sex = torch.tensor([float(sex_value)], device=device, dtype=dtype)
+    sex_value = float(sex_value)
+    # Unknown sex: the model predicts the mean of the female and male predictions, which for a
+    # final layer linear in sex is the prediction at sex = 0.5.
+    sex = torch.tensor([0.5 if np.isnan(sex_value) else sex_value], device=device, dtype=dtype)
     was_training = regressor.training
     regressor.eval()
     try:
@@ -154,20 +159,47 @@ def fuse_slice_attention(saliency: torch.Tensor, patch_tokens: torch.Tensor,
     return stack / peak if peak > 0 else stack
 
 
-def _encoder_outputs(model: Any, slices: Any, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run ``model.encoder.forward_explain`` over all slices in batches (no grad)."""
+def encode_with_attention(model: Any, slices: Any, batch_size: Optional[int] = None, *,
+                          precision: str = "auto",
+                          progress: Optional[Callable[[int, int], None]] = None,
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ViT pass that gives the embeddings *and* what the map needs, for all S slices.
+
+    Returns ``(embeddings [S, D], patch_tokens [S, N, D], cls_attention [S, N])``, float32 on the
+    model's device; the embeddings equal ``model.embed(slices)`` (same batching, device and
+    autocast policy). Use this instead of ``model.embed`` when an explanation follows, and pass
+    the triple to :func:`explain_slices`, so the ViT runs once.
+    """
+    from .devices import autocast, autocast_dtype, slice_batch_size, to_device
+
     encoder = model.encoder
-    device = next(encoder.parameters()).device
-    slices = _as_tensor(slices, torch.device("cpu"))
-    embeddings, tokens, attention = [], [], []
-    with torch.no_grad():
-        for start in range(0, slices.shape[0], batch_size):
-            x = encoder.normalize(slices[start:start + batch_size].to(device))
-            e, t, a = encoder.forward_explain(x)
-            embeddings.append(e)
-            tokens.append(t)
-            attention.append(a)
-    return torch.cat(embeddings), torch.cat(tokens), torch.cat(attention)
+    config = model.config
+    target = next(encoder.parameters()).device
+    x = _as_tensor(slices, torch.device("cpu"))
+    if x.ndim != 3 or tuple(x.shape[1:]) != (config.image_size, config.image_size):
+        raise BrainAgeError(
+            f"model expects slices [S, {config.image_size}, {config.image_size}], got shape {tuple(x.shape)}")
+    n = int(x.shape[0])
+    n_patches = (config.image_size // config.patch_size) ** 2
+    dtype = autocast_dtype(target, precision)
+    step = int(batch_size or slice_batch_size(target, config, n))
+    embeddings = torch.empty((n, config.embed_dim), dtype=torch.float32, device=target)
+    tokens = torch.empty((n, n_patches, config.embed_dim), dtype=torch.float32, device=target)
+    attention = torch.empty((n, n_patches), dtype=torch.float32, device=target)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad(), autocast(target, dtype):
+            for start in range(0, n, step):
+                e, t, a = encoder.forward_explain(to_device(x[start:start + step], target))
+                embeddings[start:start + step] = e.float()
+                tokens[start:start + step] = t.float()
+                attention[start:start + step] = a.float()
+                if progress is not None:
+                    progress(min(start + step, n), n)
+    finally:
+        encoder.train(was_training)
+    return embeddings, tokens, attention
 
 
 ExplainInputs = Union[torch.Tensor, np.ndarray, Sequence[torch.Tensor]]
@@ -176,17 +208,16 @@ ExplainInputs = Union[torch.Tensor, np.ndarray, Sequence[torch.Tensor]]
 def explain_slices(model: Any, prepared: Any, embeddings: ExplainInputs, sex_value: float, *,
                    patch_tokens: Optional[torch.Tensor] = None,
                    cls_attention: Optional[torch.Tensor] = None,
-                   batch_size: int = 32) -> np.ndarray:
+                   batch_size: Optional[int] = None) -> np.ndarray:
     """The fused attention map of one subject in model space: float32 [S, H, W] in [0, 1].
 
     ``model`` is a BrainAgeModel (``.encoder``, ``.regressor``, ``.config``); ``prepared`` the
     subject's Prepared (``.slices`` [S, H, W], ``.brain_mask`` [S, H, W]). ``embeddings`` is
     either the [S, D] slice embeddings, or the ``(embeddings, patch_tokens, cls_attention)``
-    triple ``encoder.forward_explain`` returned for all S slices. Pass the triple (or the two
-    keywords) when the encoder already ran with ``forward_explain``: otherwise the encoder
-    runs again here to get the patch tokens and attention, which doubles the ViT's cost.
-    ``sex_value``: 0 = male, 1 = female. Map it to the input grid with
-    ``prepared.to_input_grid``.
+    triple :func:`encode_with_attention` returns. Pass the triple (or the two keywords) when
+    the encoder already ran that way: otherwise the encoder runs again here to get the patch
+    tokens and attention, which doubles the ViT's cost. ``sex_value``: 0 = male, 1 = female,
+    0.5 (or NaN) = unknown. Map the result to the input grid with ``prepared.to_input_grid``.
     """
     if isinstance(embeddings, (tuple, list)):
         if len(embeddings) != 3:
@@ -196,7 +227,7 @@ def explain_slices(model: Any, prepared: Any, embeddings: ExplainInputs, sex_val
     device = next(regressor.parameters()).device
     embeddings = _as_tensor(embeddings, device)
     if patch_tokens is None or cls_attention is None:
-        _, patch_tokens, cls_attention = _encoder_outputs(model, prepared.slices, batch_size)
+        _, patch_tokens, cls_attention = encode_with_attention(model, prepared.slices, batch_size)
     patch_tokens = _as_tensor(patch_tokens, device)
     cls_attention = _as_tensor(cls_attention, device)
     brain_mask = _as_tensor(prepared.brain_mask, device, dtype=torch.bool)
