@@ -9,16 +9,14 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..bias_correction import BiasCorrection
-from ..devices import (
-    DeviceLike, autocast, autocast_dtype, precision_name, resolve_device, slice_batch_size, to_device,
-)
+from ..devices import DeviceLike, autocast, autocast_dtype, resolve_device, slice_batch_size, to_device
 from ..errors import BrainAgeError
 from ..presets import ModelConfig, get_preset
 from ..result import Result
@@ -116,6 +114,25 @@ class BrainAgeModel(nn.Module):
         ``batch_size`` at a time (default: sized to the device); ``precision`` "auto" uses the
         autocast policy of ``BrainAgeLib.devices``. ``progress(done, total)`` is called after each batch.
         """
+        return self._encode(slices, batch_size, device, precision, progress, explain=False)[0]
+
+    def embed_explain(
+        self,
+        slices: Union[np.ndarray, torch.Tensor],
+        batch_size: Optional[int] = None,
+        device: DeviceLike = None,
+        *,
+        precision: str = "auto",
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like :meth:`embed`, plus what the attention map needs, in the same single ViT pass.
+
+        Returns ``(embeddings [S, D], patch_tokens [S, N, D], cls_attention [S, N])``, float32
+        (see ``SliceEncoder.forward_explain``).
+        """
+        return self._encode(slices, batch_size, device, precision, progress, explain=True)
+
+    def _encode(self, slices, batch_size, device, precision, progress, explain: bool) -> Tuple[torch.Tensor, ...]:
         if device is not None:
             target = resolve_device(device)
             if target != self.device:
@@ -130,19 +147,23 @@ class BrainAgeModel(nn.Module):
         n = int(x.shape[0])
         dtype = autocast_dtype(target, precision)
         step = int(batch_size or slice_batch_size(target, self.config, n))
-        out = torch.empty((n, self.config.embed_dim), dtype=torch.float32, device=target)
+        pieces: List[Tuple[torch.Tensor, ...]] = []
         was_training = self.encoder.training
         self.encoder.eval()
         try:
             with torch.no_grad(), autocast(target, dtype):
                 for start in range(0, n, step):
                     batch = to_device(x[start:start + step], target)
-                    out[start:start + step] = self.encoder.embed(batch).float()
+                    if explain:
+                        outputs = self.encoder.forward_explain(batch)
+                    else:
+                        outputs = (self.encoder.embed(batch),)
+                    pieces.append(tuple(o.float() for o in outputs))
                     if progress is not None:
                         progress(min(start + step, n), n)
         finally:
             self.encoder.train(was_training)
-        return out
+        return tuple(torch.cat(parts) for parts in zip(*pieces))
 
     # ------------------------------------------------------------------ stage 2
     def regress(self, embeddings: torch.Tensor, sex: SexLike) -> torch.Tensor:
@@ -229,7 +250,11 @@ class BrainAgeModel(nn.Module):
             report(0.3 + (embed_end - 0.3) * done / total, f"Encoded {done}/{total} slices")
 
         tic = time.perf_counter()
-        embeddings = self.embed(prepared.slices, precision=precision, progress=embed_progress)
+        if explain:
+            encoded = self.embed_explain(prepared.slices, precision=precision, progress=embed_progress)
+            embeddings = encoded[0]
+        else:
+            embeddings = self.embed(prepared.slices, precision=precision, progress=embed_progress)
         _synchronize(target)
         timings["embed"] = time.perf_counter() - tic
 
@@ -245,7 +270,7 @@ class BrainAgeModel(nn.Module):
             tic = time.perf_counter()
             explain_slices = _explain_function()
             code = UNKNOWN_SEX_CODE if sex_parsed == "unknown" else SEX_CODES[sex_parsed]
-            slice_map = explain_slices(self, prepared, embeddings, code)
+            slice_map = explain_slices(self, prepared, encoded, code)
             attention = prepared.to_input_grid(np.asarray(slice_map, dtype=np.float32))
             timings["explain"] = time.perf_counter() - tic
         timings["total"] = time.perf_counter() - started
