@@ -1,0 +1,455 @@
+"""Synthetic ageing phantoms: labelled T1-weighted heads made from the MNI152 template.
+
+No labelled MRI can be downloaded where BrainAge is built, so the demo model learns from heads
+made here. A phantom of age *t* (years, 20-90) and sex is the MNI152 2009a template (nilearn's
+1 mm T1 and GM/WM probability maps; CSF = brain - GM - WM) with its anatomy changed the way
+the lifespan curves of :mod:`BrainAgeLib.lifespan` say (sources are listed there):
+
+- **Ventricles widen**: a smooth radial displacement field around the lateral and third
+  ventricles (the gradient of the Gaussian-smoothed ventricle mask) pushes periventricular
+  tissue outwards; its strength follows ``ventricle_growth`` (accelerating after ~60).
+- **Grey matter thins, sulci widen**: GM turns into CSF from the pial side (weighted by how
+  near the voxel is to CSF), brain-wide by ``gm_loss_fraction`` and :data:`REGIONAL_GM_FACTOR`
+  times faster in the ageing regions (vermis, pre/postcentral gyri, temporal lobes, medial
+  superior frontal gyrus).
+- **White matter follows its inverted U**: GM at the GM/WM border turns into WM before the
+  peak at 45 and WM at the border into GM after it (``wm_change_fraction``); periventricular
+  WM is also compressed by the ventricles.
+- **Grey/white contrast falls** (``contrast_factor``): WM signal falls, GM signal rises.
+
+The template stands for a 20-year-old, so a 20-year-old phantom carries no ageing. Around the
+ageing, each head gets subject variability drawn from its seed: head size (males ~4% larger
+linearly, i.e. ~12% by volume), a random smooth deformation (~2 mm), pose (rotation up to 10
+degrees about a random axis, translation up to 8 mm), a smooth multiplicative bias field, Rician
+noise, voxel spacing, intensity gain, and optionally a synthetic CSF/skull/scalp shell.
+
+Everything age-independent is computed once per process and working resolution (a few
+seconds); a phantom is then arithmetic on the working grid plus one trilinear warp of all
+channels onto the head's grid with ``torch.nn.functional.grid_sample`` (deterministic on CPU:
+the same seed gives a bit-identical head). Alongside the image each phantom returns a
+ground-truth **ageing map** on the head's grid, in [0, 1]: the fraction of tissue probability
+that ageing moved in each voxel (GM->CSF, GM<->WM) or the ventricular displacement there
+divided by 2 mm, whichever is larger. The global contrast change is not in the map.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from . import lifespan
+from .errors import BrainAgeError
+from .volume import Volume
+
+#: Output field of view (mm, R-L x A-P x S-I), centred on the world origin.
+FIELD_OF_VIEW_MM = (192.0, 224.0, 192.0)
+#: MNI point (mm) placed at the world origin before the pose is applied: the head's centre.
+HEAD_CENTRE_MNI = (0.0, -18.0, 5.0)
+#: Spacing (mm) of the coarse grid on which the deformation is computed before upsampling.
+COARSE_SPACING_MM = 5.0
+#: Template files inside nilearn's wheel.
+TEMPLATE_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+#: Ventricular displacement (mm, at the ventricle wall) per unit of extra ventricle volume.
+VENTRICLE_PUSH_MM = 3.2
+#: Head scale (linear, relative to MNI152) by sex: mean and standard deviation.
+HEAD_SCALE = {"F": (0.925, 0.035), "M": (0.965, 0.035)}
+#: Target signal (before gain) of young white matter in the written images.
+WM_SIGNAL = 800.0
+
+SexLike = str
+
+
+class SynthError(BrainAgeError, ValueError):
+    """The phantom generator cannot run (template missing) or was asked for something invalid."""
+
+
+@dataclass
+class Phantom:
+    """One synthetic head.
+
+    ``volume`` is the T1-weighted image (float32 holding integers, RAS affine in mm);
+    ``aging_map`` is on the same grid, float32 in [0, 1] (where ageing changed the anatomy);
+    ``tissue`` holds the GM/WM/CSF probability maps and the ventricle mask on that grid
+    (None when not requested); ``volumes_ml`` their volumes in millilitres.
+    """
+
+    volume: Volume
+    aging_map: Volume
+    age: float
+    sex: str
+    seed: int
+    has_skull: bool
+    spacing: float
+    tissue: Optional[Dict[str, Volume]] = None
+    volumes_ml: Dict[str, float] = field(default_factory=dict)
+    params: Dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------
+# The template, once per process and working spacing
+# ----------------------------------------------------------------------------------------
+
+
+def template_dir() -> Path:
+    """Folder of nilearn's bundled MNI152 2009a files."""
+    try:
+        import nilearn
+    except ImportError:
+        raise SynthError(
+            "the phantom generator needs the MNI152 template that ships with nilearn: "
+            "pip install nilearn") from None
+    folder = Path(nilearn.__file__).parent / "datasets" / "data"
+    missing = [name for name in TEMPLATE_FILES.values() if not (folder / name).exists()]
+    if missing:
+        raise SynthError(f"{folder}: this nilearn installation lacks {', '.join(missing)}; "
+                         "reinstall it with pip install --force-reinstall nilearn")
+    return folder
+
+
+@dataclass
+class _Template:
+    """Age-independent fields on the working grid (MNI mm, axis-aligned, RAS)."""
+
+    spacing: float
+    origin: np.ndarray  # MNI mm of voxel (0, 0, 0)
+    gm: np.ndarray
+    wm: np.ndarray
+    csf: np.ndarray
+    brain: np.ndarray  # soft brain mask of the skull-stripped template
+    residual: np.ndarray  # template T1 minus the tissue model: texture, deep-GM shading
+    mu: Tuple[float, float, float]  # GM, WM, CSF signal of the template
+    ventricles: np.ndarray
+    push: np.ndarray  # [3, ...] unit outward ventricular displacement (mm per mm of push)
+    gm_loss_weight: np.ndarray  # GM-weighted mean 1: where GM turns into CSF
+    gm_to_wm_weight: np.ndarray  # sums to 1: where GM turns into WM (before the WM peak)
+    wm_to_gm_weight: np.ndarray  # sums to 1: where WM turns into GM (after the peak)
+    regions: np.ndarray  # ageing-region weight in [0, 1]
+    head_distance: np.ndarray  # mm outside the closed brain surface (<= 0 inside)
+    closed: np.ndarray  # 1 inside the closed brain surface (brain + sulcal CSF)
+    shell_band: np.ndarray  # flat indices of voxels where a CSF/skull/scalp shell may lie
+    gm_total: float  # template GM, in probability-voxels of this grid
+    wm_total: float
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(self.gm.shape)  # type: ignore[return-value]
+
+    def mni_coordinates(self) -> np.ndarray:
+        grids = [self.origin[a] + self.spacing * np.arange(n) for a, n in enumerate(self.shape)]
+        return np.stack(np.meshgrid(*grids, indexing="ij"), axis=-1)
+
+
+def _normalise_gm(array: np.ndarray) -> np.ndarray:
+    return (array.astype(np.float32) / 255.0).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=3)
+def _template(spacing: float) -> _Template:
+    import nibabel as nib
+
+    folder = template_dir()
+    images = {key: nib.load(str(folder / name)) for key, name in TEMPLATE_FILES.items()}
+    affine = images["t1"].affine
+    t1 = np.asarray(images["t1"].dataobj, dtype=np.float32)
+    gm = _normalise_gm(np.asarray(images["gm"].dataobj))
+    wm = _normalise_gm(np.asarray(images["wm"].dataobj))
+    brain = (t1 > 0).astype(np.float32)
+
+    if spacing != 1.0:
+        factor = spacing / float(affine[0, 0])
+        shape = tuple(int(math.floor((n - 1) / factor)) + 1 for n in t1.shape)
+        sigma = 0.42 * factor if factor > 1 else 0.0
+
+        def resample(array: np.ndarray) -> np.ndarray:
+            if sigma:
+                array = ndi.gaussian_filter(array, sigma, mode="constant")
+            return ndi.affine_transform(array, np.full(3, factor), output_shape=shape, order=1,
+                                        mode="constant").astype(np.float32)
+
+        t1, gm, wm, brain = (resample(a) for a in (t1, gm, wm, brain))
+    origin = affine[:3, 3].astype(np.float64)
+    csf = np.clip(brain - gm - wm, 0.0, 1.0).astype(np.float32)
+
+    inside = brain > 0.5
+    design = np.stack([gm[inside], wm[inside], csf[inside]], axis=1)
+    mu = np.linalg.lstsq(design, t1[inside], rcond=None)[0]
+    residual = np.where(brain > 0.05, t1 - (gm * mu[0] + wm * mu[1] + csf * mu[2]), 0.0)
+
+    def mm(sigma_mm: float) -> float:
+        return sigma_mm / spacing
+
+    # Lateral + third ventricles: the large CSF components in a central box.
+    coords = np.stack(np.meshgrid(*[origin[a] + spacing * np.arange(n) for a, n in enumerate(gm.shape)],
+                                  indexing="ij"), axis=-1)
+    x, y, z = coords[..., 0], coords[..., 1], coords[..., 2]
+    box = (np.abs(x) < 32) & (y > -52) & (y < 36) & (z > -12) & (z < 36)
+    labels, count = ndi.label((csf > 0.5) & box)
+    sizes = np.bincount(labels.ravel())[1:]
+    lateral = labels == (int(np.argmax(sizes)) + 1)
+    third = (np.abs(x) < 4) & (y > -30) & (y < 2) & (z > -8) & (z < 14) & (csf > 0.5)
+    ventricles = (lateral | third).astype(np.float32)
+    smooth = ndi.gaussian_filter(ventricles, mm(5.0))
+    push = -np.stack(np.gradient(smooth), axis=0)  # points away from the ventricles
+    push /= np.sqrt(np.sum(push**2, axis=0)).max()
+    push = push.astype(np.float32)
+
+    xyz = coords.reshape(-1, 3)
+    regions = lifespan.region_weight(xyz).reshape(gm.shape).astype(np.float32)
+
+    # Grey matter is lost where it touches CSF (the pial side, around the ventricles), faster
+    # in the ageing regions.
+    exposure = ndi.gaussian_filter(csf + (1.0 - brain), mm(2.0))
+    weight = (1.0 + (lifespan.REGIONAL_GM_FACTOR - 1.0) * regions) * exposure * (gm > 0.02)
+    weight = weight / (np.sum(weight * gm) / np.sum(gm))
+    # The GM/WM border: GM that sees WM nearby, WM that sees GM nearby.
+    gm_to_wm = gm * ndi.gaussian_filter(wm, mm(1.5)) * (wm > 0.02)
+    wm_to_gm = wm * ndi.gaussian_filter(gm, mm(1.5)) * (gm > 0.02)
+
+    closed = ndi.gaussian_filter(brain, mm(4.0)) > 0.35
+    closed = ndi.binary_fill_holes(closed)
+    outside = ndi.distance_transform_edt(~closed, sampling=spacing)
+    inside_depth = ndi.distance_transform_edt(closed, sampling=spacing)
+    head_distance = np.where(closed, -inside_depth, outside).astype(np.float32)
+
+    return _Template(
+        spacing=float(spacing), origin=origin, gm=gm, wm=wm, csf=csf, brain=brain,
+        residual=residual.astype(np.float32), mu=tuple(float(m) for m in mu),
+        ventricles=ventricles, push=push, gm_loss_weight=weight.astype(np.float32),
+        gm_to_wm_weight=(gm_to_wm / gm_to_wm.sum()).astype(np.float32),
+        wm_to_gm_weight=(wm_to_gm / wm_to_gm.sum()).astype(np.float32),
+        regions=regions, head_distance=head_distance, closed=closed.astype(np.float32),
+        shell_band=np.flatnonzero((head_distance > -1.5) & (head_distance < 22.0)),
+        gm_total=float(gm.sum()), wm_total=float(wm.sum()))
+
+
+def aging_region_map(spacing: float = 2.0) -> Volume:
+    """The age-independent susceptibility map: ageing-region weight times GM probability,
+    in [0, 1], on the MNI152 grid at ``spacing`` mm (world coordinates = MNI mm)."""
+    template = _template(float(spacing))
+    affine = np.diag([template.spacing] * 3 + [1.0])
+    affine[:3, 3] = template.origin
+    return Volume((template.regions * template.gm).astype(np.float32), affine)
+
+
+# ----------------------------------------------------------------------------------------
+# Ageing on the template grid
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _AgedTissue:
+    gm: np.ndarray
+    wm: np.ndarray
+    csf: np.ndarray
+    moved: np.ndarray  # tissue probability moved by ageing, in [0, 1]
+
+
+def _age_tissue(template: _Template, age: float) -> _AgedTissue:
+    gm, wm, csf = template.gm, template.wm, template.csf
+    wm_change = float(lifespan.wm_change_fraction(age)) * template.wm_total
+    gm_loss = float(lifespan.gm_loss_fraction(age))
+    if wm_change >= 0:
+        to_wm = np.minimum(wm_change * template.gm_to_wm_weight, 0.5 * gm)
+        gm_aged, wm_aged = gm - to_wm, wm + to_wm
+        extra_gm_loss = 0.0
+    else:
+        to_gm = np.minimum(-wm_change * template.wm_to_gm_weight, 0.6 * wm)
+        gm_aged, wm_aged = gm + to_gm, wm - to_gm
+        extra_gm_loss = float(to_gm.sum()) / template.gm_total  # keeps net GM on its curve
+    fraction = np.minimum((gm_loss + extra_gm_loss) * template.gm_loss_weight, 0.9)
+    to_csf = gm_aged * fraction
+    gm_aged = gm_aged - to_csf
+    csf_aged = csf + to_csf
+    moved = 0.5 * (np.abs(gm_aged - gm) + np.abs(wm_aged - wm) + np.abs(csf_aged - csf))
+    return _AgedTissue(gm_aged.astype(np.float32), wm_aged.astype(np.float32),
+                       csf_aged.astype(np.float32), np.clip(moved, 0, 1).astype(np.float32))
+
+
+def ventricle_push_mm(age: float) -> float:
+    """Peak ventricular wall displacement (mm) at ``age`` (years)."""
+    growth = float(lifespan.ventricle_growth(age)) - 1.0
+    return VENTRICLE_PUSH_MM * growth ** 0.8 if growth > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# One head
+# ----------------------------------------------------------------------------------------
+
+
+def _rotation(axis: np.ndarray, angle_rad: float) -> np.ndarray:
+    axis = axis / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle_rad) * k + (1 - math.cos(angle_rad)) * (k @ k)
+
+
+def _working_spacing(spacing: float) -> float:
+    """Working resolution of the template for an output spacing (mm): 1 mm for fine heads,
+    1.5 mm up to 1.9 mm, else 2 mm."""
+    if spacing < 1.2:
+        return 1.0
+    return 1.5 if spacing < 1.9 else 2.0
+
+
+def _check_inputs(age: float, sex: str, spacing: float) -> str:
+    from .sex import parse_sex
+
+    if not (isinstance(age, (int, float)) and math.isfinite(age)) or not 0 < age < 120:
+        raise SynthError(f"phantom age must be a number of years in (0, 120), got {age!r}")
+    parsed = parse_sex(sex)
+    if parsed == "unknown":
+        raise SynthError("a phantom needs a sex, F or M")
+    if not (0.5 <= float(spacing) <= 4.0):
+        raise SynthError(f"phantom spacing must be 0.5-4 mm, got {spacing!r}")
+    return parsed
+
+
+def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skull: bool = True,
+                 *, with_tissue: bool = True, work_spacing: Optional[float] = None) -> Phantom:
+    """A synthetic T1-weighted head of ``age`` years and ``sex`` ("F"/"M").
+
+    ``seed`` fixes every subject-level draw (head size, deformation, pose, bias, noise, gain,
+    shell thickness), independently of age: the same seed at two ages is the same person
+    aged. ``spacing`` is the isotropic voxel size in mm; ``skull`` adds a CSF/skull/scalp
+    shell (else the head is skull-stripped, zero outside the brain). ``work_spacing`` (mm)
+    overrides the template resolution the anatomy is computed at (default: from spacing).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    sex = _check_inputs(age, sex, spacing)
+    spacing = float(spacing)
+    template = _template(float(work_spacing) if work_spacing else _working_spacing(spacing))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
+
+    # Subject draws, always in this order (so age and skull do not change the person).
+    scale_mean, scale_sd = HEAD_SCALE[sex]
+    scale = scale_mean + scale_sd * float(np.clip(rng.standard_normal(), -2.5, 2.5))
+    anisotropy = 1.0 + 0.02 * np.clip(rng.standard_normal(3), -2, 2)
+    axis = rng.standard_normal(3)
+    angle = math.radians(rng.uniform(-10.0, 10.0))
+    translation = rng.uniform(-8.0, 8.0, size=3)
+    control = rng.standard_normal((3, 8, 9, 8)).astype(np.float32)  # smooth deformation
+    deformation_sd = rng.uniform(1.0, 2.5)  # mm
+    bias_coefficients = rng.normal(0.0, 0.08, size=10)
+    noise_fraction = rng.uniform(0.01, 0.04)
+    gain = rng.uniform(0.8, 1.25)
+    tissue_jitter = 1.0 + 0.03 * np.clip(rng.standard_normal(3), -2, 2)
+    shell = rng.uniform([1.0, 4.0, 4.0, 0.55, 0.75], [3.0, 8.0, 8.0, 0.85, 1.05])
+    noise_seed = int(rng.integers(2**63 - 1))
+
+    # --- anatomy on the template grid
+    aged = _age_tissue(template, age)
+    contrast = float(lifespan.contrast_factor(age))
+    mu_gm, mu_wm, mu_csf = (float(m * j) for m, j in zip(template.mu, tissue_jitter))
+    middle, half = 0.5 * (mu_gm + mu_wm), 0.5 * (mu_wm - mu_gm) * contrast
+    mu_gm, mu_wm = middle - half, middle + half
+    texture = template.residual * np.clip(1.0 - (aged.csf - template.csf), 0.0, 1.0)
+    signal = aged.gm * mu_gm + aged.wm * mu_wm + aged.csf * mu_csf + texture
+    brain = template.brain
+    if skull:
+        band = template.shell_band
+        d = template.head_distance.ravel()[band]
+        gap, bone, scalp, marrow, fat = (float(v) for v in shell)
+        ramp = lambda edge: np.clip((d - edge) * (1.0 / 1.2) + 0.5, 0.0, 1.0)  # noqa: E731
+        in_gap, in_bone, in_scalp, in_air = ramp(0.0), ramp(gap), ramp(gap + bone), ramp(gap + bone + scalp)
+        diploe = np.clip(1.0 - np.abs(d - gap - 0.5 * bone) / (0.3 * bone), 0.0, 1.0)
+        shell_signal = ((in_gap - in_bone) * (mu_csf * 0.8)
+                        + (in_bone - in_scalp) * (mu_wm * 0.12 + mu_wm * marrow * diploe)
+                        + (in_scalp - in_air) * (mu_wm * fat))
+        # Inside the closed brain surface but outside the stripped brain: CSF.
+        signal = signal * brain + template.closed * (1.0 - brain) * mu_csf
+        flat = signal.reshape(-1)
+        flat[band] = flat[band] * (1.0 - in_gap) + shell_signal
+    else:
+        signal = signal * brain
+    source = torch.from_numpy(np.stack([signal, aged.moved]))[None]
+    tissue_source = torch.from_numpy(np.stack([brain, aged.gm, aged.wm, aged.csf, template.ventricles]))[None]
+
+    # --- geometry: output voxel -> world -> MNI (pose, size) -> deformations -> template voxel
+    out_shape = tuple(int(round(f / spacing)) for f in FIELD_OF_VIEW_MM)
+    out_affine = np.diag([spacing, spacing, spacing, 1.0])
+    out_affine[:3, 3] = -0.5 * spacing * (np.array(out_shape) - 1)
+    coarse_shape = tuple(max(2, int(math.ceil((n - 1) * spacing / COARSE_SPACING_MM)) + 1) for n in out_shape)
+    index_axes = [np.linspace(0, n - 1, m) for n, m in zip(out_shape, coarse_shape)]
+    ijk = np.stack(np.meshgrid(*index_axes, indexing="ij"), axis=-1)
+    world = ijk * spacing + out_affine[:3, 3]
+    rotation = _rotation(axis, angle)
+    linear = rotation @ np.diag(scale * anisotropy)  # MNI offset -> world offset
+    mni = (world - translation) @ np.linalg.inv(linear).T + np.asarray(HEAD_CENTRE_MNI)
+
+    # Smooth subject deformation: random control points ~25 mm apart, cubic B-spline.
+    extent_lo = np.asarray(HEAD_CENTRE_MNI) - 0.5 * np.asarray(FIELD_OF_VIEW_MM) / 0.85
+    extent_hi = np.asarray(HEAD_CENTRE_MNI) + 0.5 * np.asarray(FIELD_OF_VIEW_MM) / 0.85
+    control_index = (mni - extent_lo) / (extent_hi - extent_lo) * (np.array(control.shape[1:]) - 1)
+    subject_shift = np.stack([ndi.map_coordinates(c, np.moveaxis(control_index, -1, 0), order=3,
+                                                  mode="nearest") for c in control], axis=-1)
+    mni = mni + deformation_sd * subject_shift
+
+    # Ventricular enlargement (backward map: sample nearer to the ventricles).
+    template_index = (mni - template.origin) / template.spacing
+    push = np.stack([ndi.map_coordinates(p, np.moveaxis(template_index, -1, 0), order=1, mode="constant")
+                     for p in template.push], axis=-1)
+    push_mm = ventricle_push_mm(age)
+    template_index = template_index - push_mm * push / template.spacing
+    displacement_weight = np.clip(push_mm * np.sqrt(np.sum(push**2, axis=-1)) / 2.0, 0.0, 1.0)
+
+    # Bias field: exp of a random quadratic polynomial over the field of view.
+    u = world / (0.5 * np.asarray(FIELD_OF_VIEW_MM))
+    terms = [u[..., 0], u[..., 1], u[..., 2], u[..., 0] * u[..., 1], u[..., 0] * u[..., 2],
+             u[..., 1] * u[..., 2], u[..., 0] ** 2, u[..., 1] ** 2, u[..., 2] ** 2, np.ones_like(u[..., 0])]
+    log_bias = sum(c * t for c, t in zip(bias_coefficients, terms))
+
+    size = np.array(template.shape, dtype=np.float64)
+    normalised = template_index / (size - 1) * 2.0 - 1.0  # grid_sample: align_corners=True
+    coarse = np.concatenate([normalised[..., ::-1], displacement_weight[..., None], log_bias[..., None]], axis=-1)
+    coarse_t = torch.from_numpy(np.moveaxis(coarse, -1, 0).astype(np.float32))[None]
+    fine = F.interpolate(coarse_t, size=out_shape, mode="trilinear", align_corners=True)[0]
+    grid = fine[:3].permute(1, 2, 3, 0)[None].contiguous()
+    warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    # Tissue maps: on the head grid when asked for, else on every other voxel (for volumes).
+    tissue_grid = grid if with_tissue else grid[:, ::2, ::2, ::2].contiguous()
+    tissue_warped = F.grid_sample(tissue_source, tissue_grid, mode="bilinear", padding_mode="zeros",
+                                  align_corners=True)[0].clamp_(0.0, 1.0)
+    brain_out = tissue_warped[0] if with_tissue else F.interpolate(
+        tissue_warped[None, :1], size=out_shape, mode="nearest")[0, 0]
+
+    # --- the scan: bias, noise, gain, integer signal
+    signal = warped[0] * torch.exp(fine[4])
+    generator = torch.Generator().manual_seed(noise_seed)
+    sigma = float(noise_fraction * mu_wm)
+    real = signal + sigma * torch.randn(out_shape, generator=generator)
+    imaginary = sigma * torch.randn(out_shape, generator=generator)
+    image = torch.sqrt(real * real + imaginary * imaginary)
+    if not skull:
+        image = image * (brain_out > 0.5)
+    image = torch.round(image * (gain * WM_SIGNAL / template.mu[1])).clamp_(0, 32767)
+    aging = torch.maximum(warped[1], fine[3]).clamp_(0.0, 1.0)
+
+    volume = Volume(image.numpy().astype(np.float32), out_affine)
+    aging_map = Volume(aging.numpy().astype(np.float32), out_affine.copy())
+    names = ("brain", "gm", "wm", "csf", "ventricles")
+    voxel_ml = spacing**3 / 1000.0 * (1 if with_tissue else 8)  # every other voxel counts 8x
+    volumes = {f"{n}_ml": float(tissue_warped[i].sum()) * voxel_ml for i, n in enumerate(names)}
+    tissue = None
+    if with_tissue:
+        tissue = {n: Volume(tissue_warped[i].numpy().copy(), out_affine.copy())
+                  for i, n in enumerate(names) if n != "brain"}
+    params = {"scale": float(scale), "rotation_deg": math.degrees(angle),
+              "translation_mm": [float(t) for t in translation], "deformation_sd_mm": float(deformation_sd),
+              "noise_fraction": float(noise_fraction), "gain": float(gain),
+              "ventricle_push_mm": float(push_mm), "contrast_factor": contrast}
+    return Phantom(volume=volume, aging_map=aging_map, age=float(age), sex=sex, seed=int(seed),
+                   has_skull=bool(skull), spacing=spacing, tissue=tissue, volumes_ml=volumes, params=params)
