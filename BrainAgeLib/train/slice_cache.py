@@ -190,11 +190,17 @@ def prepare_entry(entry: CacheEntry, config_dict: Dict[str, object]) -> None:
 
 
 def _brain_volume_ml(prepared, volume) -> Optional[float]:
-    """Brain-mask volume in mL when the Prepared result carries a mask on the input grid."""
+    """Volume (mL) of the Prepared brain mask, which lies in model space [S, H, W].
+
+    A model-space voxel spans crop_shape / model_shape input voxels along each axis of the
+    RAS-reoriented input, so its volume is the product of those spans times the input spacing.
+    """
     mask = getattr(prepared, "brain_mask", None)
-    if mask is None:
+    crop = getattr(prepared, "crop_shape", None)
+    ras_affine = getattr(prepared, "ras_affine", None)
+    if mask is None or crop is None or ras_affine is None:
         return None
-    mask_array = getattr(mask, "array", mask)
-    affine = getattr(mask, "affine", volume.affine)
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-    return float(np.count_nonzero(np.asarray(mask_array))) * voxel_ml
+    spacing = np.linalg.norm(np.asarray(ras_affine)[:3, :3], axis=0)
+    model_shape = np.asarray(np.shape(mask), dtype=np.float64)
+    voxel_mm3 = float(np.prod(np.asarray(crop, dtype=np.float64) * spacing / model_shape))
+    return float(np.count_nonzero(mask)) * voxel_mm3 / 1000.0
