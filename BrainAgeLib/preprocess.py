@@ -1,0 +1,422 @@
+"""From a T1 volume to the stack of sagittal slices the BrainRotViT encoder sees.
+
+``prepare(volume, preset)`` runs these steps, each a small function below, with the settings
+of the preset's ``PreprocessConfig`` (a preset is data, not a code branch):
+
+1. ``reorient_to_ras``            voxel axes permuted/flipped to R, A, S (exact, no resampling)
+2. ``n4_bias_correction``         SimpleITK N4 on the image shrunk by ``n4_shrink_factor``;
+                                  the smooth bias field is evaluated back at full resolution
+3. ``skull_strip``                affine registration to the bundled MNI152 template, its brain
+                                  mask carried back and refined (see ``skull_strip.py``); an
+                                  input that is already skull-stripped is detected and kept
+4. ``minmax``                     intensities scaled to [0, 1]
+5. ``crop_to_largest_component``  bounding box of the largest connected component > 0.1
+6. ``resample_slices``            left-right axis resampled to ``n_slices`` (cubic spline)
+7. ``slice_minmax``               each sagittal slice scaled to [0, 1] on its own
+8. ``resize_slices``              each slice quantised to 8 bits (floor of 255 x) and resized to
+                                  ``image_size`` x ``image_size`` with PIL's antialiased bilinear
+                                  filter, then divided by 255
+
+How the authors do it (github.com/wjalal/BrainRotViT, ``vit_dora_train_feature_cnn_main_mix_roi.py``):
+the NIfTI is reoriented to RAS with nibabel (``io_orientation`` / ``apply_orientation``), cropped
+with ``calculate_bounding_box_from_volume`` (min-max, > 0.1, ``scipy.ndimage.label``, largest
+component, ``find_objects``), resampled with ``scipy.ndimage.zoom(data, (160 / n, 1, 1),
+order=3)``, and slice ``i`` is ``data[i, :, :]`` with no transpose or rotation, min-max scaled
+and passed through ``ToPILImage() -> Resize((224, 224)) -> RGB -> ToTensor -> Normalize(0.5,
+0.5)``. ``ToPILImage`` on a float array computes ``(x * 255).astype(uint8)``. So in
+``Prepared.slices[s, h, w]``: ``s`` runs left -> right, the image rows ``h`` run posterior ->
+anterior and the columns ``w`` inferior -> superior (a sagittal slice lying on its back, nose
+at the bottom). Their inputs were skull-stripped (deepbrain) and then N4-corrected (ANTs);
+here N4 runs first, on the whole head, because it helps the registration that strips the skull.
+Channel replication and the 0.5/0.5 normalisation belong to the model.
+
+``Prepared`` keeps the crop box and the reorientation, so any map in model space [S, H, W]
+goes back onto the input's own voxel grid (``to_input_grid``) and any map on the input grid
+comes into model space (``to_model_space``).
+"""
+from __future__ import annotations
+
+import time
+import tracemalloc
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, Optional, Tuple, Union
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+from scipy import ndimage
+
+from .errors import InvalidVolumeError
+from .presets import ModelConfig, PreprocessConfig, get_preset
+from .registration import sitk_to_array, volume_to_sitk
+from .skull_strip import detect_skull_stripped
+from .skull_strip import skull_strip as _skull_strip_mask
+from .volume import Volume
+
+PresetLike = Union[str, ModelConfig, PreprocessConfig]
+
+
+def preprocess_config(preset: PresetLike) -> PreprocessConfig:
+    """The ``PreprocessConfig`` of a preset name, a ``ModelConfig`` or a ``PreprocessConfig``."""
+    if isinstance(preset, PreprocessConfig):
+        return preset
+    return get_preset(preset).preprocess
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+def reorient_to_ras(volume: Volume) -> Volume:
+    """Voxel axes permuted and flipped so that they increase toward R, A and S (exact)."""
+    ras = volume.reoriented("RAS")
+    return Volume(np.asarray(ras.array, dtype=np.float32), ras.affine)
+
+
+def n4_bias_correction(
+    volume: Volume,
+    shrink_factor: int = 4,
+    mask: Optional[np.ndarray] = None,
+    iterations: Tuple[int, ...] = (50, 50, 50, 50),
+) -> Volume:
+    """N4 bias field correction (SimpleITK), fitted on the image shrunk by ``shrink_factor``.
+
+    The bias field is smooth (B-splines), so it is fitted on the shrunk image and evaluated
+    at full resolution with ``GetLogBiasFieldAsImage``; the image is divided by it. ``mask``
+    (bool, on the volume's grid) limits the fit; default: Otsu foreground of positive voxels.
+    """
+    image = volume_to_sitk(volume)
+    factor = max(1, int(shrink_factor))
+    small = sitk.Shrink(image, [factor] * 3)
+    small_values = sitk.GetArrayFromImage(small)
+    if mask is None:
+        small_mask = sitk.GetArrayFromImage(sitk.OtsuThreshold(small, 0, 1, 128)) > 0
+    else:
+        mask_image = sitk.GetImageFromArray(mask.astype(np.uint8).T)
+        mask_image.CopyInformation(image)
+        small_mask = sitk.GetArrayFromImage(sitk.Shrink(mask_image, [factor] * 3)) > 0
+    small_mask &= small_values > 0   # N4 works on log intensities
+    if small_mask.sum() < 64:
+        return volume
+    mask_small = sitk.GetImageFromArray(small_mask.astype(np.uint8))
+    mask_small.CopyInformation(small)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations(list(iterations))
+    corrector.Execute(small, mask_small)
+    log_bias = sitk_to_array(corrector.GetLogBiasFieldAsImage(image)).astype(np.float32)
+    corrected = np.asarray(volume.array, dtype=np.float32) * np.exp(-log_bias)
+    return Volume(corrected, volume.affine)
+
+
+def skull_strip(
+    volume: Volume, registration_spacing_mm: float = 3.0
+) -> Tuple[Volume, np.ndarray, np.ndarray]:
+    """Brain only: (stripped volume with 0 outside the brain, brain mask, input->template 4x4)."""
+    result = _skull_strip_mask(volume, registration_spacing_mm=registration_spacing_mm)
+    stripped = np.where(result.brain_mask, volume.array, 0.0).astype(np.float32)
+    return Volume(stripped, volume.affine), result.brain_mask, result.registration.input_to_template
+
+
+def minmax(array: np.ndarray) -> np.ndarray:
+    """Intensities scaled linearly to [0, 1] (a constant array becomes all zeros)."""
+    low, high = float(array.min()), float(array.max())
+    scale = high - low if high > low else 1.0
+    return ((array - low) / scale).astype(array.dtype, copy=False)
+
+
+def crop_to_largest_component(
+    array: np.ndarray, threshold: float = 0.1
+) -> Tuple[slice, slice, slice]:
+    """Bounding box of the largest connected component of ``array > threshold``.
+
+    ``array`` is min-max scaled; 0.1 is the authors' threshold: it drops the dark rim and
+    any stray specks so the crop hugs the brain. Connectivity is scipy's default (faces).
+    """
+    labels, count = ndimage.label(array > threshold)
+    if count == 0:
+        raise InvalidVolumeError(f"no voxel is brighter than {threshold} of the intensity range")
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    largest = int(np.argmax(sizes))
+    box = ndimage.find_objects((labels == largest).astype(np.int32))[0]
+    return tuple(box)  # type: ignore[return-value]
+
+
+def cubic_zoom_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights equal to ``scipy.ndimage.zoom(x, n_out / n_in, order=3)`` on 1-D x.
+
+    Zoom is linear in the data, so its effect on one axis is a matrix; applying it to the
+    reshaped volume equals the authors' ``zoom(data, (n_out / n_in, 1, 1), order=3)`` (the
+    factor-1 axes are interpolated exactly at the samples) at a fraction of the cost.
+    """
+    factor = n_out / n_in
+    columns = []
+    for j in range(n_in):
+        impulse = np.zeros(n_in)
+        impulse[j] = 1.0
+        columns.append(ndimage.zoom(impulse, factor, order=3))
+    matrix = np.stack(columns, axis=1)
+    if matrix.shape[0] != n_out:
+        raise ValueError(f"zoom gave {matrix.shape[0]} samples, expected {n_out}")
+    return matrix
+
+
+def resample_slices(array: np.ndarray, n_slices: int) -> np.ndarray:
+    """Axis 0 (left-right) resampled to ``n_slices`` with a cubic spline (float64)."""
+    matrix = cubic_zoom_matrix(array.shape[0], n_slices)
+    flat = np.asarray(array, dtype=np.float64).reshape(array.shape[0], -1)
+    return (matrix @ flat).reshape((n_slices,) + array.shape[1:])
+
+
+def slice_minmax(slices: np.ndarray) -> np.ndarray:
+    """Each slice along axis 0 scaled to [0, 1] on its own (a uniform slice becomes 0)."""
+    low = slices.min(axis=(1, 2), keepdims=True)
+    span = slices.max(axis=(1, 2), keepdims=True) - low
+    return (slices - low) / np.where(span > 0, span, 1.0)
+
+
+def resize_slices(slices: np.ndarray, image_size: int, quantize_8bit: bool = True) -> np.ndarray:
+    """Each [H0, W0] slice in [0, 1] resized to [image_size, image_size] as the authors do.
+
+    With ``quantize_8bit``: torchvision's ``ToPILImage`` (``(x * 255).astype(uint8)``, i.e.
+    floor) and ``Resize`` (PIL ``Image.resize`` with the antialiased bilinear filter), then
+    ``ToTensor``'s division by 255. Without: the same filter on 32-bit float images.
+    """
+    out = np.empty((slices.shape[0], image_size, image_size), dtype=np.float32)
+    for index, plane in enumerate(slices):
+        if quantize_8bit:
+            image = Image.fromarray((plane * 255).astype(np.uint8), mode="L")
+            resized = image.resize((image_size, image_size), Image.BILINEAR)
+            out[index] = np.asarray(resized, dtype=np.float32) / 255.0
+        else:
+            image = Image.fromarray(plane.astype(np.float32), mode="F")
+            out[index] = np.asarray(image.resize((image_size, image_size), Image.BILINEAR))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """The model's input and everything needed to map model space back onto the input.
+
+    Model space is [S, H, W]: S sagittal slices left -> right, rows H posterior -> anterior,
+    columns W inferior -> superior (the authors' ``data[i, :, :]`` of the RAS volume).
+    """
+
+    slices: np.ndarray                      # float32 [S, H, W] in [0, 1]
+    brain_mask: np.ndarray                  # bool [S, H, W]
+    input_shape: Tuple[int, int, int]
+    input_affine: np.ndarray                # 4x4 voxel -> RAS mm of the input
+    input_to_template: Optional[np.ndarray]  # 4x4 RAS mm -> MNI152 RAS mm, None if not registered
+    timings: Dict[str, float]               # seconds per step, plus "total"
+    skull_stripped_input: bool              # input was already skull-stripped (detected/declared)
+    ras_affine: np.ndarray                  # 4x4 voxel -> RAS of the input reoriented to RAS
+    ras_shape: Tuple[int, int, int]         # shape of the input reoriented to RAS
+    crop_start: Tuple[int, int, int]        # crop box in the RAS-reoriented voxel grid
+    crop_shape: Tuple[int, int, int]
+    config: PreprocessConfig = field(default_factory=PreprocessConfig)
+    peak_memory_mb: Dict[str, float] = field(default_factory=dict)  # only under tracemalloc
+
+    @property
+    def model_shape(self) -> Tuple[int, int, int]:
+        return tuple(int(n) for n in self.slices.shape)  # type: ignore[return-value]
+
+    def _model_from_ras_voxel(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Per-axis scale and offset: model = scale * (ras_voxel - crop_start) + offset.
+
+        Slices follow ``scipy.ndimage.zoom`` (first and last samples aligned); rows and columns
+        follow PIL's resize (pixel centres: (x + 0.5) * size / n - 0.5).
+        """
+        n_slices, height, width = self.model_shape
+        n_i, n_j, n_k = self.crop_shape
+        scale = np.array([
+            (n_slices - 1) / (n_i - 1) if n_i > 1 else 0.0,
+            height / n_j,
+            width / n_k,
+        ])
+        offset = np.array([0.0, 0.5 * scale[1] - 0.5, 0.5 * scale[2] - 0.5])
+        return scale, offset
+
+    def model_to_world(self, points_shw: np.ndarray) -> np.ndarray:
+        """RAS mm of continuous model-space coordinates [..., 3] ordered (s, h, w)."""
+        scale, offset = self._model_from_ras_voxel()
+        points = np.asarray(points_shw, dtype=np.float64)
+        ras_voxel = (points - offset) / np.where(scale > 0, scale, 1.0) + np.asarray(self.crop_start)
+        return ras_voxel @ self.ras_affine[:3, :3].T + self.ras_affine[:3, 3]
+
+    def world_to_model(self, points_ras: np.ndarray) -> np.ndarray:
+        """Continuous model-space coordinates (s, h, w) of RAS points in mm, shape [..., 3]."""
+        scale, offset = self._model_from_ras_voxel()
+        ras_voxel = nib.affines.apply_affine(np.linalg.inv(self.ras_affine), points_ras)
+        return (ras_voxel - np.asarray(self.crop_start)) * scale + offset
+
+    def _orientation_to_input(self) -> np.ndarray:
+        """nibabel orientation transform from the RAS-reoriented grid back to the input grid."""
+        return nib.orientations.ornt_transform(
+            nib.orientations.axcodes2ornt(("R", "A", "S")),
+            nib.orientations.io_orientation(self.input_affine),
+        )
+
+    def to_input_grid(self, model_map: np.ndarray, order: int = 1) -> Volume:
+        """A map in model space [S, H, W] on the input volume's own voxel grid.
+
+        Same shape and affine as the input; interpolated with spline ``order`` inside the crop
+        box, 0 outside it. For overlays (attention maps) in Slicer or any viewer.
+        """
+        model_map = np.asarray(model_map, dtype=np.float32)
+        if model_map.shape != self.model_shape:
+            raise ValueError(f"model map must have shape {self.model_shape}, got {model_map.shape}")
+        scale, offset = self._model_from_ras_voxel()
+        # for each RAS voxel of the crop box: model coordinate = scale * index + offset
+        box_values = ndimage.affine_transform(
+            model_map, scale, offset=offset, output_shape=self.crop_shape, order=order,
+            mode="nearest",
+        )
+        ras_array = np.zeros(self.ras_shape, dtype=np.float32)
+        start = self.crop_start
+        ras_array[tuple(slice(a, a + n) for a, n in zip(start, self.crop_shape))] = box_values
+        array = nib.orientations.apply_orientation(ras_array, self._orientation_to_input())
+        return Volume(np.ascontiguousarray(array, dtype=np.float32), self.input_affine.copy())
+
+    def to_model_space(self, volume_or_array: Union[Volume, np.ndarray], order: int = 1) -> np.ndarray:
+        """A map on the input's voxel grid resampled into model space [S, H, W] (float32).
+
+        ``order`` 0 for labels, 1 (trilinear) for maps; no 8-bit quantisation or antialiasing.
+        """
+        array = volume_or_array.array if isinstance(volume_or_array, Volume) else volume_or_array
+        array = np.asarray(array, dtype=np.float32)
+        if array.shape != tuple(self.input_shape):
+            raise ValueError(f"map must have the input's shape {self.input_shape}, got {array.shape}")
+        to_ras = nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(self.input_affine),
+            nib.orientations.axcodes2ornt(("R", "A", "S")),
+        )
+        ras = nib.orientations.apply_orientation(array, to_ras)
+        box = ras[tuple(slice(a, a + n) for a, n in zip(self.crop_start, self.crop_shape))]
+        scale, offset = self._model_from_ras_voxel()
+        inverse = 1.0 / np.where(scale > 0, scale, 1.0)
+        return ndimage.affine_transform(
+            np.ascontiguousarray(box), inverse, offset=-offset * inverse,
+            output_shape=self.model_shape, order=order, mode="nearest",
+        ).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------
+
+class _StepRecorder:
+    """Seconds (and, when tracemalloc is tracing, peak traced MB) of each named step."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+        self.peak_mb: Dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        tracing = tracemalloc.is_tracing()
+        if tracing:
+            tracemalloc.reset_peak()
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        if tracing:
+            self.peak_mb[name] = max(self.peak_mb.get(name, 0.0),
+                                     tracemalloc.get_traced_memory()[1] / 2 ** 20)
+
+
+def _decide_skull_stripped(volume: Volume, config: PreprocessConfig,
+                           declared: Optional[bool]) -> Tuple[bool, bool]:
+    """(input is skull-stripped, strip it now)."""
+    if config.skull_strip not in ("auto", "template", "none"):
+        raise ValueError(f"skull_strip must be 'auto', 'template' or 'none', got {config.skull_strip!r}")
+    if declared is not None:
+        stripped = bool(declared)
+    elif config.skull_strip == "auto":
+        stripped = detect_skull_stripped(volume)
+    else:
+        stripped = False
+    return stripped, (not stripped and config.skull_strip != "none")
+
+
+def prepare(
+    volume: Volume,
+    preset: PresetLike = "paper",
+    skull_stripped: Optional[bool] = None,
+) -> Prepared:
+    """Run the preprocessing of ``preset`` on a T1 ``volume`` (see the module docstring).
+
+    ``preset``: a preset name ("paper", "demo", "tiny"), a ``ModelConfig`` or a
+    ``PreprocessConfig``. ``skull_stripped``: True if the input is already skull-stripped,
+    False if it certainly is not, None to detect it (``skull_strip="auto"``).
+    """
+    config = preprocess_config(preset)
+    steps = _StepRecorder()
+    started = time.perf_counter()
+
+    with steps.step("reorient_to_ras"):
+        ras = reorient_to_ras(volume)
+    if min(ras.shape) < 2:
+        raise InvalidVolumeError(f"volume of shape {ras.shape} is too thin to preprocess")
+
+    with steps.step("detect_skull_stripped"):
+        is_stripped, strip_now = _decide_skull_stripped(ras, config, skull_stripped)
+        if is_stripped:
+            brain = ndimage.binary_fill_holes(ras.array > ras.array.min())
+
+    if config.n4_bias_correction:
+        with steps.step("n4_bias_correction"):
+            ras = n4_bias_correction(ras, config.n4_shrink_factor,
+                                     mask=brain if is_stripped else None)
+
+    input_to_template = None
+    if strip_now:
+        with steps.step("skull_strip"):
+            ras, brain, input_to_template = skull_strip(ras, config.registration_spacing_mm)
+    elif not is_stripped:
+        brain = np.ones(ras.shape, dtype=bool)
+
+    with steps.step("minmax"):
+        scaled = minmax(ras.array)
+    with steps.step("crop_to_largest_component"):
+        box = crop_to_largest_component(scaled, config.crop_threshold)
+        cropped = scaled[box]
+        if min(cropped.shape) < 2:
+            raise InvalidVolumeError(f"the brain's bounding box {cropped.shape} is too thin")
+    with steps.step("resample_slices"):
+        resampled = resample_slices(cropped, config.n_slices)
+    with steps.step("slice_minmax"):
+        normalised = slice_minmax(resampled)
+    with steps.step("resize_slices"):
+        slices = resize_slices(normalised, config.image_size, config.quantize_8bit)
+
+    prepared = Prepared(
+        slices=slices,
+        brain_mask=np.zeros(slices.shape, dtype=bool),
+        input_shape=volume.shape,
+        input_affine=volume.affine.copy(),
+        input_to_template=input_to_template,
+        timings={},
+        skull_stripped_input=is_stripped,
+        ras_affine=ras.affine.copy(),
+        ras_shape=ras.shape,
+        crop_start=tuple(int(s.start) for s in box),
+        crop_shape=tuple(int(s.stop - s.start) for s in box),
+        config=config,
+    )
+    with steps.step("brain_mask"):
+        ras_mask = brain[box].astype(np.float32)
+        scale, offset = prepared._model_from_ras_voxel()
+        inverse = 1.0 / np.where(scale > 0, scale, 1.0)
+        prepared.brain_mask = ndimage.affine_transform(
+            ras_mask, inverse, offset=-offset * inverse, output_shape=slices.shape, order=1,
+            mode="nearest",
+        ) > 0.5
+    prepared.timings = dict(steps.seconds, total=time.perf_counter() - started)
+    prepared.peak_memory_mb = dict(steps.peak_mb)
+    return prepared
