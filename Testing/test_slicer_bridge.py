@@ -241,3 +241,49 @@ def test_bridge_imports_and_checks_inputs_with_numpy_alone():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_ellipsoid_phantom_head_is_a_plausible_oblique_head():
+    from BrainAgeLib.io import validate_volume
+    from BrainAgeLib.slicer_bridge import phantom_head
+
+    head = validate_volume(phantom_head(spacing_mm=3.0, use_template=False))
+    assert head.shape == (64, 75, 64) and head.spacing == pytest.approx((3.0, 3.0, 3.0))
+    centre_ijk = (np.array(head.shape) - 1) / 2
+    np.testing.assert_allclose(head.voxel_to_world(centre_ijk), (0.0, 0.0, 0.0), atol=1e-9)
+    assert head.array[32, 37, 32] == 800.0  # white matter in the middle
+    assert head.array[0, 0, 0] == 0.0       # air in the corner
+    assert set(np.unique(head.array)) == {0.0, 60.0, 120.0, 300.0, 600.0, 800.0}
+    assert not np.allclose(head.affine[:3, :3], np.diag(np.diag(head.affine[:3, :3])))  # oblique
+
+
+def test_the_module_flow_from_kji_arrays_to_a_labelmap_on_the_input_grid():
+    """What BrainAgeLogic.process does between slicer.util.arrayFromVolume and updateVolumeFromArray,
+    with a small random-weight model (the bundled demo model is checked by the Slicer self-test)."""
+    pytest.importorskip("torch")
+    from BrainAgeLib.attention_labelmap import attention_labelmap
+    from BrainAgeLib.io import validate_volume
+    from BrainAgeLib.model import build_model
+    from BrainAgeLib.slicer_bridge import phantom_head
+
+    node_kji, node_ijk_to_ras = kji_from_volume(phantom_head(spacing_mm=3.0, use_template=False))
+    volume = validate_volume(volume_from_kji(node_kji, node_ijk_to_ras), path="phantom node")
+    model = build_model("tiny", seed=0)
+    relay = ProgressRelay()
+
+    result = model.predict(volume, "F", age=70.0, explain=True, device="cpu", progress=relay)
+
+    assert np.isfinite(result.predicted_age)
+    assert result.brain_age_gap == pytest.approx(result.predicted_age - 70.0)
+    assert relay.snapshot()[0] == 1.0
+    labelmap = attention_labelmap(result, levels=10)
+    label_kji, label_ijk_to_ras = kji_from_volume(labelmap.volume)
+    assert label_kji.shape == node_kji.shape
+    np.testing.assert_allclose(label_ijk_to_ras, node_ijk_to_ras, atol=1e-6)
+    assert int(label_kji.max()) == 10 and label_kji.dtype == np.uint8
+    assert "Predicted brain age" in result_text(result)
+
+    cancelled = ProgressRelay()
+    cancelled.cancel()
+    with pytest.raises(EstimationCancelled):
+        model.predict(volume, "F", explain=True, device="cpu", progress=cancelled)
