@@ -35,14 +35,12 @@ activation and never lets a negative gradient (from either factor) through.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .errors import BrainAgeError
 
 #: Activation modules guided backprop rewrites. Anything else (LayerNorm, pooling, convs,
 #: the sex concatenation) backpropagates unchanged, as in the original method.
@@ -159,49 +157,6 @@ def fuse_slice_attention(saliency: torch.Tensor, patch_tokens: torch.Tensor,
     return stack / peak if peak > 0 else stack
 
 
-def encode_with_attention(model: Any, slices: Any, batch_size: Optional[int] = None, *,
-                          precision: str = "auto",
-                          progress: Optional[Callable[[int, int], None]] = None,
-                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ViT pass that gives the embeddings *and* what the map needs, for all S slices.
-
-    Returns ``(embeddings [S, D], patch_tokens [S, N, D], cls_attention [S, N])``, float32 on the
-    model's device; the embeddings equal ``model.embed(slices)`` (same batching, device and
-    autocast policy). Use this instead of ``model.embed`` when an explanation follows, and pass
-    the triple to :func:`explain_slices`, so the ViT runs once.
-    """
-    from .devices import autocast, autocast_dtype, slice_batch_size, to_device
-
-    encoder = model.encoder
-    config = model.config
-    target = next(encoder.parameters()).device
-    x = _as_tensor(slices, torch.device("cpu"))
-    if x.ndim != 3 or tuple(x.shape[1:]) != (config.image_size, config.image_size):
-        raise BrainAgeError(
-            f"model expects slices [S, {config.image_size}, {config.image_size}], got shape {tuple(x.shape)}")
-    n = int(x.shape[0])
-    n_patches = (config.image_size // config.patch_size) ** 2
-    dtype = autocast_dtype(target, precision)
-    step = int(batch_size or slice_batch_size(target, config, n))
-    embeddings = torch.empty((n, config.embed_dim), dtype=torch.float32, device=target)
-    tokens = torch.empty((n, n_patches, config.embed_dim), dtype=torch.float32, device=target)
-    attention = torch.empty((n, n_patches), dtype=torch.float32, device=target)
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad(), autocast(target, dtype):
-            for start in range(0, n, step):
-                e, t, a = encoder.forward_explain(to_device(x[start:start + step], target))
-                embeddings[start:start + step] = e.float()
-                tokens[start:start + step] = t.float()
-                attention[start:start + step] = a.float()
-                if progress is not None:
-                    progress(min(start + step, n), n)
-    finally:
-        encoder.train(was_training)
-    return embeddings, tokens, attention
-
-
 ExplainInputs = Union[torch.Tensor, np.ndarray, Sequence[torch.Tensor]]
 
 
@@ -214,8 +169,8 @@ def explain_slices(model: Any, prepared: Any, embeddings: ExplainInputs, sex_val
     ``model`` is a BrainAgeModel (``.encoder``, ``.regressor``, ``.config``); ``prepared`` the
     subject's Prepared (``.slices`` [S, H, W], ``.brain_mask`` [S, H, W]). ``embeddings`` is
     either the [S, D] slice embeddings, or the ``(embeddings, patch_tokens, cls_attention)``
-    triple :func:`encode_with_attention` returns. Pass the triple (or the two keywords) when
-    the encoder already ran that way: otherwise the encoder runs again here to get the patch
+    triple ``model.embed_explain`` returns. Pass the triple (or the two keywords) when the
+    encoder already ran that way: otherwise the encoder runs again here to get the patch
     tokens and attention, which doubles the ViT's cost. ``sex_value``: 0 = male, 1 = female,
     0.5 (or NaN) = unknown. Map the result to the input grid with ``prepared.to_input_grid``.
     """
@@ -227,7 +182,7 @@ def explain_slices(model: Any, prepared: Any, embeddings: ExplainInputs, sex_val
     device = next(regressor.parameters()).device
     embeddings = _as_tensor(embeddings, device)
     if patch_tokens is None or cls_attention is None:
-        _, patch_tokens, cls_attention = encode_with_attention(model, prepared.slices, batch_size)
+        _, patch_tokens, cls_attention = model.embed_explain(prepared.slices, batch_size)
     patch_tokens = _as_tensor(patch_tokens, device)
     cls_attention = _as_tensor(cls_attention, device)
     brain_mask = _as_tensor(prepared.brain_mask, device, dtype=torch.bool)
@@ -243,3 +198,23 @@ def explain_slices(model: Any, prepared: Any, embeddings: ExplainInputs, sex_val
     with torch.no_grad():
         stack = fuse_slice_attention(saliency, patch_tokens, cls_attention, brain_mask, patch_grid)
     return stack.cpu().numpy().astype(np.float32, copy=False)
+
+
+def localisation_ratio(attention: np.ndarray, regions: np.ndarray, brain: np.ndarray) -> float:
+    """How much more attention falls in ``regions`` than chance: 1 = chance, higher = localised.
+
+    (share of the attention, summed inside ``brain``, that lies in ``regions``) divided by
+    (the share of ``brain`` voxels that are in ``regions``). All three arrays on one grid;
+    ``regions`` and ``brain`` boolean. Used to validate maps against the ground-truth ageing
+    regions of synthetic phantoms.
+    """
+    attention = np.asarray(attention, dtype=np.float64)
+    brain = np.asarray(brain, dtype=bool)
+    regions = np.asarray(regions, dtype=bool) & brain
+    if attention.shape != brain.shape or regions.shape != brain.shape:
+        raise ValueError(f"attention {attention.shape}, regions {regions.shape} and brain {brain.shape} differ")
+    inside = np.clip(attention, 0, None) * brain
+    total = inside.sum()
+    if total <= 0 or not regions.any():
+        raise ValueError("no attention inside the brain, or no region voxel inside the brain")
+    return float((inside[regions].sum() / total) / (regions.sum() / brain.sum()))

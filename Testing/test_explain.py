@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from BrainAgeLib.explain import (
-    encode_with_attention,
     explain_slices,
     fuse_slice_attention,
     guided_backprop,
@@ -125,8 +124,8 @@ def test_saliency_is_one_row_per_slice_and_ignores_sex(tiny_model, tiny_slices):
 # ------------------------------------------------------------------------------------------
 
 
-def test_one_encoder_pass_gives_the_same_embeddings_as_embed(tiny_model, tiny_slices):
-    embeddings, tokens, attention = encode_with_attention(tiny_model, tiny_slices.slices, precision="fp32")
+def test_one_encoder_pass_gives_embeddings_tokens_and_attention(tiny_model, tiny_slices):
+    embeddings, tokens, attention = tiny_model.embed_explain(tiny_slices.slices, precision="fp32")
     assert tokens.shape == (16, 16, 32) and attention.shape == (16, 16)  # 32 px / 8 px patches = 4 x 4
     torch.testing.assert_close(embeddings, tiny_model.embed(tiny_slices.slices, precision="fp32"), rtol=1e-5, atol=1e-5)
     # CLS->patch attention is a share of one softmax row (the rest goes to CLS itself)
@@ -134,7 +133,7 @@ def test_one_encoder_pass_gives_the_same_embeddings_as_embed(tiny_model, tiny_sl
 
 
 def test_fused_map_matches_the_method_slice_by_slice(tiny_model, tiny_slices):
-    embeddings, tokens, attention = encode_with_attention(tiny_model, tiny_slices.slices, precision="fp32")
+    embeddings, tokens, attention = tiny_model.embed_explain(tiny_slices.slices, precision="fp32")
     stack = explain_slices(tiny_model, tiny_slices, (embeddings, tokens, attention), 1.0)
     saliency = slice_saliency(tiny_model.regressor, embeddings, 1.0)
     mask = torch.from_numpy(tiny_slices.brain_mask)
