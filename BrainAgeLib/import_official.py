@@ -719,7 +719,8 @@ def import_official(
     converted = convert_official(
         vit, cnn, name, lora_alpha=lora_alpha, num_heads=num_heads, class_labels=class_labels
     )
-    model = BrainAgeModel(converted.config, metadata=converted.metadata)
+    with torch.device("meta"):  # shapes only: every tensor comes from the converted state
+        model = BrainAgeModel(converted.config, metadata=converted.metadata)
     ours = model.state_dict()
     missing = sorted(set(ours) - set(converted.state))
     unexpected = sorted(set(converted.state) - set(ours))
@@ -730,7 +731,10 @@ def import_official(
             (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
         )
         raise CheckpointError(f"the converted weights do not fit BrainAge's model ({details})", out_path)
-    model.load_state_dict(converted.state, strict=True)
+    model.load_state_dict(converted.state, strict=True, assign=True)
+    unset = [name for name, value in list(model.named_parameters()) + list(model.named_buffers()) if value.is_meta]
+    if unset:
+        raise CheckpointError(f"the conversion leaves tensors unset: {unset[:3]}", out_path)
     model.eval()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     return Path(model.save(out_path))
