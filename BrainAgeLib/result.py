@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+
 from .volume import Volume
 
 DEMO_DISCLAIMER = (
@@ -34,6 +36,9 @@ class Result:
     model_intended_use: str = ""
     model_is_demo: bool = False
     warnings: List[str] = field(default_factory=list)
+    #: 4x4 input RAS (mm) -> template RAS (mm) when preprocessing registered to the template
+    #: (``Prepared.input_to_template``); used for cohort attention maps. Not in ``to_dict``.
+    input_to_template: Optional[np.ndarray] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe summary (no arrays): numbers, strings, booleans, the timings in seconds."""

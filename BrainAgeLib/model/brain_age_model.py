@@ -302,6 +302,7 @@ class BrainAgeModel(nn.Module):
             model_intended_use=str(self.metadata.get("intended_use", "")),
             model_is_demo=bool(self.metadata.get("is_demo", False)),
             warnings=warnings,
+            input_to_template=getattr(prepared, "input_to_template", None),
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,157 @@
+"""``brainage predict``: brain age of one T1-weighted MRI.
+
+Prints a short summary (or, with ``--json``, one JSON object with the keys of
+``Result.to_dict()`` plus the input and output file names) and writes
+``OUT/<input stem>_brainage.json``; with ``--explain`` also the attention map and its
+labelmap, colour table, PNG montage and sidecar (``explain_outputs``). A progress bar is shown
+only when stderr is a terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+COMMAND = "predict"
+HELP = "estimate the brain age of one T1-weighted MRI"
+
+_DOUBLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".img", ".hdr", ".dcm")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..devices import PRECISIONS
+    from ..presets import PRESETS
+
+    parser.add_argument("input", metavar="INPUT",
+                        help="T1-weighted MRI: NIfTI, NRRD, MetaImage, MGH or a DICOM series folder")
+    parser.add_argument("--sex", default="unknown",
+                        help="F, M (also female/male) or unknown (default: the mean of both predictions)")
+    parser.add_argument("--age", type=float, default=None, metavar="YEARS",
+                        help="chronological age in years; gives the brain-age gap")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, metavar="NAME|PATH",
+                       help="registered model name or .safetensors checkpoint (default: demo)")
+    which.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="RANDOM UNTRAINED weights of a preset: for testing the software only")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="ViT autocast precision (default: bf16/fp16 on GPU, bf16 on CPUs with native bf16)")
+    parser.add_argument("--explain", action="store_true",
+                        help="also compute and write the 3D attention map (on the input's grid)")
+    parser.add_argument("--out", default=".", metavar="DIR", help="folder for the output files (default: .)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+
+
+def input_stem(path: Path) -> str:
+    """File name without its image extension(s): sub-01_T1w.nii.gz -> sub-01_T1w."""
+    name = path.name
+    for suffix in _DOUBLE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import BrainAgeError, InvalidVolumeError
+    from ..io import load_volume
+    from ..sex import parse_sex
+
+    sex = parse_sex(args.sex)  # bad input fails before any heavy work
+    source = Path(args.input)
+    if not source.exists():
+        raise InvalidVolumeError("file not found", source)
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BrainAgeError(f"{out_dir}: --out must be a folder")
+    model = _load_model(args)
+
+    import time
+
+    tic = time.perf_counter()
+    volume = load_volume(source)
+    load_seconds = time.perf_counter() - tic
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with _progress_bar() as progress:
+        result = model.predict(volume, sex, age=args.age, explain=args.explain, device=args.device,
+                               progress=progress, precision=args.precision)
+    result.timings = {"load": load_seconds, **result.timings}
+
+    stem = input_stem(source)
+    outputs: Dict[str, str] = {}
+    if args.explain:
+        from ..explain_outputs import write_explanation_outputs
+
+        written = write_explanation_outputs(result, out_dir, stem, volume=volume)
+        outputs.update({key: str(path) for key, path in written.items()})
+    report = {**result.to_dict(), "input": str(source), "model": _model_label(args), "outputs": outputs}
+    result_path = out_dir / f"{stem}_brainage.json"
+    outputs["result"] = str(result_path)
+    write_json_atomically(result_path, report)
+
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(result.summary())
+        print(f"Results: {result_path}")
+        if args.explain:
+            print(f"Attention map: {outputs['attention']}")
+    return 0
+
+
+def _load_model(args: argparse.Namespace):
+    if args.preset:
+        from ..model import build_model
+
+        print(f"WARNING: --preset {args.preset} builds a model with RANDOM, UNTRAINED weights; its "
+              "prediction means nothing. Use it only to test the software.", file=sys.stderr)
+        return build_model(args.preset, seed=0)
+    from ..checkpoint import load_model
+
+    return load_model(args.model or "demo")
+
+
+def _model_label(args: argparse.Namespace) -> str:
+    return f"preset:{args.preset} (random weights)" if args.preset else (args.model or "demo")
+
+
+class _progress_bar:
+    """A tqdm bar on stderr when it is a terminal; the callback predict() reports to."""
+
+    def __enter__(self):
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, file=sys.stderr, unit="%", leave=False,
+                            bar_format="{l_bar}{bar}| {elapsed}")
+        return self if self.bar is not None else None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.bar.set_description_str(message)
+        self.bar.update(int(round(100 * fraction)) - self.bar.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_json_atomically(path: Path, data: Any) -> Path:
+    """Write ``data`` as JSON to ``path`` through a temporary file in the same folder."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2)
+            stream.write("\n")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(temporary, 0o666 & ~mask)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
