@@ -235,14 +235,14 @@ def train_stage1(
                 best = {"epoch": epoch, "val_loss": record["val_loss"], "val_accuracy": record["val_accuracy"]}
                 best_weights = {k: v.detach().cpu().clone() for k, v in vit.state_dict().items()}
             history.append(record)
-            log(f"stage 1 epoch {epoch + 1}/{config.epochs1}: train loss {record['train_loss']:.4f}, "
-                f"val loss {record['val_loss']:.4f}, val accuracy {record['val_accuracy']:.3f}"
-                + ("  (best)" if improved else ""))
             save_training_state(state_path, {
                 "model": vit.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
                 "history": history, "best_model": best_weights,
             })
+            log(f"stage 1 epoch {epoch + 1}/{config.epochs1}: train loss {record['train_loss']:.4f}, "
+                f"val loss {record['val_loss']:.4f}, val accuracy {record['val_accuracy']:.3f}"
+                + ("  (best)" if improved else ""))
         context.barrier()
 
     # every rank takes the best epoch's weights (rank 0 chose them; the file is shared)
