@@ -8,19 +8,28 @@ regions the demo model attends to those regions.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
+from scipy.stats import spearmanr
 from torch import nn
 
+from BrainAgeLib.checkpoint import load_model
 from BrainAgeLib.explain import (
     explain_slices,
     fuse_slice_attention,
     guided_backprop,
+    localisation_ratio,
     slice_saliency,
 )
+from BrainAgeLib.io import load_volume, save_volume
 from BrainAgeLib.model import build_model
+from BrainAgeLib.preprocess import prepare
+from BrainAgeLib.resources import resource_path
 
 
 class SlicesOnly:
@@ -169,3 +178,146 @@ def test_fused_map_rejects_mismatched_inputs():
         fuse_slice_attention(torch.ones(4, 8), torch.ones(4, 9, 8), torch.ones(4, 9), torch.ones(3, 6, 6))
     with pytest.raises(ValueError, match="square grid"):
         fuse_slice_attention(torch.ones(4, 8), torch.ones(4, 8, 8), torch.ones(4, 8), torch.ones(4, 6, 6))
+
+
+# ------------------------------------------------------------------------------------------
+# Whole maps on phantoms: alignment, sanity (randomisation), localisation
+# ------------------------------------------------------------------------------------------
+
+DEMO_MODEL = resource_path("Models", "brainage_demo.safetensors")
+needs_demo_model = pytest.mark.skipif(
+    not DEMO_MODEL.exists(),
+    reason=f"the bundled demo model {DEMO_MODEL} is not there yet (it is trained on phantoms by 'brainage train')")
+#: Ground-truth ageing regions: voxels where ageing moved at least this share of the tissue.
+AGING_REGION_THRESHOLD = 0.3
+
+
+@pytest.fixture(scope="module")
+def old_phantom():
+    """A skull-stripped 72-year-old phantom at 3 mm (small, and no registration needed)."""
+    from BrainAgeLib.synth import make_phantom
+
+    return make_phantom(72, "F", seed=101, spacing=3.0, skull=False, with_tissue=False)
+
+
+@pytest.fixture(scope="module")
+def demo_preset_model():
+    """The demo preset with random weights (fixed seed)."""
+    return build_model("demo", seed=0).eval()
+
+
+def model_space_map(model, prepared, sex_value: float = 1.0) -> np.ndarray:
+    return explain_slices(model, prepared, model.embed_explain(prepared.slices, precision="fp32"), sex_value)
+
+
+def brain_spearman(a: np.ndarray, b: np.ndarray, brain: np.ndarray) -> float:
+    return float(spearmanr(a[brain], b[brain]).statistic)
+
+
+def randomised(model, part: str, seed: int = 99):
+    """A copy of ``model`` with its CNN head ('head') or its last ViT block and final norm
+    ('vit_last') re-initialised: Adebayo et al.'s model-parameter randomisation."""
+    clone = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    if part == "head":
+        modules = list(clone.regressor.modules())
+    else:
+        modules = list(clone.encoder.vit.blocks[-1].modules()) + [clone.encoder.vit.norm]
+    for module in modules:
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return clone
+
+
+def test_the_map_lands_on_the_same_anatomy_whatever_the_file_orientation(demo_preset_model, old_phantom, tmp_path):
+    volume = old_phantom.volume
+    reference = demo_preset_model.predict(volume, "F", 72, explain=True, device="cpu", precision="fp32")
+    # the same head saved with its voxel axes permuted and flipped, as NRRD (LPS on disk)
+    save_volume(volume.reoriented("PIL"), tmp_path / "head_PIL.nrrd")
+    reread = load_volume(tmp_path / "head_PIL.nrrd")
+    assert reread.orientation == ("P", "I", "L")
+    result = demo_preset_model.predict(reread, "F", 72, explain=True, device="cpu", precision="fp32")
+
+    attention = result.attention
+    assert attention.shape == reread.shape and np.allclose(attention.affine, reread.affine)
+    assert attention.array.dtype == np.float32
+    assert 0.0 <= attention.array.min() and attention.array.max() <= 1.0
+    # resample both into one space (RAS; exact, both grids hold the same voxels)
+    back = attention.reoriented("RAS")
+    np.testing.assert_allclose(back.affine, reference.attention.affine, atol=1e-4)
+    correlation = np.corrcoef(back.array.ravel(), reference.attention.array.ravel())[0, 1]
+    assert correlation > 0.95
+    assert result.predicted_age == pytest.approx(reference.predicted_age, abs=0.05)
+    # the map is on the brain: (almost) no attention where the skull-stripped head is empty
+    brain = ndimage.binary_dilation(volume.array > 0, iterations=1)
+    ref = reference.attention.array
+    assert ref[brain].sum() / ref.sum() > 0.99
+
+
+def test_randomising_the_model_changes_what_the_map_is_made_of(demo_preset_model, old_phantom):
+    """With random weights the full Adebayo test has no trained map to compare with, so check
+    that each part of the map depends on the weights it should: the guided-backprop saliency
+    on the CNN head, the CLS attention on the ViT's last block; and the map on both."""
+    model = demo_preset_model
+    prepared = prepare(old_phantom.volume, model.config)
+    embeddings, tokens, attention = model.embed_explain(prepared.slices, precision="fp32")
+    saliency = slice_saliency(model.regressor, embeddings, 1.0)
+
+    head_random = randomised(model, "head")
+    saliency_random = slice_saliency(head_random.regressor, embeddings, 1.0)
+    assert spearmanr(saliency.ravel(), saliency_random.ravel()).statistic < 0.5
+
+    vit_random = randomised(model, "vit_last")
+    _, tokens_random, attention_random = vit_random.embed_explain(prepared.slices, precision="fp32")
+    assert spearmanr(attention.ravel(), attention_random.ravel()).statistic < 0.5
+
+    brain = prepared.brain_mask
+    base = model_space_map(model, prepared)
+    # same input, same map (to float32 rounding: CPU kernels may sum in a different order)
+    np.testing.assert_allclose(base, model_space_map(model, prepared), atol=1e-5)
+    for changed in (head_random, vit_random):
+        assert brain_spearman(base, model_space_map(changed, prepared), brain) < 0.99
+
+
+@needs_demo_model
+def test_demo_model_map_depends_on_its_trained_weights(old_phantom):
+    """Adebayo et al.: randomising the CNN head or the ViT's last block must change the map."""
+    model = load_model(DEMO_MODEL)
+    prepared = prepare(old_phantom.volume, model.config)
+    trained = model_space_map(model, prepared)
+    np.testing.assert_allclose(trained, model_space_map(model, prepared), atol=1e-5)
+    brain = prepared.brain_mask
+    for part in ("head", "vit_last"):
+        rho = brain_spearman(trained, model_space_map(randomised(model, part), prepared), brain)
+        print(f"Spearman(trained map, map with randomised {part}) = {rho:.3f}")
+        assert rho < 0.5, part
+
+
+@needs_demo_model
+def test_demo_model_attends_to_the_ageing_regions_of_phantoms():
+    """Localisation: share of attention in the ground-truth ageing regions / their share of brain."""
+    from BrainAgeLib.synth import make_phantom
+
+    model = load_model(DEMO_MODEL)
+    ratios = []
+    for age, sex, seed in ((68.0, "F", 9001), (76.0, "M", 9002), (83.0, "F", 9003)):
+        phantom = make_phantom(age, sex, seed, spacing=2.0, skull=False, with_tissue=False)
+        prepared = prepare(phantom.volume, model.config)
+        attention = prepared.to_input_grid(model_space_map(model, prepared, 1.0 if sex == "F" else 0.0))
+        brain = prepared.to_input_grid(prepared.brain_mask.astype(np.float32)).array > 0.5
+        regions = phantom.aging_map.array >= AGING_REGION_THRESHOLD
+        ratios.append(localisation_ratio(attention.array, regions, brain))
+    print("localisation ratios:", [round(r, 2) for r in ratios])
+    assert np.mean(ratios) >= 2.0
+    assert min(ratios) > 1.0
+
+
+def test_localisation_ratio_is_one_for_uniform_attention_and_grows_with_focus():
+    brain = np.zeros((10, 10, 10), bool)
+    brain[1:9, 1:9, 1:9] = True
+    regions = np.zeros_like(brain)
+    regions[1:5, 1:9, 1:9] = True                       # half of the brain
+    assert localisation_ratio(brain.astype(float), regions, brain) == pytest.approx(1.0)
+    focused = np.where(regions, 3.0, 1.0) * brain      # 3/4 of the attention in half the brain
+    assert localisation_ratio(focused, regions, brain) == pytest.approx(1.5)
+    assert localisation_ratio(regions.astype(float), regions, brain) == pytest.approx(2.0)
