@@ -207,19 +207,20 @@ class BrainAgeModel(nn.Module):
         progress: Optional[ProgressCallback] = None,
         *,
         precision: str = "auto",
+        use_cache: bool = True,
     ) -> Result:
         """Brain age of one T1 volume (a ``Volume`` or a file path).
 
         ``sex`` "F"/"M"/"unknown"; ``age`` the chronological age in years (gives the brain-age
         gap); ``explain`` adds the attention map (a Volume on the input grid). ``progress`` is
         called as ``progress(fraction, message)``; raising inside it cancels. The model stays on
-        the chosen device afterwards.
+        the chosen device afterwards. ``use_cache``: the same input asked again reuses its
+        slices and ViT outputs (``BrainAgeLib.embedding_cache``).
         """
         report = progress or (lambda fraction, message: None)
         sex_parsed = parse_sex(sex)
         chronological = _check_age(age)
         timings: Dict[str, float] = {}
-        warnings: List[str] = []
         started = time.perf_counter()
 
         report(0.0, "Loading volume")
@@ -230,12 +231,57 @@ class BrainAgeModel(nn.Module):
             volume = load_volume(volume)
             timings["load"] = time.perf_counter() - tic
 
+        # Same input asked again (explanation after a plain prediction, another sex or age):
+        # reuse its preprocessing and ViT outputs (see BrainAgeLib.embedding_cache).
+        from ..embedding_cache import default_cache
+
+        cache = default_cache() if use_cache else None
+        target = resolve_device(device)
+        key = cache.key(volume, self, target, precision) if cache is not None and cache.enabled else None
+        cached = cache.get(key) if key is not None else None
+        if cached is not None:
+            report(0.3, "Reusing the slices and embeddings of this volume (cached)")
+            timings["cache_hit"] = 1.0
+            return self.predict_prepared(
+                cached.prepared, sex_parsed, chronological, explain, target, progress,
+                precision=precision, encoded=cached.encoded, timings=timings, started=started)
+
         report(0.05, "Preparing sagittal slices")
         from ..preprocess import prepare
 
         tic = time.perf_counter()
         prepared = prepare(volume, self.config)
         timings["prepare"] = time.perf_counter() - tic
+        return self.predict_prepared(
+            prepared, sex_parsed, chronological, explain, target, progress, precision=precision,
+            timings=timings, started=started, cache_key=key)
+
+    def predict_prepared(
+        self,
+        prepared: Any,
+        sex: Optional[str],
+        age: Optional[float] = None,
+        explain: bool = False,
+        device: DeviceLike = "auto",
+        progress: Optional[ProgressCallback] = None,
+        *,
+        precision: str = "auto",
+        encoded: Optional[Tuple[torch.Tensor, ...]] = None,
+        timings: Optional[Dict[str, float]] = None,
+        started: Optional[float] = None,
+        cache_key: Optional[str] = None,
+    ) -> Result:
+        """Like :meth:`predict`, from a volume already prepared (``preprocess.prepare``).
+
+        Batch runs prepare volumes in worker processes and call this in the main one.
+        ``encoded`` reuses ViT outputs (embeddings, or the ``embed_explain`` triple).
+        """
+        report = progress or (lambda fraction, message: None)
+        sex_parsed = parse_sex(sex)
+        chronological = _check_age(age)
+        timings = dict(timings or {})
+        warnings: List[str] = []
+        started = time.perf_counter() if started is None else started
         for step, seconds in (getattr(prepared, "timings", None) or {}).items():
             timings[f"prepare.{step}"] = float(seconds)
 
@@ -250,11 +296,20 @@ class BrainAgeModel(nn.Module):
             report(0.3 + (embed_end - 0.3) * done / total, f"Encoded {done}/{total} slices")
 
         tic = time.perf_counter()
-        if explain:
+        if encoded is None and (explain or cache_key is not None):
+            # One pass gives both; the cache keeps the explanation's inputs for a later ask.
             encoded = self.embed_explain(prepared.slices, precision=precision, progress=embed_progress)
-            embeddings = encoded[0]
-        else:
+            if cache_key is not None:
+                from ..embedding_cache import default_cache
+
+                default_cache().put(cache_key, prepared, encoded)
+        if encoded is None:
             embeddings = self.embed(prepared.slices, precision=precision, progress=embed_progress)
+        else:
+            encoded = tuple(t.to(target) for t in encoded) if isinstance(encoded, (tuple, list)) else (encoded.to(target),)
+            embeddings = encoded[0]
+            if explain and len(encoded) != 3:
+                encoded = None  # explain_slices runs the encoder for what it lacks
         _synchronize(target)
         timings["embed"] = time.perf_counter() - tic
 
@@ -270,11 +325,10 @@ class BrainAgeModel(nn.Module):
             tic = time.perf_counter()
             explain_slices = _explain_function()
             code = UNKNOWN_SEX_CODE if sex_parsed == "unknown" else SEX_CODES[sex_parsed]
-            slice_map = explain_slices(self, prepared, encoded, code)
+            slice_map = explain_slices(self, prepared, encoded if encoded is not None else embeddings, code)
             attention = prepared.to_input_grid(np.asarray(slice_map, dtype=np.float32))
             timings["explain"] = time.perf_counter() - tic
         timings["total"] = time.perf_counter() - started
-
         if not math.isfinite(predicted):
             raise BrainAgeError(f"model {self.name!r} produced a non-finite age ({predicted}); the checkpoint may be damaged")
         gap = corrected = None
