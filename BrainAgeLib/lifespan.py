@@ -8,7 +8,7 @@ chosen to sit inside the ranges those papers report, not fits to their data.
 Curves (ratios relative to age 20 unless stated)
 ------------------------------------------------
 - **Lateral + third ventricle volume** grows slowly through mid-life and accelerates after
-  about 60, to roughly 2.5x by 90: ``1 + 0.012 (t-20) + 0.0006 max(0, t-55)^2``.
+  about 60, to ~2.6x by 90: ``1 + 0.012 (t-20) + 0.0006 max(0, t-55)^2``.
   Sources: Bethlehem et al. 2022, *Nature* 604:525 ("Brain charts for the human lifespan",
   ventricular volume rises monotonically and steepens in late life); Fjell & Walhovd 2010,
   *Rev. Neurosci.* 21:187 (ventricles the structure with the largest relative change);
@@ -56,7 +56,7 @@ def _t(age) -> np.ndarray:
 
 
 def ventricle_growth(age) -> np.ndarray:
-    """Ventricle volume at ``age`` (years) relative to age 20 (1.0 at 20, ~2.4 at 90)."""
+    """Ventricle volume at ``age`` (years) relative to age 20 (1.0 at 20, ~2.6 at 90)."""
     t = _t(age)
     return 1.0 + 0.012 * (t - BASELINE_AGE) + 0.0006 * np.maximum(0.0, t - 55.0) ** 2
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import math
 import os
@@ -62,10 +63,10 @@ TEMPLATE_FILES = {
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
-#: Ventricular displacement (mm, at the ventricle wall) per unit of extra ventricle volume.
-VENTRICLE_PUSH_MM = 3.2
+#: Smoothness (mm, Gaussian sigma) of the ventricular displacement field.
+VENTRICLE_SIGMA_MM = 9.0
 #: Head scale (linear, relative to MNI152) by sex: mean and standard deviation.
-HEAD_SCALE = {"F": (0.925, 0.035), "M": (0.965, 0.035)}
+HEAD_SCALE = {"F": (0.89, 0.03), "M": (0.93, 0.03)}
 #: Target signal (before gain) of young white matter in the written images.
 WM_SIGNAL = 800.0
 
@@ -82,8 +83,9 @@ class Phantom:
 
     ``volume`` is the T1-weighted image (float32 holding integers, RAS affine in mm);
     ``aging_map`` is on the same grid, float32 in [0, 1] (where ageing changed the anatomy);
-    ``tissue`` holds the GM/WM/CSF probability maps and the ventricle mask on that grid
-    (None when not requested); ``volumes_ml`` their volumes in millilitres.
+    ``tissue`` holds, on that grid, the GM/WM/CSF probability maps, the template's ventricle
+    mask and the ageing-region weight (``"aging_regions"``, in [0, 1]), or None when not
+    requested; ``volumes_ml`` the brain/GM/WM/CSF/ventricle volumes in millilitres.
     """
 
     volume: Volume
@@ -133,6 +135,7 @@ class _Template:
     mu: Tuple[float, float, float]  # GM, WM, CSF signal of the template
     ventricles: np.ndarray
     push: np.ndarray  # [3, ...] unit outward ventricular displacement (mm per mm of push)
+    push_divergence: np.ndarray  # its divergence (1/mm): local volume change per mm of push
     gm_loss_weight: np.ndarray  # GM-weighted mean 1: where GM turns into CSF
     gm_to_wm_weight: np.ndarray  # sums to 1: where GM turns into WM (before the WM peak)
     wm_to_gm_weight: np.ndarray  # sums to 1: where WM turns into GM (after the peak)
@@ -201,7 +204,7 @@ def _template(spacing: float) -> _Template:
     lateral = labels == (int(np.argmax(sizes)) + 1)
     third = (np.abs(x) < 4) & (y > -30) & (y < 2) & (z > -8) & (z < 14) & (csf > 0.5)
     ventricles = (lateral | third).astype(np.float32)
-    smooth = ndi.gaussian_filter(ventricles, mm(5.0))
+    smooth = ndi.gaussian_filter(ventricles, mm(VENTRICLE_SIGMA_MM))
     push = -np.stack(np.gradient(smooth), axis=0)  # points away from the ventricles
     push /= np.sqrt(np.sum(push**2, axis=0)).max()
     push = push.astype(np.float32)
@@ -227,7 +230,8 @@ def _template(spacing: float) -> _Template:
     return _Template(
         spacing=float(spacing), origin=origin, gm=gm, wm=wm, csf=csf, brain=brain,
         residual=residual.astype(np.float32), mu=tuple(float(m) for m in mu),
-        ventricles=ventricles, push=push, gm_loss_weight=weight.astype(np.float32),
+        ventricles=ventricles, push=push,
+        push_divergence=sum(np.gradient(push[a], spacing, axis=a) for a in range(3)).astype(np.float32), gm_loss_weight=weight.astype(np.float32),
         gm_to_wm_weight=(gm_to_wm / gm_to_wm.sum()).astype(np.float32),
         wm_to_gm_weight=(wm_to_gm / wm_to_gm.sum()).astype(np.float32),
         regions=regions, head_distance=head_distance, closed=closed.astype(np.float32),
@@ -264,12 +268,12 @@ def _age_tissue(template: _Template, age: float) -> _AgedTissue:
     if wm_change >= 0:
         to_wm = np.minimum(wm_change * template.gm_to_wm_weight, 0.5 * gm)
         gm_aged, wm_aged = gm - to_wm, wm + to_wm
-        extra_gm_loss = 0.0
+        extra_gm_loss = -float(to_wm.sum()) / template.gm_total  # myelination is part of GM loss
     else:
         to_gm = np.minimum(-wm_change * template.wm_to_gm_weight, 0.6 * wm)
         gm_aged, wm_aged = gm + to_gm, wm - to_gm
         extra_gm_loss = float(to_gm.sum()) / template.gm_total  # keeps net GM on its curve
-    fraction = np.minimum((gm_loss + extra_gm_loss) * template.gm_loss_weight, 0.9)
+    fraction = np.minimum(max(0.0, gm_loss + extra_gm_loss) * template.gm_loss_weight, 0.9)
     to_csf = gm_aged * fraction
     gm_aged = gm_aged - to_csf
     csf_aged = csf + to_csf
@@ -278,10 +282,17 @@ def _age_tissue(template: _Template, age: float) -> _AgedTissue:
                        csf_aged.astype(np.float32), np.clip(moved, 0, 1).astype(np.float32))
 
 
+#: Calibration of the ventricular push: peak wall displacement (mm) -> relative ventricle volume
+#: gain, measured on phantoms (2 mm and 1.5 mm heads agree within 2%).
+_PUSH_CALIBRATION_MM = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+_PUSH_CALIBRATION_GAIN = (0.0, 0.14, 0.30, 0.485, 0.69, 0.925, 1.17, 1.43, 1.69, 1.95)
+
+
 def ventricle_push_mm(age: float) -> float:
-    """Peak ventricular wall displacement (mm) at ``age`` (years)."""
-    growth = float(lifespan.ventricle_growth(age)) - 1.0
-    return VENTRICLE_PUSH_MM * growth ** 0.8 if growth > 0 else 0.0
+    """Peak ventricular displacement (mm) that makes the ventricles ``ventricle_growth(age)``
+    times their age-20 volume."""
+    gain = float(lifespan.ventricle_growth(age)) - 1.0
+    return float(np.interp(gain, _PUSH_CALIBRATION_GAIN, _PUSH_CALIBRATION_MM)) if gain > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------------------
@@ -296,11 +307,54 @@ def _rotation(axis: np.ndarray, angle_rad: float) -> np.ndarray:
 
 
 def _working_spacing(spacing: float) -> float:
-    """Working resolution of the template for an output spacing (mm): 1 mm for fine heads,
-    1.5 mm up to 1.9 mm, else 2 mm."""
-    if spacing < 1.2:
+    """Working resolution of the template for an output spacing (mm): 1 mm for 1 mm heads,
+    1.5 mm below 1.9 mm, else 2 mm (the anatomy is then resampled trilinearly)."""
+    if spacing <= 1.0:
         return 1.0
     return 1.5 if spacing < 1.9 else 2.0
+
+
+@dataclass(frozen=True)
+class SubjectDraws:
+    """Everything about a phantom that its seed decides (not its age): the person and the scan."""
+
+    scale: float  # linear head size relative to MNI152
+    anisotropy: np.ndarray  # [3] extra per-axis scale
+    rotation_axis: np.ndarray  # [3]
+    rotation_deg: float  # in [-10, 10]
+    translation_mm: np.ndarray  # [3], each in [-8, 8]
+    deformation_control: np.ndarray  # [3, 8, 9, 8] standard-normal control points
+    deformation_sd_mm: float
+    bias_coefficients: np.ndarray  # [10] quadratic log-bias polynomial
+    noise_fraction: float  # Rician noise sigma / WM signal
+    gain: float
+    tissue_jitter: np.ndarray  # [3] GM, WM, CSF signal factors
+    shell: np.ndarray  # CSF gap, skull, scalp thickness (mm), marrow and fat signal (x WM)
+    noise_seed: int
+
+
+def draw_subject(seed: int, sex: SexLike) -> SubjectDraws:
+    """The subject- and scan-level draws of phantom ``seed`` (always drawn in this order, so age
+    and skull never change the person). Males get larger heads on average (:data:`HEAD_SCALE`)."""
+    from .sex import parse_sex
+
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
+    scale_mean, scale_sd = HEAD_SCALE[parse_sex(sex)]
+    return SubjectDraws(
+        scale=scale_mean + scale_sd * float(np.clip(rng.standard_normal(), -2.5, 2.5)),
+        anisotropy=1.0 + 0.02 * np.clip(rng.standard_normal(3), -2, 2),
+        rotation_axis=rng.standard_normal(3),
+        rotation_deg=float(rng.uniform(-10.0, 10.0)),
+        translation_mm=rng.uniform(-8.0, 8.0, size=3),
+        deformation_control=rng.standard_normal((3, 8, 9, 8)).astype(np.float32),
+        deformation_sd_mm=float(rng.uniform(1.0, 2.5)),
+        bias_coefficients=rng.normal(0.0, 0.08, size=10),
+        noise_fraction=float(rng.uniform(0.01, 0.04)),
+        gain=float(rng.uniform(0.8, 1.25)),
+        tissue_jitter=1.0 + 0.03 * np.clip(rng.standard_normal(3), -2, 2),
+        shell=rng.uniform([1.0, 4.0, 4.0, 0.55, 0.75], [3.0, 8.0, 8.0, 0.85, 1.05]),
+        noise_seed=int(rng.integers(2**63 - 1)),
+    )
 
 
 def _check_inputs(age: float, sex: str, spacing: float) -> str:
@@ -332,23 +386,12 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
     sex = _check_inputs(age, sex, spacing)
     spacing = float(spacing)
     template = _template(float(work_spacing) if work_spacing else _working_spacing(spacing))
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
-
-    # Subject draws, always in this order (so age and skull do not change the person).
-    scale_mean, scale_sd = HEAD_SCALE[sex]
-    scale = scale_mean + scale_sd * float(np.clip(rng.standard_normal(), -2.5, 2.5))
-    anisotropy = 1.0 + 0.02 * np.clip(rng.standard_normal(3), -2, 2)
-    axis = rng.standard_normal(3)
-    angle = math.radians(rng.uniform(-10.0, 10.0))
-    translation = rng.uniform(-8.0, 8.0, size=3)
-    control = rng.standard_normal((3, 8, 9, 8)).astype(np.float32)  # smooth deformation
-    deformation_sd = rng.uniform(1.0, 2.5)  # mm
-    bias_coefficients = rng.normal(0.0, 0.08, size=10)
-    noise_fraction = rng.uniform(0.01, 0.04)
-    gain = rng.uniform(0.8, 1.25)
-    tissue_jitter = 1.0 + 0.03 * np.clip(rng.standard_normal(3), -2, 2)
-    shell = rng.uniform([1.0, 4.0, 4.0, 0.55, 0.75], [3.0, 8.0, 8.0, 0.85, 1.05])
-    noise_seed = int(rng.integers(2**63 - 1))
+    draws = draw_subject(seed, sex)
+    scale, anisotropy, translation = draws.scale, draws.anisotropy, draws.translation_mm
+    axis, angle = draws.rotation_axis, math.radians(draws.rotation_deg)
+    control, deformation_sd = draws.deformation_control, draws.deformation_sd_mm
+    bias_coefficients, noise_fraction, gain = draws.bias_coefficients, draws.noise_fraction, draws.gain
+    tissue_jitter, shell, noise_seed = draws.tissue_jitter, draws.shell, draws.noise_seed
 
     # --- anatomy on the template grid
     aged = _age_tissue(template, age)
@@ -375,8 +418,16 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
         flat[band] = flat[band] * (1.0 - in_gap) + shell_signal
     else:
         signal = signal * brain
-    source = torch.from_numpy(np.stack([signal, aged.moved]))[None]
-    tissue_source = torch.from_numpy(np.stack([brain, aged.gm, aged.wm, aged.csf, template.ventricles]))[None]
+    push_mm = ventricle_push_mm(age)
+    # Ageing map: tissue moved between classes, or volume change (|1 - Jacobian|, to first
+    # order) from the ventricular push.
+    moved = np.maximum(aged.moved, np.minimum(push_mm * np.abs(template.push_divergence), 1.0))
+    # Skull-stripped heads are masked by the warped brain mask, on the head grid.
+    source = torch.from_numpy(np.stack([signal, moved] if skull else [signal, moved, brain]))[None]
+    tissue_channels = [brain, aged.gm, aged.wm, aged.csf, template.ventricles]
+    if with_tissue:
+        tissue_channels.append(template.regions)
+    tissue_source = torch.from_numpy(np.stack(tissue_channels))[None]
 
     # --- geometry: output voxel -> world -> MNI (pose, size) -> deformations -> template voxel
     out_shape = tuple(int(round(f / spacing)) for f in FIELD_OF_VIEW_MM)
@@ -402,9 +453,7 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
     template_index = (mni - template.origin) / template.spacing
     push = np.stack([ndi.map_coordinates(p, np.moveaxis(template_index, -1, 0), order=1, mode="constant")
                      for p in template.push], axis=-1)
-    push_mm = ventricle_push_mm(age)
     template_index = template_index - push_mm * push / template.spacing
-    displacement_weight = np.clip(push_mm * np.sqrt(np.sum(push**2, axis=-1)) / 2.0, 0.0, 1.0)
 
     # Bias field: exp of a random quadratic polynomial over the field of view.
     u = world / (0.5 * np.asarray(FIELD_OF_VIEW_MM))
@@ -414,7 +463,7 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
 
     size = np.array(template.shape, dtype=np.float64)
     normalised = template_index / (size - 1) * 2.0 - 1.0  # grid_sample: align_corners=True
-    coarse = np.concatenate([normalised[..., ::-1], displacement_weight[..., None], log_bias[..., None]], axis=-1)
+    coarse = np.concatenate([normalised[..., ::-1], log_bias[..., None]], axis=-1)
     coarse_t = torch.from_numpy(np.moveaxis(coarse, -1, 0).astype(np.float32))[None]
     fine = F.interpolate(coarse_t, size=out_shape, mode="trilinear", align_corners=True)[0]
     grid = fine[:3].permute(1, 2, 3, 0)[None].contiguous()
@@ -423,20 +472,18 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
     tissue_grid = grid if with_tissue else grid[:, ::2, ::2, ::2].contiguous()
     tissue_warped = F.grid_sample(tissue_source, tissue_grid, mode="bilinear", padding_mode="zeros",
                                   align_corners=True)[0].clamp_(0.0, 1.0)
-    brain_out = tissue_warped[0] if with_tissue else F.interpolate(
-        tissue_warped[None, :1], size=out_shape, mode="nearest")[0, 0]
 
     # --- the scan: bias, noise, gain, integer signal
-    signal = warped[0] * torch.exp(fine[4])
+    signal = warped[0] * torch.exp(fine[3])
     generator = torch.Generator().manual_seed(noise_seed)
     sigma = float(noise_fraction * mu_wm)
     real = signal + sigma * torch.randn(out_shape, generator=generator)
     imaginary = sigma * torch.randn(out_shape, generator=generator)
     image = torch.sqrt(real * real + imaginary * imaginary)
     if not skull:
-        image = image * (brain_out > 0.5)
+        image = image * (warped[2] > 0.5)
     image = torch.round(image * (gain * WM_SIGNAL / template.mu[1])).clamp_(0, 32767)
-    aging = torch.maximum(warped[1], fine[3]).clamp_(0.0, 1.0)
+    aging = warped[1].clamp_(0.0, 1.0)
 
     volume = Volume(image.numpy().astype(np.float32), out_affine)
     aging_map = Volume(aging.numpy().astype(np.float32), out_affine.copy())
@@ -446,10 +493,166 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
     tissue = None
     if with_tissue:
         tissue = {n: Volume(tissue_warped[i].numpy().copy(), out_affine.copy())
-                  for i, n in enumerate(names) if n != "brain"}
+                  for i, n in enumerate(names + ("aging_regions",)) if n != "brain"}
     params = {"scale": float(scale), "rotation_deg": math.degrees(angle),
               "translation_mm": [float(t) for t in translation], "deformation_sd_mm": float(deformation_sd),
               "noise_fraction": float(noise_fraction), "gain": float(gain),
               "ventricle_push_mm": float(push_mm), "contrast_factor": contrast}
     return Phantom(volume=volume, aging_map=aging_map, age=float(age), sex=sex, seed=int(seed),
                    has_skull=bool(skull), spacing=spacing, tissue=tissue, volumes_ml=volumes, params=params)
+
+
+# ----------------------------------------------------------------------------------------
+# A cohort on disk
+# ----------------------------------------------------------------------------------------
+
+#: Columns of the cohort table written by :func:`make_cohort`.
+COHORT_COLUMNS = ("id", "path", "age", "sex", "site", "seed", "has_skull", "spacing_mm", "aging_map",
+                  "brain_ml", "gm_ml", "wm_ml", "csf_ml", "ventricles_ml")
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    """What one cohort member is: enough to regenerate it bit for bit."""
+
+    index: int
+    id: str
+    age: float
+    sex: str
+    seed: int
+    has_skull: bool
+    spacing: float
+
+
+def cohort_specs(n: int, seed: int, age_range: Tuple[float, float] = lifespan.AGE_RANGE,
+                 spacing: Union[float, Tuple[float, float]] = (1.0, 1.5),
+                 skull_fraction: float = 0.5) -> List[PhantomSpec]:
+    """The members of a cohort of ``n`` phantoms: ages uniform in ``age_range`` (years, 0.1 y
+    steps), sexes balanced at random, a skull on ``skull_fraction`` of heads, spacing fixed
+    (mm) or uniform in a (low, high) range (0.05 mm steps). Member i's seed depends only on
+    (``seed``, i), so a larger cohort with the same seed extends a smaller one."""
+    if n < 1:
+        raise SynthError(f"a cohort needs at least one phantom, got n={n}")
+    low, high = (float(a) for a in age_range)
+    if not (0 < low <= high < 120):
+        raise SynthError(f"age range must satisfy 0 < low <= high < 120 years, got {age_range}")
+    if not 0.0 <= skull_fraction <= 1.0:
+        raise SynthError(f"skull fraction must be in [0, 1], got {skull_fraction}")
+    spacing_range = (float(spacing), float(spacing)) if np.isscalar(spacing) else tuple(float(s) for s in spacing)
+    if len(spacing_range) != 2 or not 0.5 <= spacing_range[0] <= spacing_range[1] <= 4.0:
+        raise SynthError(f"spacing must be 0.5-4 mm or a (low, high) range within it, got {spacing}")
+    specs = []
+    for index in range(n):
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 0xC0407]))
+        age = round(float(rng.uniform(low, high)), 1)
+        sex = "F" if rng.random() < 0.5 else "M"
+        has_skull = bool(rng.random() < skull_fraction)
+        step = round(float(rng.uniform(*spacing_range)) / 0.05) * 0.05
+        member_seed = int(np.random.SeedSequence([int(seed), index]).generate_state(1)[0])
+        specs.append(PhantomSpec(index, f"phantom-s{seed}-{index:05d}", age, sex, member_seed, has_skull,
+                                 round(min(max(step, spacing_range[0]), spacing_range[1]), 2)))
+    return specs
+
+
+def write_phantom(spec: PhantomSpec, out_dir: Union[str, Path]) -> Dict[str, object]:
+    """Make and save one cohort member (image + ageing map, atomically); return its table row.
+
+    A member whose row sidecar already exists is not made again (an interrupted run resumes).
+    """
+    from .io import save_volume
+
+    out_dir = Path(out_dir)
+    row_path = out_dir / "rows" / f"{spec.id}.json"
+    if row_path.exists():
+        try:
+            return json.loads(row_path.read_text())
+        except (OSError, ValueError):
+            pass  # a damaged sidecar: make the member again
+    phantom = make_phantom(spec.age, spec.sex, spec.seed, spacing=spec.spacing, skull=spec.has_skull,
+                           with_tissue=False)
+    image_rel = Path("images") / f"{spec.id}_T1w.nii.gz"
+    aging_rel = Path("aging_maps") / f"{spec.id}_aging.nii.gz"
+    for folder in ("images", "aging_maps", "rows"):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    save_volume(Volume(phantom.volume.array.astype(np.int16), phantom.volume.affine), out_dir / image_rel)
+    save_volume(phantom.aging_map, out_dir / aging_rel)
+    row: Dict[str, object] = {
+        "id": spec.id, "path": image_rel.as_posix(), "age": spec.age, "sex": spec.sex, "site": "synthetic",
+        "seed": spec.seed, "has_skull": int(spec.has_skull), "spacing_mm": spec.spacing,
+        "aging_map": aging_rel.as_posix(),
+        **{key: round(value, 2) for key, value in phantom.volumes_ml.items()},
+    }
+    _write_text_atomically(row_path, json.dumps(row))
+    return row
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _write_phantom_job(job: Tuple[PhantomSpec, str]) -> Dict[str, object]:
+    return write_phantom(*job)
+
+
+def make_cohort(n: int, out_dir: Union[str, Path], seed: int, *,
+                age_range: Tuple[float, float] = lifespan.AGE_RANGE,
+                spacing: Union[float, Tuple[float, float]] = (1.0, 1.5),
+                skull_fraction: float = 0.5, workers: int = 1, progress: bool = True) -> Path:
+    """Write ``n`` phantoms under ``out_dir`` and return the path of ``out_dir/cohort.csv``.
+
+    Layout: ``images/<id>_T1w.nii.gz`` (int16), ``aging_maps/<id>_aging.nii.gz`` (float32,
+    [0, 1]), ``rows/<id>.json`` (one sidecar per finished member, so a rerun resumes) and
+    ``cohort.csv`` with :data:`COHORT_COLUMNS` (paths relative to the CSV's folder). ``workers``
+    > 1 makes phantoms in that many processes (one torch thread each); the result is the same.
+    """
+    specs = cohort_specs(n, seed, age_range=age_range, spacing=spacing, skull_fraction=skull_fraction)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    template_dir()  # fail early, with the install hint, before any worker starts
+    jobs = [(spec, str(out_dir)) for spec in specs]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="phantoms", unit="head")
+    rows: List[Dict[str, object]] = []
+    try:
+        if workers <= 1:
+            for job in jobs:
+                rows.append(_write_phantom_job(job))
+                if bar is not None:
+                    bar.update(1)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+                for row in pool.map(_write_phantom_job, jobs, chunksize=1):
+                    rows.append(row)
+                    if bar is not None:
+                        bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    csv_path = out_dir / "cohort.csv"
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COHORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text_atomically(csv_path, table.getvalue())
+    return csv_path
