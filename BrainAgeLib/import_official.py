@@ -435,7 +435,7 @@ def _torch_load_weights_only(path: Path) -> Any:
 
 def load_official_vit(path: PathLike) -> OfficialCheckpoint:
     """Read their ViT ``.pth`` (weights-only); accepts the training dict or a bare state dict."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError("ViT checkpoint not found", path)
     payload = _torch_load_weights_only(path)
@@ -454,7 +454,7 @@ def load_official_cnn(path: PathLike) -> OfficialCheckpoint:
     """Read their CNN ``.pkl`` through the restricted unpickler (a ``.pt``/``.pth`` weights-only)."""
     from .safe_pickle import load_restricted_pickle
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError("CNN checkpoint not found", path)
     if path.suffix.lower() in (".pt", ".pth"):
@@ -495,7 +495,7 @@ def find_official_files(folder: PathLike) -> Tuple[Path, Path]:
     names (``vit_dora_train_checkpoint.pth``; ``*_best_model_with_metadata.pkl`` over ``*_last_*``,
     and ``cnn_mx_bigdo_ch_sw_res`` over other CNN modules).
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise CheckpointError("not a folder", folder)
     vits = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".pth", ".pt"))
@@ -711,7 +711,7 @@ def import_official(
     """
     from .model import BrainAgeModel
 
-    out_path = Path(out_path)
+    out_path = Path(out_path).expanduser()
     if out_path.suffix.lower() != ".safetensors":
         raise CheckpointError("the converted model must be a .safetensors file", out_path)
     vit = load_official_vit(vit_path)
