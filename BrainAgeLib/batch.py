@@ -1,0 +1,456 @@
+"""Cohort inference: every subject of a cohort through one model, results never lost.
+
+``run_batch(cohort, out_dir)`` writes ``out_dir/predictions.csv`` (see
+:mod:`BrainAgeLib.predictions_csv`): one row per subject, appended and flushed the moment the
+subject is done, with an ``error`` column, so a bad scan is recorded and the run goes on, a
+re-run resumes where the last one stopped, and Ctrl-C leaves a consistent file.
+
+Throughput: the model is loaded once. Reading and preprocessing (``load_volume`` +
+``prepare``: N4, skull stripping, slicing; CPU work in SimpleITK, SciPy and PIL) run in a pool
+of worker processes that keep a few subjects ahead, while the main process runs the ViT (slices
+in batches sized to the device) and the regressor on the subjects already prepared. A worker
+hands back a ``Prepared`` (numpy arrays, cheap to pickle between our own processes). Workers
+are started with "spawn" (no fork of a process whose torch/OpenMP threads are running) and
+limited to a share of the CPU threads, so they do not fight the ViT for cores.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the cohort is sharded: see :mod:`BrainAgeLib.sharding`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from .errors import BrainAgeError, CohortError
+from .predictions_csv import (
+    FILENAME, PredictionRow, PredictionsWriter, check_model_matches, finished_ids, latest_rows,
+    merge_predictions, part_path, read_all_predictions,
+)
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: ``progress(fraction in [0, 1], message)``; an exception raised inside it stops the run
+#: (finished rows stay in the CSV, as after Ctrl-C).
+BatchProgress = Callable[[float, str], None]
+
+#: Subjects prepared ahead of the one being inferred, per worker.
+PREFETCH_PER_WORKER = 2
+
+
+@dataclass
+class CohortSubject:
+    """The fields of a cohort subject a batch run uses (``cohort.Subject`` has them too)."""
+
+    id: str
+    path: str
+    age: Optional[float] = None
+    sex: Optional[str] = None
+    site: Optional[str] = None
+
+
+@dataclass
+class BatchSummary:
+    """What a batch run did. Counts of this run, plus the whole predictions file's state.
+
+    ``n_done``/``n_failed``: subjects that succeeded / got an error row in this run;
+    ``n_skipped``: subjects already finished by an earlier run; ``rows``: the final rows of
+    predictions.csv (one per subject, cohort order; on a sharded run's non-zero ranks, this
+    rank's rows). ``volumes_per_minute`` counts the subjects this run processed.
+    """
+
+    out_dir: Path
+    predictions_csv: Path
+    n_subjects: int
+    n_done: int = 0
+    n_failed: int = 0
+    n_skipped: int = 0
+    seconds: float = 0.0
+    model_name: str = ""
+    device: str = ""
+    workers: int = 0
+    rank: int = 0
+    world_size: int = 1
+    rows: List[PredictionRow] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_processed(self) -> int:
+        return self.n_done + self.n_failed
+
+    @property
+    def volumes_per_minute(self) -> float:
+        return 60.0 * self.n_processed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def n_succeeded_total(self) -> int:
+        return sum(1 for row in self.rows if row.ok)
+
+    @property
+    def n_failed_total(self) -> int:
+        return sum(1 for row in self.rows if not row.ok)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir), "predictions_csv": str(self.predictions_csv),
+            "n_subjects": self.n_subjects, "n_done": self.n_done, "n_failed": self.n_failed,
+            "n_skipped": self.n_skipped, "n_succeeded_total": self.n_succeeded_total,
+            "n_failed_total": self.n_failed_total, "seconds": self.seconds,
+            "volumes_per_minute": self.volumes_per_minute, "model_name": self.model_name,
+            "device": self.device, "workers": self.workers, "rank": self.rank,
+            "world_size": self.world_size, "timings": dict(self.timings),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Cohort
+# --------------------------------------------------------------------------------------------
+
+def cohort_subjects(cohort: Union[PathLike, Sequence[Any]]) -> List[Any]:
+    """The subjects of ``cohort``: a cohort file/folder (``cohort.read_cohort``), a list of
+    ``Subject``-like objects (``id``, ``path``, ``age``, ``sex``, ``site``), or a list of image
+    paths (ids from the file names, sex unknown, no age). Ids must be unique."""
+    if isinstance(cohort, (str, os.PathLike)):
+        from .cohort import read_cohort
+
+        subjects = list(read_cohort(cohort))
+    else:
+        subjects = [
+            item if hasattr(item, "id") and hasattr(item, "path") else _subject_from_path(item)
+            for item in cohort
+        ]
+    seen: Dict[str, int] = {}
+    for index, subject in enumerate(subjects):
+        key = str(subject.id)
+        if key in seen:
+            raise CohortError(f"subject id {key!r} appears twice (entries {seen[key] + 1} and {index + 1}); ids must be unique")
+        seen[key] = index
+    return subjects
+
+
+def _subject_from_path(path: PathLike) -> CohortSubject:
+    path = Path(path)
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return CohortSubject(id=name or str(path), path=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: read + prepare
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class PreparedSubject:
+    """A worker's answer for one subject: the Prepared slices, or why it failed."""
+
+    index: int
+    prepared: Any = None                  # preprocess.Prepared
+    volume: Any = None                    # the input Volume (kept only when explaining)
+    error: str = ""
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def _init_worker(threads: int) -> None:
+    """Worker start: ignore Ctrl-C (the main process decides), use ``threads`` CPU threads."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        os.environ[name] = str(threads)
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool) -> PreparedSubject:
+    """Read and preprocess one subject (runs in a worker; never raises for a bad subject)."""
+    started = time.perf_counter()
+    try:
+        from .io import load_volume
+        from .preprocess import prepare
+
+        volume = load_volume(path)
+        loaded = time.perf_counter()
+        prepared = prepare(volume, preset)
+        done = time.perf_counter()
+        return PreparedSubject(index, prepared, volume if keep_volume else None,
+                               timings={"load": loaded - started, "prepare": done - loaded})
+    except BrainAgeError as error:
+        return PreparedSubject(index, error=str(error))
+    except MemoryError:
+        return PreparedSubject(index, error=f"{path}: out of memory while preprocessing")
+    except Exception as error:  # an unforeseen failure is this subject's, not the cohort's
+        logger.debug("preparing %s failed", path, exc_info=True)
+        return PreparedSubject(index, error=f"{path}: {type(error).__name__}: {error}")
+
+
+def default_workers() -> int:
+    """Preprocessing workers when not told: one per spare core (at least 1, at most 4)."""
+    cores = os.cpu_count() or 1
+    return max(1, min(4, cores - 1))
+
+
+class _Preparer:
+    """Feeds prepared subjects in completion order: a process pool, or in-process (workers=0)."""
+
+    def __init__(self, tasks: Sequence[Tuple[int, str]], preset: Any, keep_volume: bool, workers: int):
+        self.tasks = list(tasks)
+        self.preset = preset
+        self.keep_volume = keep_volume
+        self.workers = workers
+        self.pool: Optional[ProcessPoolExecutor] = None
+        if workers > 0 and len(self.tasks) > 1:
+            threads = max(1, (os.cpu_count() or 1) // (workers + 1))
+            self.pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(threads,))
+
+    def __iter__(self):
+        if self.pool is None:
+            for index, path in self.tasks:
+                yield load_and_prepare(index, path, self.preset, self.keep_volume)
+            return
+        pending: Dict[Future, Tuple[int, str]] = {}
+        queue = list(reversed(self.tasks))
+        window = self.workers * PREFETCH_PER_WORKER
+        while queue or pending:
+            while queue and len(pending) < window:
+                task = queue.pop()
+                pending[self.pool.submit(load_and_prepare, task[0], task[1], self.preset, self.keep_volume)] = task
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = pending.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    # A worker died (killed, out of memory) or the pool cannot start here (some
+                    # embedded interpreters): finish in this process.
+                    logger.warning("preprocessing workers stopped; preparing the remaining subjects in-process")
+                    rest = [task] + [pending[f] for f in pending] + list(reversed(queue))
+                    pending.clear()
+                    queue.clear()
+                    self.close()
+                    for index, path in sorted(rest):
+                        yield load_and_prepare(index, path, self.preset, self.keep_volume)
+                    return
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+# --------------------------------------------------------------------------------------------
+# Main side: inference
+# --------------------------------------------------------------------------------------------
+
+def _resolve_model(model: Any, device: Any):
+    from .checkpoint import load_model
+    from .devices import resolve_device
+
+    target = resolve_device(device)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model, device=target)
+    else:
+        model.to(target)
+    model.eval()
+    return model, target
+
+
+def _sex_of(subject: Any) -> str:
+    from .sex import parse_sex
+
+    value = getattr(subject, "sex", None)
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return "unknown"
+    return parse_sex(str(value))
+
+
+def _age_of(subject: Any) -> Optional[float]:
+    value = getattr(subject, "age", None)
+    if value is None or value == "":
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _base_row(subject: Any, model_name: str) -> PredictionRow:
+    try:
+        sex = _sex_of(subject)
+    except BrainAgeError:
+        sex = str(getattr(subject, "sex", "") or "")
+    try:
+        age = _age_of(subject)
+    except (TypeError, ValueError):
+        age = None
+    return PredictionRow(id=str(subject.id), path=str(subject.path), sex=sex, chronological_age=age,
+                         site=str(getattr(subject, "site", None) or ""), model=model_name)
+
+
+def _stem(subject_id: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in subject_id)
+    return keep.strip(".") or "subject"
+
+
+def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path, explain: bool,
+                  explain_format: str, precision: str) -> PredictionRow:
+    """The row of one prepared subject: predict (and write its explanation files)."""
+    row = _base_row(subject, model.name)
+    if item.error:
+        row.error = item.error
+        return row
+    try:
+        sex = _sex_of(subject)
+        age = _age_of(subject)
+        result = model.predict_prepared(item.prepared, sex, age, explain=explain, precision=precision)
+        if explain:
+            from .explain_outputs import write_explanation_outputs
+
+            maps_dir = out_dir / "attention"
+            maps_dir.mkdir(exist_ok=True)
+            paths = write_explanation_outputs(
+                result, maps_dir, _stem(row.id), explain_format, volume=item.volume,
+                input_to_template=getattr(item.prepared, "input_to_template", None))
+            row.attention_map = str(paths["attention"].relative_to(out_dir))
+    except BrainAgeError as error:
+        row.error = f"{subject.path}: {error}" if str(subject.path) not in str(error) else str(error)
+        return row
+    except (RuntimeError, ValueError, MemoryError) as error:  # e.g. CUDA out of memory
+        logger.debug("inference of %s failed", subject.id, exc_info=True)
+        row.error = f"{subject.path}: {type(error).__name__}: {error}"
+        return row
+    row.predicted_age = result.predicted_age
+    row.brain_age_gap = result.brain_age_gap
+    row.corrected_brain_age_gap = result.corrected_brain_age_gap
+    row.sex = result.sex
+    row.warnings = list(result.warnings)
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+def run_batch(
+    cohort: Union[PathLike, Sequence[Any]],
+    out_dir: PathLike,
+    model: Any = "demo",
+    explain: bool = False,
+    device: Any = "auto",
+    workers: Optional[int] = None,
+    progress: Optional[BatchProgress] = None,
+    *,
+    retry_failed: bool = False,
+    explain_format: str = "nii.gz",
+    precision: str = "auto",
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> BatchSummary:
+    """Predict every subject of ``cohort`` into ``out_dir/predictions.csv`` (resumable).
+
+    ``cohort``: a CSV/TSV, BIDS folder or image folder (``cohort.read_cohort``), or a list of
+    subjects or image paths. ``model``: a registered name, a checkpoint path or a loaded
+    ``BrainAgeModel``. ``explain`` writes each subject's attention map files into
+    ``out_dir/attention/``. ``workers``: preprocessing processes (None: one per spare core;
+    0: everything in this process). ``progress(fraction, message)`` after each subject; raising
+    in it stops the run cleanly. Subjects already in the CSV are skipped (``retry_failed``:
+    failed ones are tried again). ``rank``/``world_size`` (default: from ``torchrun``'s
+    environment) shard the cohort: each rank writes its own part file, and rank 0 merges.
+    """
+    from . import sharding
+
+    subjects = cohort_subjects(cohort)
+    with sharding.ShardContext.from_environment(rank, world_size) as context:
+        return _run(subjects, Path(out_dir), model, explain, device, workers, progress,
+                    retry_failed, explain_format, precision, context)
+
+
+def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: Any,
+         workers: Optional[int], progress: Optional[BatchProgress], retry_failed: bool,
+         explain_format: str, precision: str, context: Any) -> BatchSummary:
+    started = time.perf_counter()
+    report = progress or (lambda fraction, message: None)
+    order = [str(s.id) for s in subjects]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, target = _resolve_model(model, context.device_for(device))
+    from .presets import get_preset
+
+    preset = get_preset(model.config)
+    earlier = read_all_predictions(out_dir)
+    check_model_matches(earlier, model.name, out_dir / FILENAME)
+    done_ids = finished_ids(earlier, retry_failed)
+    mine = context.shard(subjects)
+    todo = [(index, s) for index, s in mine if str(s.id) not in done_ids]
+    n_workers = default_workers() if workers is None else max(0, int(workers))
+    csv_path = out_dir / FILENAME if context.world_size == 1 else part_path(out_dir, context.rank, context.world_size)
+    summary = BatchSummary(out_dir=out_dir, predictions_csv=out_dir / FILENAME, n_subjects=len(subjects),
+                           n_skipped=len(mine) - len(todo), model_name=model.name, device=str(target),
+                           workers=n_workers, rank=context.rank, world_size=context.world_size)
+    by_index = dict(todo)
+    preparer = _Preparer([(index, str(s.path)) for index, s in todo], preset, explain, n_workers)
+    timings = {"load": 0.0, "prepare": 0.0, "infer": 0.0, "wait": 0.0}
+    try:
+        with PredictionsWriter(csv_path) as writer:
+            report(0.0, f"{len(todo)} subjects to predict ({summary.n_skipped} already done)")
+            waited = time.perf_counter()
+            for item in preparer:
+                timings["wait"] += time.perf_counter() - waited
+                for key in ("load", "prepare"):
+                    timings[key] += item.timings.get(key, 0.0)
+                subject = by_index[item.index]
+                tic = time.perf_counter()
+                row = infer_subject(model, item, subject, out_dir, explain, explain_format, precision)
+                timings["infer"] += time.perf_counter() - tic
+                writer.append(row)
+                if row.ok:
+                    summary.n_done += 1
+                else:
+                    summary.n_failed += 1
+                    logger.warning("%s", row.error)
+                n = summary.n_processed
+                report(n / max(1, len(todo)), f"{n}/{len(todo)} {row.id}: "
+                       + (f"{row.predicted_age:.1f} years" if row.ok else f"failed ({row.error})"))
+                waited = time.perf_counter()
+    finally:
+        preparer.close()
+    summary.timings = timings
+    summary.rows = _finish(out_dir, order, context, csv_path)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _finish(out_dir: Path, order: List[str], context: Any, csv_path: Path) -> List[PredictionRow]:
+    """After a complete run: predictions.csv in cohort order, one row per subject.
+
+    Sharded: every rank waits for all the others (barrier); rank 0 merges the parts and the
+    others wait for the merge, so when ``run_batch`` returns on any rank the file is whole.
+    Without a process group (ranks given by hand), each rank leaves its part file; the next
+    unsharded run (or ``merge_predictions``) joins them.
+    """
+    if context.world_size == 1:
+        return merge_predictions(out_dir, order)
+    from .predictions_csv import read_predictions
+
+    own = list(latest_rows(read_predictions(csv_path)).values()) if csv_path.exists() else []
+    if not context.synchronised:
+        return own
+    context.barrier()
+    rows = merge_predictions(out_dir, order) if context.rank == 0 else own
+    context.barrier()
+    return rows
