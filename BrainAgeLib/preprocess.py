@@ -332,15 +332,20 @@ class _StepRecorder:
 
 def _decide_skull_stripped(volume: Volume, config: PreprocessConfig,
                            declared: Optional[bool]) -> Tuple[bool, bool]:
-    """(input is skull-stripped, strip it now)."""
+    """(the input is skull-stripped already, strip it now).
+
+    ``skull_strip="auto"`` detects stripped inputs and strips the others; ``"template"``
+    strips unless the caller declares the input stripped; ``"none"`` never strips (but still
+    detects, so that the brain mask is the stripped input's foreground).
+    """
     if config.skull_strip not in ("auto", "template", "none"):
         raise ValueError(f"skull_strip must be 'auto', 'template' or 'none', got {config.skull_strip!r}")
     if declared is not None:
         stripped = bool(declared)
-    elif config.skull_strip == "auto":
-        stripped = detect_skull_stripped(volume)
-    else:
+    elif config.skull_strip == "template":
         stripped = False
+    else:
+        stripped = detect_skull_stripped(volume)
     return stripped, (not stripped and config.skull_strip != "none")
 
 
@@ -378,14 +383,16 @@ def prepare(
     if strip_now:
         with steps.step("skull_strip"):
             ras, brain, input_to_template = skull_strip(ras, config.registration_spacing_mm)
-    elif not is_stripped:
-        brain = np.ones(ras.shape, dtype=bool)
 
     with steps.step("minmax"):
         scaled = minmax(ras.array)
+    if not (is_stripped or strip_now):
+        brain = scaled > config.crop_threshold   # no skull stripping: the bright foreground
     with steps.step("crop_to_largest_component"):
         box = crop_to_largest_component(scaled, config.crop_threshold)
-        cropped = scaled[box]
+        # As in the authors' code the crop keeps the unscaled intensities (float64); the
+        # per-slice min-max below makes the global scaling irrelevant to the slices.
+        cropped = np.asarray(ras.array[box], dtype=np.float64)
         if min(cropped.shape) < 2:
             raise InvalidVolumeError(f"the brain's bounding box {cropped.shape} is too thin")
     with steps.step("resample_slices"):
@@ -420,3 +427,82 @@ def prepare(
     prepared.timings = dict(steps.seconds, total=time.perf_counter() - started)
     prepared.peak_memory_mb = dict(steps.peak_mb)
     return prepared
+
+
+# --------------------------------------------------------------------------------------------
+# Profiling
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class PrepareProfile:
+    """Time and memory of one ``prepare`` run, split by step."""
+
+    seconds: Dict[str, float]          # wall-clock seconds per step, plus "total"
+    peak_traced_mb: Dict[str, float]   # peak Python/numpy allocations during each step (tracemalloc)
+    peak_rss_mb: float                 # peak resident memory of the process that ran prepare
+    baseline_rss_mb: float             # resident memory before prepare (libraries and input loaded)
+    input_shape: Tuple[int, int, int]
+    input_spacing: Tuple[float, float, float]
+
+    def table(self) -> str:
+        """A plain-text table: step, seconds, peak traced MB."""
+        lines = [f"{'step':<28}{'seconds':>9}{'peak MB':>10}"]
+        for name, seconds in self.seconds.items():
+            peak = self.peak_traced_mb.get(name)
+            lines.append(f"{name:<28}{seconds:>9.2f}{'' if peak is None else f'{peak:>10.0f}'}")
+        lines.append(f"peak RSS {self.peak_rss_mb:.0f} MB (before prepare {self.baseline_rss_mb:.0f} MB)")
+        return "\n".join(lines)
+
+
+def _max_rss_mb() -> float:
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10   # bytes vs KiB
+
+
+def _profile_here(volume: Volume, preset: PresetLike) -> PrepareProfile:
+    baseline = _max_rss_mb()
+    timed = prepare(volume, preset)          # timings without tracemalloc's overhead
+    peak_rss = _max_rss_mb()
+    tracemalloc.start()
+    try:
+        traced = prepare(volume, preset)
+    finally:
+        tracemalloc.stop()
+    return PrepareProfile(
+        seconds=timed.timings, peak_traced_mb=traced.peak_memory_mb, peak_rss_mb=peak_rss,
+        baseline_rss_mb=baseline, input_shape=volume.shape, input_spacing=volume.spacing,
+    )
+
+
+def _profile_child(array: np.ndarray, affine: np.ndarray, preset: PresetLike, queue) -> None:
+    try:
+        queue.put(("ok", _profile_here(Volume(array, affine), preset)))
+    except BaseException as error:  # reported to the parent, which raises it
+        queue.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def profile_prepare(volume: Volume, preset: PresetLike = "paper", isolate: bool = True) -> PrepareProfile:
+    """Time ``prepare`` step by step and measure its memory.
+
+    ``prepare`` runs twice: once plainly (seconds per step, peak resident memory) and once
+    under ``tracemalloc`` (peak of numpy/Python allocations within each step; SimpleITK's own
+    C++ buffers are not traced, the resident-memory peak includes them). With ``isolate`` it
+    runs in a fresh child process, so the resident-memory peak is this run's alone.
+    """
+    if not isolate:
+        return _profile_here(volume, preset)
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_profile_child,
+                            args=(np.asarray(volume.array), volume.affine, preset, queue))
+    child.start()
+    status, payload = queue.get()
+    child.join()
+    if status != "ok":
+        raise RuntimeError(f"profiling prepare failed in the child process: {payload}")
+    return payload
