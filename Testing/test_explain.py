@@ -9,6 +9,7 @@ regions the demo model attends to those regions.
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -18,7 +19,10 @@ from scipy import ndimage
 from scipy.stats import spearmanr
 from torch import nn
 
+from BrainAgeLib.attention_labelmap import read_color_table
 from BrainAgeLib.checkpoint import load_model
+from BrainAgeLib.cli import main
+from BrainAgeLib.errors import BrainAgeError
 from BrainAgeLib.explain import (
     explain_slices,
     fuse_slice_attention,
@@ -26,10 +30,13 @@ from BrainAgeLib.explain import (
     localisation_ratio,
     slice_saliency,
 )
+from BrainAgeLib.explain_outputs import attention_peak, montage_title, write_explanation_outputs
 from BrainAgeLib.io import load_volume, save_volume
 from BrainAgeLib.model import build_model
 from BrainAgeLib.preprocess import prepare
 from BrainAgeLib.resources import resource_path
+from BrainAgeLib.result import Result
+from BrainAgeLib.volume import Volume
 
 
 class SlicesOnly:
@@ -321,3 +328,94 @@ def test_localisation_ratio_is_one_for_uniform_attention_and_grows_with_focus():
     focused = np.where(regions, 3.0, 1.0) * brain      # 3/4 of the attention in half the brain
     assert localisation_ratio(focused, regions, brain) == pytest.approx(1.5)
     assert localisation_ratio(regions.astype(float), regions, brain) == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Files: map, labelmap + colour table, montage, sidecar; the predict command
+# ------------------------------------------------------------------------------------------
+
+
+def blob_result(orientation: str = "LPI"):
+    """A Result whose attention is a Gaussian blob at RAS (30, -20, 10) mm inside an ellipsoid
+    'brain', on a 3 mm grid stored in ``orientation``; plus that grid's input volume."""
+    shape = (50, 60, 50)
+    affine = np.array([[3.0, 0, 0, -75], [0, 3.0, 0, -100], [0, 0, 3.0, -70], [0, 0, 0, 1]])
+    grid = Volume(np.zeros(shape, np.float32), affine)
+    world = grid.voxel_to_world(np.stack(np.indices(shape), axis=-1).astype(float))
+    brain = np.sum((world - [0, -10, 5]) ** 2 / np.array([65.0, 85.0, 60.0]) ** 2, axis=-1) <= 1
+    attention = np.exp(-np.sum((world - [30.0, -20.0, 10.0]) ** 2, axis=-1) / (2 * 10.0 ** 2)) * brain
+    image = np.where(brain, 100 + 20 * np.cos(world[..., 0] / 7.0), 0).astype(np.float32)
+    result = Result(predicted_age=71.4, chronological_age=68.0, brain_age_gap=3.4, corrected_brain_age_gap=2.9,
+                    sex="F", attention=grid.with_array(attention.astype(np.float32)).reoriented(orientation),
+                    model_name="brainage_demo", model_is_demo=True,
+                    input_to_template=np.diag([1.1, 1.0, 0.9, 1.0]))
+    return result, grid.with_array(image).reoriented(orientation), brain
+
+
+@pytest.mark.parametrize("fmt", ["nii.gz", "nrrd"])
+def test_explanation_files_open_as_map_labelmap_legend_and_montage(tmp_path, fmt):
+    result, volume, _ = blob_result()
+    paths = write_explanation_outputs(result, tmp_path, "sub-01_T1w", fmt, volume=volume)
+    suffix = ".nii.gz" if fmt == "nii.gz" else ".nrrd"
+    assert paths["attention"].name == f"sub-01_T1w_attention{suffix}"
+
+    attention = load_volume(paths["attention"])
+    np.testing.assert_allclose(attention.array, result.attention.array, atol=1e-6)
+    np.testing.assert_allclose(attention.affine, result.attention.affine, atol=1e-5)
+    assert attention.orientation == ("L", "P", "I")
+
+    labels = load_volume(paths["labelmap"])
+    import SimpleITK as sitk  # the labelmap is stored as integers, which Slicer needs for a labelmap
+
+    assert sitk.ReadImage(str(paths["labelmap"])).GetPixelIDTypeAsString() == "8-bit unsigned integer"
+    colors = read_color_table(paths["color_table"])
+    levels = len(colors) - 1
+    assert colors[0][0] == 0 and colors[0][1] == "Background"
+    assert set(np.unique(labels.array)) == set(range(levels + 1))
+    assert not labels.array[result.attention.array == 0].any()
+    # the top level sits where the attention is highest
+    top = labels.array == levels
+    assert result.attention.array[top].min() >= np.quantile(result.attention.array[result.attention.array > 0], 0.85)
+
+    png = paths["montage"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    sidecar = json.loads(paths["sidecar"].read_text())
+    assert sidecar["attention_file"] == paths["attention"].name
+    assert sidecar["predicted_age"] == pytest.approx(71.4) and sidecar["model_is_demo"] is True
+    np.testing.assert_allclose(sidecar["input_to_template"], np.diag([1.1, 1.0, 0.9, 1.0]))
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_montage_planes_go_through_the_attention_peak_and_title_reports_the_gap():
+    result, _, _ = blob_result("PIR")
+    peak = attention_peak(result.attention)
+    assert np.linalg.norm(result.attention.voxel_to_world(np.array(peak, float)) - [30.0, -20.0, 10.0]) <= 3.0
+    assert montage_title(result) == "Predicted brain age 71.4 y | age 68.0 y | BAG +3.4 y (bias-corrected +2.9 y)"
+    assert montage_title(Result(predicted_age=50.0)) == "Predicted brain age 50.0 y"
+
+
+def test_explanation_files_need_an_attention_map_and_a_folder(tmp_path):
+    with pytest.raises(BrainAgeError, match="no attention map"):
+        write_explanation_outputs(Result(predicted_age=50.0), tmp_path, "s")
+    result, volume, _ = blob_result()
+    with pytest.raises(BrainAgeError, match="does not exist"):
+        write_explanation_outputs(result, tmp_path / "missing", "s")
+    with pytest.raises(BrainAgeError, match="different grids"):
+        write_explanation_outputs(result, tmp_path, "s", volume=volume.reoriented("RAS"))
+    with pytest.raises(BrainAgeError, match="unknown explanation format"):
+        write_explanation_outputs(result, tmp_path, "s", "png")
+
+
+def test_predict_command_writes_the_explanation(old_phantom, tmp_path, capsys):
+    save_volume(old_phantom.volume, tmp_path / "sub-02_T1w.nii.gz")
+    code = main(["predict", str(tmp_path / "sub-02_T1w.nii.gz"), "--preset", "tiny", "--sex", "F", "--age", "72",
+                 "--explain", "--explain-format", "nrrd", "--out", str(tmp_path / "out")])
+    assert code == 0
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["sub-02_T1w_attention.json", "sub-02_T1w_attention.nrrd", "sub-02_T1w_attention.png",
+                     "sub-02_T1w_attention_label.ctbl", "sub-02_T1w_attention_label.nrrd", "sub-02_T1w_brainage.json"]
+    attention = load_volume(out / "sub-02_T1w_attention.nrrd")
+    assert attention.shape == old_phantom.volume.shape and 0 < attention.array.max() <= 1.0
+    report = json.loads((out / "sub-02_T1w_brainage.json").read_text())
+    assert report["outputs"]["labelmap"].endswith("sub-02_T1w_attention_label.nrrd")
