@@ -287,12 +287,15 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         self.log(result.summary())
         return result
 
-    def processFiles(self, pathsOrCohortCsv, outputDir, model="demo", explain=False, device="auto"):
-        """Batch: every volume of a list of files or a cohort CSV/TSV -> a results table in outputDir."""
+    def processFiles(self, pathsOrCohortCsv, outputDir, model="demo", explain=False, device="auto", progress=None):
+        """Batch: the volumes of a list of files, a folder or a cohort CSV/TSV -> outputDir/predictions.csv
+        (resumable). Runs in Slicer's own process (workers=0): multiprocessing workers would start Slicer's
+        executable, not Python."""
         self.setupPythonRequirements()
         from BrainAgeLib.batch import run_batch
 
-        return run_batch(pathsOrCohortCsv, outputDir, model=model, explain=explain, device=device)
+        return run_batch(pathsOrCohortCsv, outputDir, model=self.loadModel(model), explain=explain, device=device,
+                         workers=0, progress=progress)
 
     def showResult(self, result, inputVolumeNode, outputLabelmapNode=None, outputAttentionVolumeNode=None,
                    opacity=0.6):
