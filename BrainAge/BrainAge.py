@@ -108,7 +108,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
             "inputVolumeNode": self.ui.inputVolumeSelector.currentNode(),
             "sex": SEX_CODES[max(self.ui.sexComboBox.currentIndex, 0)],
             "chronologicalAge": age if age > 0 else None,  # 0 shows as "(not given)"
-            "model": "demo" if modelChoice == 0 else self.ui.modelLocationLineEdit.text.strip(),
+            "model": "demo" if modelChoice == 0 else os.path.expanduser(self.ui.modelLocationLineEdit.text.strip()),
             "device": self.ui.deviceComboBox.currentText,
         }
 
