@@ -1,0 +1,290 @@
+"""Reading a cohort: which images, of whom (age in years, sex), from a table or a folder.
+
+:func:`read_cohort` accepts
+
+- a **CSV or TSV table** with an image column (``path``, ``t1``, ``t1w``, ``image`` or
+  ``filename``; relative paths are resolved against the table's folder), ``age`` (years) and
+  ``sex``, and optionally an id (``id``, ``subject``, ``subject_id`` or ``participant_id``) and
+  ``site``. Other columns are kept, as text, in :attr:`Subject.extra`. Column names are
+  case-insensitive. ``.tsv``/``.txt`` are tab-separated; ``.csv`` comma- (or semicolon-)
+  separated.
+- a **BIDS** ``participants.tsv`` (``participant_id``, ``age``, ``sex``) without an image
+  column, or a **BIDS dataset folder**: each participant's T1-weighted images are found under
+  ``sub-<label>/anat/*_T1w.nii[.gz]`` and ``sub-<label>/ses-<label>/anat/`` (one image per
+  session: the first by name, so ``run-1`` before ``run-2``). A session's age is taken from
+  ``sub-<label>_sessions.tsv`` when that file has an ``age`` column.
+- a **plain folder of images** (NIfTI, MGH, NRRD, MetaImage): one subject per file, age and
+  sex unknown.
+
+Sex is "F", "M" or "unknown": ``F``/``female``/``M``/``male`` in any case; the numbers ``1``
+(female) and ``0`` (male), the coding the regressor itself uses (M = 0, F = 1, see
+:data:`BrainAgeLib.sex.SEX_CODES`); an empty cell, ``n/a``, ``NA`` or ``unknown`` for unknown.
+Any other value (``2`` included: numeric codings other than 0/1 differ between datasets) is an
+error. Problems raise :class:`~BrainAgeLib.errors.CohortError` naming the file, the line and
+what is wrong.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+from .errors import CohortError
+
+PathLike = Union[str, Path]
+
+PATH_COLUMNS = ("path", "t1", "t1w", "image", "filename")
+ID_COLUMNS = ("id", "subject", "subject_id", "participant_id")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd")
+MISSING = ("", "n/a", "na", "nan", "none", "null", "unknown", "?")
+MAX_AGE_YEARS = 130.0
+
+
+@dataclass
+class Subject:
+    """One scan of a cohort.
+
+    ``age`` in years (None when unknown); ``sex`` "F", "M" or "unknown"; ``path`` absolute;
+    ``participant`` the person the scan belongs to (equal to ``id`` except for BIDS sessions,
+    where several scans share one participant: splits must keep them together).
+    """
+
+    id: str
+    path: Path
+    age: Optional[float]
+    sex: str
+    site: Optional[str] = None
+    extra: Dict[str, str] = field(default_factory=dict)
+    participant: str = ""
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.participant:
+            self.participant = self.id
+
+
+def read_cohort(path: PathLike, *, check_files: bool = True) -> List[Subject]:
+    """The subjects of a cohort table, BIDS dataset or image folder (see the module docstring).
+
+    With ``check_files`` (default) every image must exist.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CohortError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if (path / "participants.tsv").is_file():
+            return _read_table(path / "participants.tsv", check_files)
+        if any(child.is_dir() and child.name.startswith("sub-") for child in path.iterdir()):
+            return _read_bids(path, {}, path, check_files)
+        return _read_folder(path)
+    return _read_table(path, check_files)
+
+
+# ----------------------------------------------------------------------------------------
+# Values
+# ----------------------------------------------------------------------------------------
+
+
+def parse_cohort_sex(value: Optional[str]) -> str:
+    """A table's sex cell as "F", "M" or "unknown" (convention in the module docstring)."""
+    text = "" if value is None else str(value).strip()
+    lowered = text.lower()
+    if lowered in MISSING:
+        return "unknown"
+    try:
+        number = float(lowered)
+    except ValueError:
+        number = None
+    if number is not None:
+        if number == 1.0:
+            return "F"
+        if number == 0.0:
+            return "M"
+        raise ValueError(f"numeric sex {text!r} is ambiguous: use 1 (female), 0 (male), F or M")
+    from .sex import parse_sex
+
+    try:
+        return parse_sex(text)
+    except ValueError:
+        raise ValueError(f"sex {text!r} is not F, M, female, male, 1 (female), 0 (male) or n/a") from None
+
+
+def parse_age(value: Optional[str]) -> Optional[float]:
+    """A table's age cell in years; None when missing. ``89+`` (BIDS top-coding) reads as 89."""
+    text = "" if value is None else str(value).strip()
+    if text.lower() in MISSING:
+        return None
+    try:
+        age = float(text[:-1] if text.endswith("+") else text)
+    except ValueError:
+        raise ValueError(f"age {text!r} is not a number of years") from None
+    if not math.isfinite(age) or not 0.0 <= age <= MAX_AGE_YEARS:
+        raise ValueError(f"age {text!r} is outside 0-{MAX_AGE_YEARS:g} years")
+    return age
+
+
+# ----------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------
+
+
+def _read_rows(table: Path) -> tuple:
+    """(header, rows as (line number, {lower-case column: cell})) of a CSV/TSV file."""
+    try:
+        text = table.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise CohortError(f"{table}: not a UTF-8 text table") from None
+    except OSError as error:
+        raise CohortError(f"{table}: cannot read it ({error.strerror})") from None
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise CohortError(f"{table}: the table is empty (no header line)")
+    if table.suffix.lower() in (".tsv", ".txt"):
+        delimiter = "\t"
+    else:
+        first = lines[0]
+        delimiter = ";" if first.count(";") > first.count(",") else ("\t" if "\t" in first and "," not in first else ",")
+    reader = csv.reader(lines, delimiter=delimiter)
+    header = [name.strip().lower() for name in next(reader)]
+    duplicates = sorted({name for name in header if header.count(name) > 1 and name})
+    if duplicates:
+        raise CohortError(f"{table}: column(s) {', '.join(duplicates)} appear more than once in the header")
+    rows = []
+    for line_number, cells in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in cells):
+            continue
+        if len(cells) > len(header):
+            raise CohortError(f"{table}, line {line_number}: {len(cells)} cells but the header has "
+                              f"{len(header)} columns (delimiter {delimiter!r})")
+        cells = cells + [""] * (len(header) - len(cells))
+        rows.append((line_number, {name: cell.strip() for name, cell in zip(header, cells)}))
+    return header, rows
+
+
+def _first(header: Sequence[str], candidates: Sequence[str]) -> Optional[str]:
+    return next((name for name in candidates if name in header), None)
+
+
+def _read_table(table: Path, check_files: bool) -> List[Subject]:
+    header, rows = _read_rows(table)
+    path_column = _first(header, PATH_COLUMNS)
+    if path_column is None:
+        if "participant_id" in header:  # BIDS participants.tsv: find the images beside it
+            values = {row["participant_id"]: (line, row) for line, row in rows}
+            return _read_bids(table.parent, values, table, check_files)
+        raise CohortError(f"{table}: no image column; name one of {', '.join(PATH_COLUMNS)} "
+                          "(or give a BIDS participants.tsv with participant_id)")
+    id_column = _first(header, ID_COLUMNS)
+    used = {path_column, id_column, "age", "sex", "site"}
+    subjects, seen = [], {}
+    for line, row in rows:
+        where = f"{table}, line {line}"
+        cell = row[path_column]
+        if not cell:
+            raise CohortError(f"{where}: the {path_column!r} cell is empty")
+        image = Path(cell).expanduser()
+        if not image.is_absolute():
+            image = table.parent / image
+        if check_files and not image.exists():
+            raise CohortError(f"{where}: image {image} does not exist")
+        subject_id = row.get(id_column, "") if id_column else ""
+        subject_id = subject_id or _image_stem(image)
+        if subject_id in seen:
+            raise CohortError(f"{where}: id {subject_id!r} already used on line {seen[subject_id]}")
+        seen[subject_id] = line
+        subjects.append(_subject(where, subject_id, image, row, used))
+    if not subjects:
+        raise CohortError(f"{table}: the table has a header but no rows")
+    return subjects
+
+
+def _subject(where: str, subject_id: str, image: Path, row: Dict[str, str], used, participant: str = "") -> Subject:
+    try:
+        age = parse_age(row.get("age"))
+        sex = parse_cohort_sex(row.get("sex"))
+    except ValueError as error:
+        raise CohortError(f"{where}: {error}") from None
+    extra = {name: value for name, value in row.items() if name not in used and name}
+    return Subject(id=subject_id, path=image.resolve(), age=age, sex=sex, site=row.get("site") or None,
+                   extra=extra, participant=participant)
+
+
+def _image_stem(path: Path) -> str:
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+# ----------------------------------------------------------------------------------------
+# BIDS
+# ----------------------------------------------------------------------------------------
+
+
+def _t1w_images(folder: Path) -> List[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and (p.name.endswith("_T1w.nii.gz") or p.name.endswith("_T1w.nii")))
+
+
+def _read_bids(root: Path, participants: Dict[str, tuple], source: Path, check_files: bool) -> List[Subject]:
+    """Subjects of a BIDS dataset; ``participants`` maps participant_id -> (line, row)."""
+    labels = sorted(participants) if participants else sorted(
+        child.name for child in root.iterdir() if child.is_dir() and child.name.startswith("sub-"))
+    subjects: List[Subject] = []
+    used = {"participant_id", "age", "sex", "site"}
+    for label in labels:
+        line, row = participants.get(label, (None, {}))
+        where = f"{source}, line {line}" if line else str(root / label)
+        if not label.startswith("sub-"):
+            raise CohortError(f"{where}: participant_id {label!r} does not start with 'sub-'")
+        subject_dir = root / label
+        found = []
+        images = _t1w_images(subject_dir / "anat")
+        if images:
+            found.append((label, images[0], row))
+        sessions = _session_rows(subject_dir, label)
+        for session in sorted(subject_dir.glob("ses-*")) if subject_dir.is_dir() else []:
+            images = _t1w_images(session / "anat")
+            if images:
+                merged = dict(row)
+                merged.update({k: v for k, v in sessions.get(session.name, {}).items() if v})
+                found.append((f"{label}_{session.name}", images[0], merged))
+        if not found:
+            if check_files:
+                raise CohortError(f"{where}: no T1-weighted image under {subject_dir}/[ses-*/]anat/*_T1w.nii[.gz]")
+            continue
+        for subject_id, image, values in found:
+            subjects.append(_subject(where, subject_id, image, values, used | {"session_id"}, participant=label))
+    if not subjects:
+        raise CohortError(f"{source}: no T1-weighted images found in the BIDS dataset {root}")
+    return subjects
+
+
+def _session_rows(subject_dir: Path, label: str) -> Dict[str, Dict[str, str]]:
+    table = subject_dir / f"{label}_sessions.tsv"
+    if not table.is_file():
+        return {}
+    header, rows = _read_rows(table)
+    if "session_id" not in header:
+        raise CohortError(f"{table}: no session_id column")
+    return {row["session_id"]: {k: v for k, v in row.items() if k != "session_id"} for _, row in rows}
+
+
+# ----------------------------------------------------------------------------------------
+# A plain folder
+# ----------------------------------------------------------------------------------------
+
+
+def _read_folder(folder: Path) -> List[Subject]:
+    images = sorted(p for p in folder.iterdir()
+                    if p.is_file() and not p.name.startswith(".")
+                    and any(p.name.lower().endswith(s) for s in IMAGE_SUFFIXES))
+    if not images:
+        raise CohortError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}), no participants.tsv "
+                          "and no sub-* folders: nothing to read as a cohort")
+    return [Subject(id=_image_stem(p), path=p.resolve(), age=None, sex="unknown") for p in images]
