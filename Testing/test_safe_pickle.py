@@ -133,3 +133,19 @@ def test_missing_and_truncated_files_name_the_file(tmp_path):
     with pytest.raises(CheckpointError) as error:
         load_restricted_pickle(cut)
     assert str(cut) in str(error.value)
+
+
+def test_tensors_pickled_on_a_gpu_load_on_the_cpu(tmp_path, monkeypatch):
+    """Their checkpoint was pickled from CUDA tensors: each storage's bytes name 'cuda:0'."""
+    import torch.serialization
+
+    state = collections.OrderedDict(weight=torch.randn(3, 4), bias=torch.randn(3))
+    with monkeypatch.context() as patch:  # what torch.save records for a storage on the first GPU
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        path = write_pickle(tmp_path / "from_gpu.pkl", {"model_state": state})
+    assert b"cuda:0" in path.read_bytes()
+
+    loaded = load_restricted_pickle(path)["model_state"]
+
+    assert all(tensor.device.type == "cpu" for tensor in loaded.values())
+    assert torch.equal(loaded["weight"], state["weight"]) and torch.equal(loaded["bias"], state["bias"])
