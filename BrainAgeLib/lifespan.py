@@ -47,7 +47,7 @@ import numpy as np
 
 BASELINE_AGE = 20.0  # years: the age the MNI152 template stands for
 WM_PEAK_AGE = 45.0  # years
-REGIONAL_GM_FACTOR = 2.0  # GM loss rate inside AGING_REGIONS relative to elsewhere
+REGIONAL_GM_FACTOR = 2.5  # nominal GM loss rate inside AGING_REGIONS relative to elsewhere
 AGE_RANGE = (20.0, 90.0)  # years the curves are meant for
 
 

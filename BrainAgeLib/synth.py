@@ -215,6 +215,10 @@ def _template(spacing: float) -> _Template:
     # Grey matter is lost where it touches CSF (the pial side, around the ventricles), faster
     # in the ageing regions.
     exposure = ndi.gaussian_filter(csf + (1.0 - brain), mm(2.0))
+    # Exposure only decides which GM goes first within a neighbourhood (pial before deep);
+    # the regions alone set the large-scale rate.
+    local_mean = ndi.gaussian_filter(exposure * gm, mm(15.0)) / np.maximum(ndi.gaussian_filter(gm, mm(15.0)), 1e-3)
+    exposure = exposure / np.maximum(local_mean, 1e-3)
     weight = (1.0 + (lifespan.REGIONAL_GM_FACTOR - 1.0) * regions) * exposure * (gm > 0.02)
     weight = weight / (np.sum(weight * gm) / np.sum(gm))
     # The GM/WM border: GM that sees WM nearby, WM that sees GM nearby.
