@@ -1,0 +1,312 @@
+"""``prepare``: a T1 volume -> sagittal slices for the encoder, and model space -> input grid.
+
+Real anatomy: nilearn's MNI152 2009a T1 (brain only) downsampled to 2 mm for speed, and
+Colin27 ``ch2.nii.gz`` (whole head) at 1 mm for the one run of the full paper preset.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from BrainAgeLib import PRESETS, InvalidVolumeError, PreprocessConfig, Volume, get_preset
+from BrainAgeLib.io import load_volume, save_volume
+from BrainAgeLib.preprocess import (
+    Prepared,
+    crop_to_largest_component,
+    cubic_zoom_matrix,
+    prepare,
+    profile_prepare,
+    resize_slices,
+)
+from BrainAgeLib.registration import resample_to_spacing
+
+COLIN27_BRAIN = Path("/usr/share/mricron/templates/ch2better.nii.gz")
+
+# Small but complete: N4 and (where needed) template skull stripping, 48 slices of 64 x 64.
+SMALL = PreprocessConfig(n4_bias_correction=True, n4_shrink_factor=2, skull_strip="auto",
+                         registration_spacing_mm=4.0, n_slices=48, image_size=64)
+NO_N4 = PreprocessConfig(n4_bias_correction=False, skull_strip="auto", n_slices=48, image_size=64)
+# For 2 mm whole heads: N4 on 8 mm voxels, registration on 4 mm voxels.
+HEAD = PreprocessConfig(n4_bias_correction=True, n4_shrink_factor=4, skull_strip="auto",
+                        registration_spacing_mm=4.0, n_slices=48, image_size=64)
+
+
+def load(path: Path) -> Volume:
+    image = nib.load(str(path))
+    return Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+
+
+@pytest.fixture(scope="module")
+def mni_2mm(mni_t1_path) -> Volume:
+    return resample_to_spacing(load(mni_t1_path), 2.0)
+
+
+@pytest.fixture(scope="module")
+def colin27() -> Volume:
+    path = Path("/usr/share/mricron/templates/ch2.nii.gz")
+    if not path.exists() or not COLIN27_BRAIN.exists():
+        pytest.skip("Colin27 (Debian package mricron-data) is not installed")
+    return load(path)
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes, ranges, presets
+# ------------------------------------------------------------------------------------------
+
+def test_prepare_gives_sagittal_slices_in_unit_range(mni_2mm):
+    prepared = prepare(mni_2mm, SMALL)
+    assert isinstance(prepared, Prepared)
+    assert prepared.slices.shape == (48, 64, 64) and prepared.slices.dtype == np.float32
+    assert prepared.slices.min() >= 0.0 and prepared.slices.max() <= 1.0
+    # 8-bit quantisation: every value is k / 255
+    np.testing.assert_allclose(prepared.slices * 255, np.round(prepared.slices * 255), atol=1e-4)
+    assert prepared.brain_mask.shape == (48, 64, 64) and prepared.brain_mask.dtype == bool
+    assert 0.3 < prepared.brain_mask.mean() < 0.9
+    # the brain-only MNI template is recognised as skull-stripped: no registration needed
+    assert prepared.skull_stripped_input and prepared.input_to_template is None
+    assert prepared.input_shape == mni_2mm.shape
+    np.testing.assert_array_equal(prepared.input_affine, mni_2mm.affine)
+    for step in ("reorient_to_ras", "n4_bias_correction", "crop_to_largest_component",
+                 "resample_slices", "resize_slices", "total"):
+        assert prepared.timings[step] >= 0.0
+    assert "skull_strip" not in prepared.timings
+
+
+def test_slices_are_left_to_right_with_anterior_rows_and_superior_columns(mni_2mm):
+    """Model space is the authors' data[i, :, :] of the RAS volume."""
+    prepared = prepare(mni_2mm, NO_N4)
+    corners = prepared.model_to_world(np.array([[0, 0, 0], [47, 0, 0], [0, 63, 0], [0, 0, 63]]))
+    origin = corners[0]
+    assert corners[1][0] - origin[0] > 100      # slices: left -> right (x grows)
+    assert corners[2][1] - origin[1] > 100      # rows: posterior -> anterior (y grows)
+    assert corners[3][2] - origin[2] > 100      # columns: inferior -> superior (z grows)
+    np.testing.assert_allclose(prepared.world_to_model(corners), [[0, 0, 0], [47, 0, 0],
+                                                                  [0, 63, 0], [0, 0, 63]], atol=1e-9)
+
+
+def test_preset_name_model_config_and_preprocess_config_agree(mni_2mm):
+    tiny = get_preset("tiny")
+    by_name = prepare(mni_2mm, "tiny").slices
+    np.testing.assert_array_equal(by_name, prepare(mni_2mm, tiny).slices)
+    np.testing.assert_array_equal(by_name, prepare(mni_2mm, tiny.preprocess).slices)
+    assert by_name.shape == (tiny.n_slices, tiny.image_size, tiny.image_size)
+    with pytest.raises(KeyError, match="unknown preset"):
+        prepare(mni_2mm, "huge")
+
+
+def test_every_preset_slices_match_its_model(mni_2mm):
+    for name, config in PRESETS.items():
+        assert config.preprocess.n_slices == config.n_slices, name
+        assert config.preprocess.image_size == config.image_size, name
+
+
+# ------------------------------------------------------------------------------------------
+# The authors' exact operations
+# ------------------------------------------------------------------------------------------
+
+def test_cubic_resampling_equals_scipy_zoom_on_the_left_right_axis(rng):
+    data = rng.normal(size=(37, 5, 4))
+    expected = ndimage.zoom(data, (160 / 37, 1, 1), order=3)
+    matrix = cubic_zoom_matrix(37, 160)
+    got = (matrix @ data.reshape(37, -1)).reshape(160, 5, 4)
+    np.testing.assert_allclose(got, expected, atol=1e-10)
+
+
+def test_slices_match_the_authors_torchvision_pipeline(mni_2mm):
+    """Reproduce wjalal/BrainRotViT's crop -> zoom -> per-slice min-max -> ToPILImage ->
+    Resize -> ToTensor by hand and compare with ``prepare`` (N4 and stripping off)."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    config = PreprocessConfig(n4_bias_correction=False, skull_strip="none", n_slices=40,
+                              image_size=56)
+    # a non-RAS input: the authors reorient with nibabel first
+    lia = mni_2mm.reoriented("LIA")
+    prepared = prepare(lia, config)
+
+    data = lia.reoriented("RAS").array.astype(np.float64)
+    normalized = (data - data.min()) / (data.max() - data.min())
+    labels, _ = ndimage.label(normalized > 0.1)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    box = ndimage.find_objects((labels == np.argmax(sizes)).astype(int))[0]
+    data = ndimage.zoom(data[box], (40 / data[box].shape[0], 1, 1), order=3)
+    pipeline = transforms.Compose([transforms.ToPILImage(), transforms.Resize((56, 56)),
+                                   transforms.ToTensor()])
+    expected = []
+    for plane in data:
+        plane = (plane - plane.min()) / (np.ptp(plane) if np.ptp(plane) > 0 else 1)
+        expected.append(pipeline(plane)[0].numpy())
+    expected = np.stack(expected)
+    assert prepared.slices.shape == expected.shape
+    assert np.abs(prepared.slices - expected).max() <= 1 / 255 + 1e-6
+    assert np.mean(prepared.slices == expected) > 0.999
+
+
+def test_resize_is_pil_bilinear_with_antialiasing():
+    stripes = np.tile([0.0, 1.0], (64, 32))            # 64 x 64, one-pixel stripes
+    resized = resize_slices(stripes[None], 16)[0]
+    # antialiased 4x reduction averages the stripes; plain bilinear sampling would not
+    assert np.abs(resized[2:-2, 2:-2] - 0.5).max() < 0.02
+
+
+def test_crop_is_the_box_of_the_largest_bright_component():
+    data = np.zeros((40, 40, 40), dtype=np.float32)
+    data[5:25, 8:30, 10:20] = 1.0       # the brain
+    data[30:33, 30:33, 30:33] = 1.0     # a brighter-than-0.1 speck elsewhere
+    data[5:25, 8:30, 20:22] = 0.05      # dim rim below the threshold
+    box = crop_to_largest_component(data, 0.1)
+    assert box == (slice(5, 25), slice(8, 30), slice(10, 20))
+
+
+# ------------------------------------------------------------------------------------------
+# Orientation and geometry
+# ------------------------------------------------------------------------------------------
+
+def test_same_head_in_other_orientations_and_formats_gives_the_same_slices(mni_2mm, tmp_path):
+    """LPS NRRD, PSR NIfTI and LIA MGZ of one head give the same prepared slices."""
+    reference = prepare(mni_2mm, NO_N4).slices
+    lps = tmp_path / "head_lps.nrrd"
+    save_volume(mni_2mm.reoriented("LPS"), lps)
+    psr = tmp_path / "head_psr.nii.gz"
+    save_volume(mni_2mm.reoriented("PSR"), psr)
+    lia = mni_2mm.reoriented("LIA")
+    mgz = tmp_path / "head_lia.mgz"
+    nib.save(nib.MGHImage(lia.array.astype(np.float32), lia.affine), str(mgz))
+    for path, codes in ((lps, ("L", "P", "S")), (psr, ("P", "S", "R")), (mgz, ("L", "I", "A"))):
+        volume = load_volume(path)
+        assert volume.orientation == codes
+        slices = prepare(volume, NO_N4).slices
+        assert correlation(slices, reference) > 0.99, path.name
+
+
+def test_marker_maps_through_prepare_and_back_to_where_it_was(mni_2mm):
+    """A small bright marker in an oblique, anisotropic, non-RAS head comes back within 2 mm."""
+    # a 1.5 x 2 x 2.5 mm LIA grid, tilted by 10 degrees about the left-right axis
+    head = resample_to_spacing(mni_2mm, 2.0).reoriented("LIA")
+    tilt = np.eye(4)
+    angle = np.deg2rad(10)
+    tilt[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    head = Volume(head.array, tilt @ head.affine)
+    marker_ras = np.array([30.0, -20.0, 25.0])              # right parietal white matter
+    centre = np.round(head.world_to_voxel(marker_ras)).astype(int)
+    marked = head.array.copy()
+    marked[tuple(slice(c - 1, c + 2) for c in centre)] = head.array.max()
+    marker_ras = head.voxel_to_world(centre)
+
+    config = PreprocessConfig(n4_bias_correction=False, skull_strip="none", n_slices=80,
+                              image_size=96)
+    with_marker = prepare(head.with_array(marked), config)
+    without = prepare(head, config)
+    assert with_marker.crop_start == without.crop_start
+    difference = np.clip(with_marker.slices - without.slices, 0, None)
+
+    back = with_marker.to_input_grid(difference)
+    assert back.shape == head.shape
+    np.testing.assert_array_equal(back.affine, head.affine)
+    weights = np.where(back.array > 0.5 * back.array.max(), back.array, 0)
+    found_voxel = (np.argwhere(weights) * weights[weights > 0][:, None]).sum(0) / weights.sum()
+    assert np.linalg.norm(head.voxel_to_world(found_voxel) - marker_ras) < 2.0
+
+    # and in model space the marker is where world_to_model says
+    peak = np.array(np.unravel_index(np.argmax(ndimage.gaussian_filter(difference, 1)),
+                                     difference.shape))
+    expected = with_marker.world_to_model(marker_ras)
+    assert np.all(np.abs(peak - expected) <= 2.0)
+
+
+def test_to_model_space_and_back_is_the_identity_inside_the_crop(mni_2mm):
+    prepared = prepare(mni_2mm, NO_N4)
+    # a smooth ramp along anterior-posterior in world space
+    i, j, k = np.meshgrid(*[np.arange(n) for n in mni_2mm.shape], indexing="ij")
+    world_y = mni_2mm.voxel_to_world(np.stack([i, j, k], -1))[..., 1]
+    ramp = mni_2mm.with_array(world_y.astype(np.float32))
+    model = prepared.to_model_space(ramp)
+    assert model.shape == prepared.slices.shape
+    # rows run posterior -> anterior, so the ramp grows along axis 1
+    assert np.all(np.diff(model[:, :, 10], axis=1) > 0)
+    back = prepared.to_input_grid(model).array
+    box = tuple(slice(a, a + n) for a, n in zip(prepared.crop_start, prepared.crop_shape))
+    inside = np.zeros(mni_2mm.shape, dtype=bool)
+    inside[box] = True       # the MNI volume is RAS already, so the crop box is in its grid
+    assert np.abs(back[inside] - world_y[inside]).max() < 0.5      # mm
+    assert np.all(back[~inside] == 0)
+
+
+def test_to_input_grid_rejects_maps_of_the_wrong_shape(mni_2mm):
+    prepared = prepare(mni_2mm, "tiny")
+    with pytest.raises(ValueError, match="model map must have shape"):
+        prepared.to_input_grid(np.zeros((3, 4, 5)))
+    with pytest.raises(ValueError, match="input's shape"):
+        prepared.to_model_space(np.zeros((3, 4, 5)))
+
+
+# ------------------------------------------------------------------------------------------
+# Skull stripping inside prepare
+# ------------------------------------------------------------------------------------------
+
+def test_whole_head_is_skull_stripped_in_any_orientation(colin27):
+    head = resample_to_spacing(colin27, 2.0)
+    stripped = prepare(head, HEAD)
+    assert not stripped.skull_stripped_input
+    assert stripped.input_to_template is not None and stripped.timings["skull_strip"] > 0
+    # the mask mapped back onto the input's grid holds a brain-sized volume (ml)
+    mask_back = stripped.to_input_grid(stripped.brain_mask.astype(np.float32)).array > 0.5
+    assert 1300 < mask_back.sum() * 8 / 1000 < 2100
+    # N4, registration and stripping do not depend on how the voxels are stored
+    lps = prepare(head.reoriented("LPS"), HEAD)
+    assert correlation(lps.slices, stripped.slices) > 0.99
+    np.testing.assert_allclose(lps.input_to_template, stripped.input_to_template, atol=0.05)
+
+
+def test_declared_skull_stripped_input_is_not_stripped_again(colin27):
+    head = resample_to_spacing(colin27, 2.0)
+    declared = prepare(head, NO_N4, skull_stripped=True)
+    assert declared.skull_stripped_input and declared.input_to_template is None
+    assert "skull_strip" not in declared.timings
+    # unstripped, the crop keeps the scalp: the box is larger than a brain's (mm^3)
+    assert np.prod(declared.crop_shape) * 8 > 2.0e6
+
+
+def test_bad_volumes_are_refused_with_a_clear_error(mni_2mm):
+    constant = mni_2mm.with_array(np.full(mni_2mm.shape, 7.0, dtype=np.float32))
+    with pytest.raises(InvalidVolumeError, match="brighter than 0.1"):
+        prepare(constant, "tiny")
+    with pytest.raises(ValueError, match="skull_strip must be"):
+        prepare(mni_2mm, PreprocessConfig(skull_strip="bet"))
+
+
+# ------------------------------------------------------------------------------------------
+# The paper preset at 1 mm (the one slow test)
+# ------------------------------------------------------------------------------------------
+
+def test_paper_preset_on_a_whole_head_at_1mm(colin27):
+    prepared = prepare(colin27, "paper")
+    assert prepared.slices.shape == (160, 224, 224)
+    assert not prepared.skull_stripped_input and prepared.input_to_template is not None
+    # the brain mask, back on the input grid, matches Colin27's extracted brain
+    truth = load(COLIN27_BRAIN)
+    voxel_map = np.linalg.inv(truth.affine) @ colin27.affine
+    truth = ndimage.affine_transform((truth.array > 0).astype(np.float32), voxel_map[:3, :3],
+                                     offset=voxel_map[:3, 3], output_shape=colin27.shape,
+                                     order=1) > 0.5
+    mask = prepared.to_input_grid(prepared.brain_mask.astype(np.float32)).array > 0.5
+    dice = 2 * np.count_nonzero(mask & truth) / (mask.sum() + truth.sum())
+    assert dice > 0.93, dice
+    # the middle slice is brain: bright, and masked mostly inside
+    middle = prepared.slices[80]
+    assert middle[prepared.brain_mask[80]].mean() > 2 * middle[~prepared.brain_mask[80]].mean()
+
+
+def test_profile_prepare_reports_time_and_memory_per_step(mni_2mm):
+    profile = profile_prepare(mni_2mm, "tiny", isolate=False)
+    assert profile.seconds["total"] >= profile.seconds["resize_slices"]
+    assert profile.peak_traced_mb["crop_to_largest_component"] > 0
+    assert profile.peak_rss_mb >= profile.baseline_rss_mb > 0
+    assert "total" in profile.table()
