@@ -1,0 +1,154 @@
+"""Evaluation: metrics against hand-computed values, bias correction on a reference split,
+plots and the ``brainage evaluate`` command."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from BrainAgeLib.errors import CohortError
+from BrainAgeLib.evaluate import (bootstrap_mae_ci, choose_reference, compute_metrics, decade_label,
+                                  evaluate_predictions, read_predictions)
+
+# Four subjects: errors (predicted - age) are +9, -8, +5, -2.
+AGE = [20.0, 30.0, 40.0, 50.0]
+PREDICTED = [29.0, 22.0, 45.0, 48.0]
+SEX = ["F", "M", "F", "M"]
+
+
+def test_metrics_match_hand_computed_values():
+    m = compute_metrics(AGE, PREDICTED, SEX)
+    assert m["n"] == 4
+    assert m["mae"] == pytest.approx(24 / 4)
+    assert m["rmse"] == pytest.approx(math.sqrt((81 + 64 + 25 + 4) / 4))
+    assert m["mean_error"] == pytest.approx(4 / 4)
+    # Deviations from the means (35, 36): age -15,-5,5,15; predicted -7,-14,9,12.
+    # Sum of products 400, sums of squares 500 and 470 -> r = 400 / sqrt(500 * 470).
+    assert m["pearson_r"] == pytest.approx(400 / math.sqrt(500 * 470))
+    # Ranks of the predictions 2,1,3,4 against 1,2,3,4: sum d^2 = 2 -> rho = 1 - 6*2/(4*15).
+    assert m["spearman_rho"] == pytest.approx(0.8)
+    assert m["r2"] == pytest.approx(1 - 174 / 500)  # SS_res = 174, SS_tot = 500
+    assert m["per_decade"] == {"20-29": {"n": 1, "mae": 9.0}, "30-39": {"n": 1, "mae": 8.0},
+                               "40-49": {"n": 1, "mae": 5.0}, "50-59": {"n": 1, "mae": 2.0}}
+    assert m["per_sex"] == {"F": {"n": 2, "mae": 7.0}, "M": {"n": 2, "mae": 5.0}}
+    lo, hi = m["mae_ci95"]
+    assert 2.0 <= lo < m["mae"] < hi <= 9.0
+    json.dumps(m)  # JSON-ready
+
+
+def test_bootstrap_interval_is_seeded_and_narrows_with_more_subjects(rng):
+    age = rng.uniform(20, 90, 400)
+    predicted = age + rng.normal(0, 4, 400)
+    small = bootstrap_mae_ci(age[:40], predicted[:40], seed=3)
+    assert small == bootstrap_mae_ci(age[:40], predicted[:40], seed=3)
+    assert small != bootstrap_mae_ci(age[:40], predicted[:40], seed=4)
+    large = bootstrap_mae_ci(age, predicted, seed=3)
+    assert large[1] - large[0] < 0.6 * (small[1] - small[0])
+    true_mae = 4 * math.sqrt(2 / math.pi)  # E|N(0, 4)|
+    assert large[0] < true_mae < large[1]
+    assert bootstrap_mae_ci([30, 40], [33, 37]) == [3.0, 3.0]  # every resample has MAE 3
+
+
+def test_undefined_values_are_none_and_bad_input_is_refused():
+    m = compute_metrics([40.0, 40.0], [41.0, 43.0])
+    assert m["pearson_r"] is None and m["spearman_rho"] is None and m["r2"] is None
+    assert "per_sex" not in m
+    assert compute_metrics([40.0], [45.0])["mae_ci95"] is None
+    with pytest.raises(ValueError, match="2 ages but 3"):
+        compute_metrics([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="finite"):
+        compute_metrics([1, float("nan")], [1, 2])
+    assert decade_label(29.99) == "20-29" and decade_label(30.0) == "30-39"
+
+
+def write_table(path, age, predicted, sex, split=None):
+    lines = ["id,age,predicted_age,sex" + (",split" if split is not None else "")]
+    for i, (a, p, s) in enumerate(zip(age, predicted, sex)):
+        lines.append(f"s{i},{a:.3f},{p:.3f},{s}" + (f",{split[i]}" if split is not None else ""))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def biased_predictions(rng, n=120):
+    """Predictions regressed toward the mean, as brain-age models' are: slope 0.7."""
+    age = rng.uniform(20, 90, n)
+    predicted = 0.7 * age + 16.5 + rng.normal(0, 2.0, n)
+    sex = ["F" if i % 2 else "M" for i in range(n)]
+    return age, predicted, sex
+
+
+def test_bias_correction_is_fitted_on_the_reference_split(tmp_path, rng):
+    age, predicted, sex = biased_predictions(rng)
+    split = ["val" if i < 40 else "test" for i in range(age.size)]
+    report = evaluate_predictions(write_table(tmp_path / "p.csv", age, predicted, sex, split))
+    assert report.reference == {"n": 40, "chosen_by": "split column"}
+    assert report.evaluated["n"] == 80 and report.all["n"] == 120
+    assert report.bias_correction["slope"] == pytest.approx(-0.3, abs=0.05)
+    assert report.bias_correction["n_reference"] == 40
+    # The raw gap falls with age; the corrected one does not.
+    assert report.gap_age_correlation["uncorrected"] < -0.8
+    assert abs(report.gap_age_correlation["corrected"]) < 0.5
+    corrected_gap = report.corrected["mean_error"]
+    assert abs(corrected_gap) < 1.0 and report.corrected["mae"] < 0.5 * report.evaluated["mae"]
+    # Applied by hand, the stored coefficients give the corrected MAE reported.
+    slope, intercept = report.bias_correction["slope"], report.bias_correction["intercept"]
+    by_hand = predicted[40:] - age[40:] - (slope * age[40:] + intercept)
+    assert report.corrected["mae"] == pytest.approx(np.mean(np.abs(by_hand)), rel=1e-3)
+    assert abs(np.polyfit(age[40:], by_hand, 1)[0]) < 0.08
+    # The evaluated rows are exactly the non-reference rows.
+    assert report.evaluated["mae"] == pytest.approx(np.mean(np.abs(predicted[40:] - age[40:])), abs=2e-3)
+
+
+def test_without_a_split_a_seeded_fraction_is_the_reference(tmp_path, rng):
+    age, predicted, sex = biased_predictions(rng, n=50)
+    table = write_table(tmp_path / "p.csv", age, predicted, sex)
+    predictions = read_predictions(table)
+    first = choose_reference(predictions, 0.3, seed=1)
+    assert first.sum() == 15 and np.array_equal(first, choose_reference(predictions, 0.3, seed=1))
+    assert not np.array_equal(first, choose_reference(predictions, 0.3, seed=2))
+    report = evaluate_predictions(table, reference_fraction=0.3, seed=1)
+    assert report.reference["n"] == 15 and report.evaluated["n"] == 35
+    assert "random 0.3" in report.reference["chosen_by"]
+
+
+def test_plots_and_metrics_file_are_written(tmp_path, rng):
+    age, predicted, sex = biased_predictions(rng, n=30)
+    out = tmp_path / "out"
+    report = evaluate_predictions(write_table(tmp_path / "p.csv", age, predicted, sex), out)
+    for name in ("scatter.png", "bland_altman.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["all"]["mae"] == pytest.approx(report.all["mae"])
+    assert sorted(p.name for p in out.iterdir()) == ["bland_altman.png", "metrics.json", "scatter.png"]
+
+
+def test_evaluate_command_line(tmp_path, rng, capsys):
+    from BrainAgeLib.cli import main
+
+    age, predicted, sex = biased_predictions(rng, n=40)
+    table = write_table(tmp_path / "p.csv", age, predicted, sex, ["reference"] * 10 + ["test"] * 30)
+    assert main(["evaluate", str(table), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["reference"]["n"] == 10 and printed["evaluated"]["n"] == 30
+    assert main(["evaluate", str(table), "--out", str(tmp_path / "o")]) == 0
+    text = capsys.readouterr().out
+    assert "MAE" in text and "bias-corrected" in text and "scatter" in text
+    assert (tmp_path / "o" / "scatter.png").exists()
+
+
+def test_bad_prediction_tables(tmp_path, capsys):
+    from BrainAgeLib.cli import main
+
+    missing = tmp_path / "m.csv"
+    missing.write_text("id,age,sex\na,30,F\n")
+    with pytest.raises(CohortError, match="no predicted_age"):
+        read_predictions(missing)
+    bad = tmp_path / "b.csv"
+    bad.write_text("age,predicted_age,sex\n30,31,F\n40,forty,M\n")
+    with pytest.raises(CohortError, match=r"b\.csv, line 3: .*must both be numbers"):
+        read_predictions(bad)
+    assert main(["evaluate", str(bad)]) == 2
+    assert "line 3" in capsys.readouterr().err
