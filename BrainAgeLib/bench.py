@@ -1,0 +1,277 @@
+"""Where the time of one prediction goes, measured against the bare ViT forward pass.
+
+``run_benchmark(preset)`` makes a head (a synthetic ageing phantom with skull; the MNI152 T1
+from nilearn, or an ellipsoid head, where the generator is not available), writes it as NIfTI,
+and times each stage of a prediction with random weights of the preset: load, prepare, embed
+(the ViT over all sagittal slices, capturing the attention the explanation needs), regress and
+explain. In the same run it times the bare ViT forward (``vit.forward_features`` on the
+already-normalised slices on the device, same batch size and autocast), so the cost of
+everything else shows as ``ratio_end_to_end_over_vit``. One-time start-up (building the model,
+the first call into each kernel library) runs in a warm-up before the clock starts.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .volume import Volume
+
+
+@dataclass
+class BenchResult:
+    """Seconds per stage of one prediction, the bare ViT forward, and peak memory (MB)."""
+
+    preset: str
+    device: str
+    precision: str
+    head: str
+    input_shape: Tuple[int, int, int]
+    n_slices: int
+    batch_size: int
+    load_s: float
+    prepare_s: float
+    embed_s: float
+    regress_s: float
+    explain_s: Optional[float]
+    end_to_end_s: float
+    end_to_end_without_explain_s: float
+    vit_forward_s: float
+    ratio_end_to_end_over_vit: float
+    ratio_without_explain_over_vit: float
+    peak_memory_mb: float
+    cuda_peak_memory_mb: Optional[float] = None
+    build_model_s: float = 0.0
+    prepare_steps: Dict[str, float] = field(default_factory=dict)
+    torch_threads: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        return data
+
+    def table(self) -> str:
+        """Human-readable lines."""
+        rows = [
+            ("load", self.load_s), ("prepare", self.prepare_s), ("embed (ViT, all slices)", self.embed_s),
+            ("regress (CNN)", self.regress_s), ("explain", self.explain_s),
+            ("end to end", self.end_to_end_s), ("bare ViT forward", self.vit_forward_s),
+        ]
+        lines = [
+            f"brainage bench: preset {self.preset}, {self.device} ({self.precision}), {self.torch_threads} threads, "
+            f"head {self.head} {'x'.join(map(str, self.input_shape))}, {self.n_slices} slices, "
+            f"batch {self.batch_size}",
+        ]
+        lines += [f"  {name:<26}{'n/a' if value is None else f'{value:8.2f} s'}" for name, value in rows]
+        lines.append(f"  end to end / bare ViT      {self.ratio_end_to_end_over_vit:8.2f}"
+                     f"   (without explain {self.ratio_without_explain_over_vit:.2f})")
+        memory = f"  peak memory               {self.peak_memory_mb:8.0f} MB (process RSS)"
+        if self.cuda_peak_memory_mb is not None:
+            memory += f", {self.cuda_peak_memory_mb:.0f} MB on the GPU"
+        lines.append(memory)
+        if self.prepare_steps:
+            steps = ", ".join(f"{k} {v:.2f}" for k, v in self.prepare_steps.items() if k != "total")
+            lines.append(f"  prepare steps (s): {steps}")
+        return "\n".join(lines)
+
+
+def generated_head(age: float = 60.0, sex: str = "F", seed: int = 0) -> Tuple[Volume, str]:
+    """A whole-head T1 at 1 mm for timing: a synthetic phantom with skull, else MNI152, else an ellipsoid."""
+    try:
+        from .synth import make_phantom
+
+        phantom = make_phantom(age, sex, seed=seed, spacing=1.0, skull=True, with_tissue=False)
+        return phantom.volume, f"synthetic phantom ({age:g} y, {sex}, with skull)"
+    except Exception as error:  # generator missing or its template unavailable: fall back
+        reason = f"{type(error).__name__}: {error}"
+    try:
+        import nibabel as nib
+        import nilearn
+
+        path = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+        image = nib.load(path)
+        return Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine), "MNI152 2009a T1 (brain only)"
+    except Exception:
+        pass
+    return ellipsoid_head(), f"ellipsoid head (no phantom generator: {reason})"
+
+
+def write_generated_head(path: Path) -> str:
+    """Write ``generated_head()`` to ``path`` from a child Python process; returns its description."""
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; from BrainAgeLib.bench import generated_head; "
+            "from BrainAgeLib.io import save_volume; v, name = generated_head(); "
+            "save_volume(v, Path(sys.argv[1])); print(name)")
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env)
+    if done.returncode == 0 and path.is_file():
+        return done.stdout.strip().splitlines()[-1]
+    from .io import save_volume
+
+    volume, name = generated_head()  # the child failed (odd environment): generate here instead
+    save_volume(volume, path)
+    return name
+
+
+def ellipsoid_head(shape: Tuple[int, int, int] = (180, 216, 180)) -> Volume:
+    """Nested ellipsoids at 1 mm, RAS: scalp, skull (dark), CSF, grey and white matter."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    radius = np.sqrt(((grid / np.array([0.85, 0.9, 0.85])[:, None, None, None]) ** 2).sum(0))
+    array = np.zeros(shape, np.float32)
+    for outer, value in ((1.0, 300.0), (0.95, 60.0), (0.9, 150.0), (0.86, 600.0), (0.7, 900.0)):
+        array[radius <= outer] = value
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = -np.array(shape) / 2
+    return Volume(array, affine)
+
+
+def run_benchmark(
+    preset: str = "paper",
+    device: str = "auto",
+    precision: str = "auto",
+    explain: bool = True,
+    head: Optional[Tuple[Volume, str]] = None,
+    log: Callable[[str], None] = lambda message: None,
+    repeats: int = 1,
+) -> BenchResult:
+    """Time one prediction of ``preset`` with random weights on a generated head (see module docstring).
+
+    ``repeats`` > 1 runs the model stages (embed, regress, explain, bare ViT) that many times,
+    interleaved, and keeps each one's fastest time: on a shared machine that is the best
+    estimate of the cost itself.
+    """
+    from .devices import autocast, autocast_dtype, precision_name, resolve_device, slice_batch_size, to_device
+    from .io import load_volume, save_volume
+    from .model import build_model
+    from .model.brain_age_model import _explain_function
+    from .preprocess import prepare
+
+    target = resolve_device(device)
+    dtype = autocast_dtype(target, precision)
+    explain_slices = None
+    if explain:
+        try:
+            explain_slices = _explain_function()
+        except NotImplementedError:
+            explain_slices = None
+
+    folder = tempfile.TemporaryDirectory(prefix="brainage_bench_")
+    head_path = Path(folder.name) / "head.nii.gz"
+    if head is None:
+        log("generating the head (in a child process, so its memory does not count)")
+        head_name = write_generated_head(head_path)
+    else:
+        volume, head_name = head
+        save_volume(volume, head_path)
+    log("building the model")
+    tic = time.perf_counter()
+    model = build_model(preset, seed=0).to(target).eval()
+    build_s = time.perf_counter() - tic
+    config = model.config
+    batch = slice_batch_size(target, config, config.n_slices)
+    if target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target)
+
+    log("warming up")
+    warm = np.random.default_rng(0).random((min(2, config.n_slices), config.image_size, config.image_size), np.float32)
+    with torch.no_grad():
+        model.embed_explain(warm, precision=precision)
+        model.regress(torch.zeros(config.n_slices, config.embed_dim, device=target), "F")
+    _sync(target)
+
+    log("timing load")
+    with folder:
+        tic = time.perf_counter()
+        loaded = load_volume(head_path)
+        load_s = time.perf_counter() - tic
+
+    log("timing prepare")
+    tic = time.perf_counter()
+    prepared = prepare(loaded, config)
+    prepare_s = time.perf_counter() - tic
+
+    vit = model.encoder.vit
+    with torch.no_grad():
+        images = to_device(torch.from_numpy(np.ascontiguousarray(prepared.slices)), target)
+        images = model.encoder.normalize(images).contiguous()
+    embed_s = regress_s = vit_s = math.inf
+    explain_s = math.inf if explain_slices is not None else None
+    for attempt in range(max(1, int(repeats))):
+        log(f"timing embed, regress{', explain' if explain_slices else ''} and the bare ViT ({attempt + 1}/{repeats})")
+        tic = time.perf_counter()
+        encoded = model.embed_explain(prepared.slices, batch_size=batch, precision=precision)
+        _sync(target)
+        embed_s = min(embed_s, time.perf_counter() - tic)
+
+        tic = time.perf_counter()
+        with torch.no_grad():
+            age = float(model.regress(encoded[0], "F"))
+        _sync(target)
+        regress_s = min(regress_s, time.perf_counter() - tic)
+        if not math.isfinite(age):
+            raise RuntimeError(f"the benchmark model produced a non-finite age ({age})")
+
+        if explain_slices is not None:
+            tic = time.perf_counter()
+            slice_map = explain_slices(model, prepared, encoded, 1.0)
+            prepared.to_input_grid(np.asarray(slice_map, dtype=np.float32))
+            _sync(target)
+            explain_s = min(explain_s, time.perf_counter() - tic)
+        del encoded
+
+        with torch.no_grad():
+            tic = time.perf_counter()
+            with autocast(target, dtype):
+                for start in range(0, images.shape[0], batch):
+                    vit.forward_features(images[start:start + batch])
+            _sync(target)
+            vit_s = min(vit_s, time.perf_counter() - tic)
+
+    without_explain = load_s + prepare_s + embed_s + regress_s
+    end_to_end = without_explain + (explain_s or 0.0)
+    return BenchResult(
+        preset=config.name,
+        device=str(target),
+        precision=precision_name(dtype),
+        head=head_name,
+        input_shape=tuple(int(n) for n in loaded.shape),
+        n_slices=int(prepared.slices.shape[0]),
+        batch_size=int(batch),
+        load_s=load_s,
+        prepare_s=prepare_s,
+        embed_s=embed_s,
+        regress_s=regress_s,
+        explain_s=explain_s,
+        end_to_end_s=end_to_end,
+        end_to_end_without_explain_s=without_explain,
+        vit_forward_s=vit_s,
+        ratio_end_to_end_over_vit=end_to_end / vit_s,
+        ratio_without_explain_over_vit=without_explain / vit_s,
+        peak_memory_mb=peak_rss_mb(),
+        cuda_peak_memory_mb=(torch.cuda.max_memory_allocated(target) / 2**20) if target.type == "cuda" else None,
+        build_model_s=build_s,
+        prepare_steps={k: float(v) for k, v in (getattr(prepared, "timings", None) or {}).items()},
+        torch_threads=torch.get_num_threads(),
+    )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,39 @@
+"""``brainage bench``: time every stage of one prediction against the bare ViT forward pass."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+COMMAND = "bench"
+HELP = "time each stage of a prediction (random weights, generated head) against the bare ViT"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..devices import PRECISIONS
+    from ..presets import PRESETS
+
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS),
+                        help="model preset to time (default: paper)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="ViT autocast precision")
+    parser.add_argument("--no-explain", dest="explain", action="store_false", help="skip the explanation stage")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run the model stages N times and keep each one's fastest time (default: 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import run_benchmark
+
+    verbose = not args.json and sys.stderr.isatty()
+    result = run_benchmark(
+        args.preset, device=args.device, precision=args.precision, explain=args.explain,
+        repeats=args.repeat,
+        log=(lambda message: print(f"  ... {message}", file=sys.stderr)) if verbose else (lambda message: None),
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.table())
+    return 0

@@ -1,0 +1,61 @@
+"""`brainage bench`: every stage timed on one head, against the bare ViT forward in the same run."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from BrainAgeLib import bench
+from BrainAgeLib.bench import ellipsoid_head, run_benchmark
+from BrainAgeLib.cli import main
+from BrainAgeLib.io import save_volume
+from BrainAgeLib.volume import Volume
+
+
+@pytest.fixture(scope="module")
+def small_head(mni_t1_path):
+    image = nib.load(mni_t1_path)
+    affine = image.affine.copy()
+    affine[:3, :3] *= 3
+    return Volume(np.asarray(image.dataobj, dtype=np.float32)[::3, ::3, ::3], affine), "MNI152 at 3 mm"
+
+
+def test_benchmark_times_every_stage_and_the_bare_vit(small_head):
+    result = run_benchmark("tiny", device="cpu", head=small_head, repeats=2)
+    assert result.preset == "tiny" and result.device == "cpu" and result.head == "MNI152 at 3 mm"
+    assert result.input_shape == (66, 78, 63) and result.n_slices == 16 and result.batch_size == 16
+    for stage in ("load_s", "prepare_s", "embed_s", "regress_s", "explain_s", "vit_forward_s"):
+        assert 0 < getattr(result, stage) < 60, stage
+    assert result.end_to_end_s == pytest.approx(
+        result.load_s + result.prepare_s + result.embed_s + result.regress_s + result.explain_s)
+    assert result.end_to_end_without_explain_s == pytest.approx(result.end_to_end_s - result.explain_s)
+    assert result.ratio_end_to_end_over_vit == pytest.approx(result.end_to_end_s / result.vit_forward_s)
+    assert result.ratio_end_to_end_over_vit > 1  # the pipeline contains the ViT pass
+    assert result.peak_memory_mb > 50 and result.cuda_peak_memory_mb is None
+    assert {"resample_slices", "resize_slices"} <= set(result.prepare_steps)
+    assert "end to end / bare ViT" in result.table()
+
+
+def test_bench_cli_prints_one_json_object(small_head, monkeypatch, capsys):
+    def small(path):
+        save_volume(small_head[0], path)
+        return small_head[1]
+
+    monkeypatch.setattr(bench, "write_generated_head", small)
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--no-explain", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("load_s", "prepare_s", "embed_s", "regress_s", "vit_forward_s", "peak_memory_mb",
+                "ratio_end_to_end_over_vit", "end_to_end_s"):
+        assert isinstance(data[key], float) and data[key] > 0, key
+    assert data["explain_s"] is None and data["head"] == "MNI152 at 3 mm"
+
+
+def test_ellipsoid_head_is_a_ras_head_with_brain_inside_skull():
+    head = ellipsoid_head((60, 72, 60))
+    assert head.shape == (60, 72, 60) and head.orientation == ("R", "A", "S")
+    centre = head.array[30, 36, 30]
+    assert centre == 900.0  # white matter
+    profile = head.array[30, 36, 30:]
+    assert 60.0 in profile and profile[-1] == 0.0  # dark skull between brain and scalp, air outside
