@@ -1,0 +1,176 @@
+"""Figures of the explanation method: extra time of --explain, localisation, sanity correlations.
+
+    python scripts/explain_figures.py overhead --presets demo paper --repeats 3 [--device cpu]
+    python scripts/explain_figures.py localisation [--model PATH] [--n 6]
+    python scripts/explain_figures.py sanity [--model PATH] [--n 3]
+
+``overhead`` times ``model.predict`` without and with ``explain=True`` on the same synthetic
+head (1 mm, with skull: the full preprocessing, as a user's scan gets), alternating the two,
+and reports medians; then the same through ``brainage predict`` (which also writes the files).
+Weights do not change the timing, so presets with random weights stand in for trained models.
+``localisation`` and ``sanity`` use the demo model (default: the bundled one) on held-out
+phantoms, as ``Testing/test_explain.py`` does, but on more heads.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+AGING_REGION_THRESHOLD = 0.3  # as in Testing/test_explain.py
+
+
+def overhead(args: argparse.Namespace) -> None:
+    import torch
+
+    from BrainAgeLib.io import load_volume, save_volume
+    from BrainAgeLib.model import build_model
+
+    if args.input:
+        volume = load_volume(args.input)
+        print(f"input: {args.input} {volume.shape} at {volume.spacing[0]:.2f} mm", end="")
+    else:
+        from BrainAgeLib.synth import make_phantom
+
+        volume = make_phantom(67.0, "F", seed=4242, spacing=args.spacing, skull=True, with_tissue=False).volume
+        print(f"input: phantom {volume.shape} at {args.spacing} mm with skull", end="")
+    print(f"; device {args.device}; torch threads {torch.get_num_threads()}"
+          + (f"; {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "head_T1w.nii.gz"
+        save_volume(volume, path)
+        for preset in args.presets:
+            model = build_model(preset, seed=0).eval()
+            model.predict(volume, "F", 67.0, explain=True, device=args.device, use_cache=False)  # warm-up
+            plain, explained, explain_step = [], [], []
+            for _ in range(args.repeats):
+                for explain in (False, True):
+                    tic = time.perf_counter()
+                    result = model.predict(volume, "F", 67.0, explain=explain, device=args.device, use_cache=False)
+                    seconds = time.perf_counter() - tic
+                    (explained if explain else plain).append(seconds)
+                    if explain:
+                        explain_step.append(result.timings["explain"])
+            p, e = statistics.median(plain), statistics.median(explained)
+            print(f"[{preset}] model.predict: plain {p:.2f} s, explain {e:.2f} s -> +{100 * (e - p) / p:.1f}% "
+                  f"(explain step {statistics.median(explain_step):.2f} s = {100 * statistics.median(explain_step) / p:.1f}% "
+                  f"of plain); runs {args.repeats}")
+            print(f"    last explained run's timings (s): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items() if "." not in k))
+            if args.cli:
+                runs = {False: [], True: []}
+                for _ in range(args.repeats):
+                    for explain in (False, True):
+                        command = [sys.executable, "-m", "BrainAgeLib", "predict", str(path), "--preset", preset,
+                                   "--sex", "F", "--age", "67", "--device", args.device,
+                                   "--out", str(Path(folder) / "out")] + (["--explain"] if explain else [])
+                        tic = time.perf_counter()
+                        subprocess.run(command, check=True, capture_output=True)
+                        runs[explain].append(time.perf_counter() - tic)
+                p, e = statistics.median(runs[False]), statistics.median(runs[True])
+                print(f"[{preset}] brainage predict (process, files included): plain {p:.2f} s, "
+                      f"--explain {e:.2f} s -> +{100 * (e - p) / p:.1f}%")
+
+
+def _demo_model(path):
+    from BrainAgeLib.checkpoint import load_model
+    from BrainAgeLib.resources import resource_path
+
+    return load_model(path or resource_path("Models", "brainage_demo.safetensors"))
+
+
+def _phantoms(n: int, spacing: float = 2.0):
+    from BrainAgeLib.synth import make_phantom
+
+    rng = np.random.default_rng(31337)
+    for i in range(n):
+        age = float(rng.uniform(65, 88))
+        sex = "F" if i % 2 == 0 else "M"
+        yield make_phantom(age, sex, seed=90_000 + i, spacing=spacing, skull=bool(i % 3 == 2), with_tissue=False)
+
+
+def _map(model, prepared, sex: str):
+    from BrainAgeLib.explain import explain_slices
+
+    return explain_slices(model, prepared, model.embed_explain(prepared.slices, precision="fp32"),
+                          1.0 if sex == "F" else 0.0)
+
+
+def localisation(args: argparse.Namespace) -> None:
+    from BrainAgeLib.explain import localisation_ratio
+    from BrainAgeLib.preprocess import prepare
+
+    model = _demo_model(args.model)
+    ratios = []
+    for phantom in _phantoms(args.n):
+        prepared = prepare(phantom.volume, model.config)
+        attention = prepared.to_input_grid(_map(model, prepared, phantom.sex)).array
+        brain = prepared.to_input_grid(prepared.brain_mask.astype(np.float32)).array > 0.5
+        regions = phantom.aging_map.array >= AGING_REGION_THRESHOLD
+        ratio = localisation_ratio(attention, regions, brain)
+        ratios.append(ratio)
+        print(f"age {phantom.age:.1f} {phantom.sex} skull={phantom.has_skull}: regions {100 * (regions & brain).sum() / brain.sum():.1f}% "
+              f"of brain, localisation ratio {ratio:.2f}")
+    print(f"localisation ratio: mean {np.mean(ratios):.2f}, min {np.min(ratios):.2f}, max {np.max(ratios):.2f} (n={len(ratios)})")
+
+
+def sanity(args: argparse.Namespace) -> None:
+    import torch
+    from scipy.stats import spearmanr
+
+    from BrainAgeLib.preprocess import prepare
+
+    model = _demo_model(args.model)
+    rows = {"same input twice": [], "randomised CNN head": [], "randomised ViT last block": [],
+            "randomised ViT last 2 blocks": []}
+    for phantom in _phantoms(args.n):
+        prepared = prepare(phantom.volume, model.config)
+        brain = prepared.brain_mask
+        trained = _map(model, prepared, phantom.sex)
+        rows["same input twice"].append(spearmanr(trained[brain], _map(model, prepared, phantom.sex)[brain]).statistic)
+        for label, modules in (("randomised CNN head", lambda m: list(m.regressor.modules())),
+                               ("randomised ViT last block",
+                                lambda m: list(m.encoder.vit.blocks[-1].modules()) + [m.encoder.vit.norm]),
+                               ("randomised ViT last 2 blocks",
+                                lambda m: list(m.encoder.vit.blocks[-2:].modules()) + [m.encoder.vit.norm])):
+            clone = copy.deepcopy(model)
+            torch.manual_seed(99)
+            for module in modules(clone):
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            rows[label].append(spearmanr(trained[brain], _map(clone, prepared, phantom.sex)[brain]).statistic)
+    for label, values in rows.items():
+        print(f"Spearman(trained map, {label}): mean {np.mean(values):.3f} (range {np.min(values):.3f}-{np.max(values):.3f}, n={len(values)})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="figure", required=True)
+    p = sub.add_parser("overhead")
+    p.add_argument("--presets", nargs="+", default=["demo", "paper"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--spacing", type=float, default=1.0)
+    p.add_argument("--input", default=None, help="time on this image instead of a synthetic head")
+    p.add_argument("--cli", action="store_true", help="also time the brainage predict command")
+    p.set_defaults(run=overhead)
+    for name, run in (("localisation", localisation), ("sanity", sanity)):
+        p = sub.add_parser(name)
+        p.add_argument("--model", default=None)
+        p.add_argument("--n", type=int, default=6 if name == "localisation" else 3)
+        p.set_defaults(run=run)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
