@@ -144,12 +144,13 @@ def run_benchmark(
     head: Optional[Tuple[Volume, str]] = None,
     log: Callable[[str], None] = lambda message: None,
     repeats: int = 1,
+    head_file: Optional[Path] = None,
 ) -> BenchResult:
     """Time one prediction of ``preset`` with random weights on a generated head (see module docstring).
 
     ``repeats`` > 1 runs the model stages (embed, regress, explain, bare ViT) that many times,
     interleaved, and keeps each one's fastest time: on a shared machine that is the best
-    estimate of the cost itself.
+    estimate of the cost itself. ``head_file`` times a given T1 file instead of a generated head.
     """
     from .devices import autocast, autocast_dtype, precision_name, resolve_device, slice_batch_size, to_device
     from .io import load_volume, save_volume
@@ -168,7 +169,9 @@ def run_benchmark(
 
     folder = tempfile.TemporaryDirectory(prefix="brainage_bench_")
     head_path = Path(folder.name) / "head.nii.gz"
-    if head is None:
+    if head_file is not None:
+        head_path, head_name = Path(head_file), Path(head_file).name
+    elif head is None:
         log("generating the head (in a child process, so its memory does not count)")
         head_name = write_generated_head(head_path)
     else:

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="ViT autocast precision")
     parser.add_argument("--no-explain", dest="explain", action="store_false", help="skip the explanation stage")
+    parser.add_argument("--head", default=None, metavar="PATH",
+                        help="time this T1 file instead of a generated head")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run the model stages N times and keep each one's fastest time (default: 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     verbose = not args.json and sys.stderr.isatty()
     result = run_benchmark(
         args.preset, device=args.device, precision=args.precision, explain=args.explain,
-        repeats=args.repeat,
+        repeats=args.repeat, head_file=args.head,
         log=(lambda message: print(f"  ... {message}", file=sys.stderr)) if verbose else (lambda message: None),
     )
     if args.json:
