@@ -145,6 +145,15 @@ class _Template:
     shell_band: np.ndarray  # flat indices of voxels where a CSF/skull/scalp shell may lie
     gm_total: float  # template GM, in probability-voxels of this grid
     wm_total: float
+    index: np.ndarray = None  # flat indices of the voxels ageing can touch (the closed brain)
+    flat: Dict[str, np.ndarray] = None  # per-voxel fields at ``index``: where phantoms compute
+
+    def __post_init__(self) -> None:
+        inside = (self.closed > 0) | (self.brain > 0) | (self.gm > 0) | (self.wm > 0)
+        self.index = np.flatnonzero(inside)
+        self.flat = {name: getattr(self, name).reshape(-1)[self.index] for name in (
+            "gm", "wm", "csf", "brain", "closed", "residual", "gm_loss_weight", "gm_to_wm_weight",
+            "wm_to_gm_weight", "push_divergence")}
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -266,18 +275,20 @@ class _AgedTissue:
 
 
 def _age_tissue(template: _Template, age: float) -> _AgedTissue:
-    gm, wm, csf = template.gm, template.wm, template.csf
+    """The aged tissue maps at ``template.index`` (flat arrays)."""
+    flat = template.flat
+    gm, wm, csf = flat["gm"], flat["wm"], flat["csf"]
     wm_change = float(lifespan.wm_change_fraction(age)) * template.wm_total
     gm_loss = float(lifespan.gm_loss_fraction(age))
     if wm_change >= 0:
-        to_wm = np.minimum(wm_change * template.gm_to_wm_weight, 0.5 * gm)
+        to_wm = np.minimum(wm_change * flat["gm_to_wm_weight"], 0.5 * gm)
         gm_aged, wm_aged = gm - to_wm, wm + to_wm
         extra_gm_loss = -float(to_wm.sum()) / template.gm_total  # myelination is part of GM loss
     else:
-        to_gm = np.minimum(-wm_change * template.wm_to_gm_weight, 0.6 * wm)
+        to_gm = np.minimum(-wm_change * flat["wm_to_gm_weight"], 0.6 * wm)
         gm_aged, wm_aged = gm + to_gm, wm - to_gm
         extra_gm_loss = float(to_gm.sum()) / template.gm_total  # keeps net GM on its curve
-    fraction = np.minimum(max(0.0, gm_loss + extra_gm_loss) * template.gm_loss_weight, 0.9)
+    fraction = np.minimum(max(0.0, gm_loss + extra_gm_loss) * flat["gm_loss_weight"], 0.9)
     to_csf = gm_aged * fraction
     gm_aged = gm_aged - to_csf
     csf_aged = csf + to_csf
@@ -403,12 +414,17 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
     mu_gm, mu_wm, mu_csf = (float(m * j) for m, j in zip(template.mu, tissue_jitter))
     middle, half = 0.5 * (mu_gm + mu_wm), 0.5 * (mu_wm - mu_gm) * contrast
     mu_gm, mu_wm = middle - half, middle + half
-    texture = template.residual * np.clip(1.0 - (aged.csf - template.csf), 0.0, 1.0)
-    signal = aged.gm * mu_gm + aged.wm * mu_wm + aged.csf * mu_csf + texture
-    brain = template.brain
+    flat, index = template.flat, template.index
+    texture = flat["residual"] * np.clip(1.0 - (aged.csf - flat["csf"]), 0.0, 1.0)
+    tissue_signal = aged.gm * mu_gm + aged.wm * mu_wm + aged.csf * mu_csf + texture
+    push_mm = ventricle_push_mm(age)
+    # Skull-stripped heads are masked by the warped brain mask (channel 2), on the head grid.
+    source = np.zeros((2 if skull else 3, template.gm.size), dtype=np.float32)
     if skull:
+        # Inside the closed brain surface but outside the stripped brain: CSF.
+        source[0, index] = tissue_signal * flat["brain"] + flat["closed"] * (1.0 - flat["brain"]) * mu_csf
         band = template.shell_band
-        d = template.head_distance.ravel()[band]
+        d = template.head_distance.reshape(-1)[band]
         gap, bone, scalp, marrow, fat = (float(v) for v in shell)
         ramp = lambda edge: np.clip((d - edge) * (1.0 / 1.2) + 0.5, 0.0, 1.0)  # noqa: E731
         in_gap, in_bone, in_scalp, in_air = ramp(0.0), ramp(gap), ramp(gap + bone), ramp(gap + bone + scalp)
@@ -416,22 +432,21 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
         shell_signal = ((in_gap - in_bone) * (mu_csf * 0.8)
                         + (in_bone - in_scalp) * (mu_wm * 0.12 + mu_wm * marrow * diploe)
                         + (in_scalp - in_air) * (mu_wm * fat))
-        # Inside the closed brain surface but outside the stripped brain: CSF.
-        signal = signal * brain + template.closed * (1.0 - brain) * mu_csf
-        flat = signal.reshape(-1)
-        flat[band] = flat[band] * (1.0 - in_gap) + shell_signal
+        source[0, band] = source[0, band] * (1.0 - in_gap) + shell_signal
     else:
-        signal = signal * brain
-    push_mm = ventricle_push_mm(age)
+        source[0, index] = tissue_signal * flat["brain"]
+        source[2] = template.brain.reshape(-1)
     # Ageing map: tissue moved between classes, or volume change (|1 - Jacobian|, to first
     # order) from the ventricular push.
-    moved = np.maximum(aged.moved, np.minimum(push_mm * np.abs(template.push_divergence), 1.0))
-    # Skull-stripped heads are masked by the warped brain mask, on the head grid.
-    source = torch.from_numpy(np.stack([signal, moved] if skull else [signal, moved, brain]))[None]
-    tissue_channels = [brain, aged.gm, aged.wm, aged.csf, template.ventricles]
+    source[1, index] = np.maximum(aged.moved, np.minimum(push_mm * np.abs(flat["push_divergence"]), 1.0))
+    source = torch.from_numpy(source.reshape((-1,) + template.shape))[None]
+    tissue_source = np.zeros((6 if with_tissue else 5, template.gm.size), dtype=np.float32)
+    tissue_source[0] = template.brain.reshape(-1)
+    tissue_source[1, index], tissue_source[2, index], tissue_source[3, index] = aged.gm, aged.wm, aged.csf
+    tissue_source[4] = template.ventricles.reshape(-1)
     if with_tissue:
-        tissue_channels.append(template.regions)
-    tissue_source = torch.from_numpy(np.stack(tissue_channels))[None]
+        tissue_source[5] = template.regions.reshape(-1)
+    tissue_source = torch.from_numpy(tissue_source.reshape((-1,) + template.shape))[None]
 
     # --- geometry: output voxel -> world -> MNI (pose, size) -> deformations -> template voxel
     out_shape = tuple(int(round(f / spacing)) for f in FIELD_OF_VIEW_MM)
