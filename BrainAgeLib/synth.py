@@ -52,7 +52,7 @@ from .errors import BrainAgeError
 from .volume import Volume
 
 #: Output field of view (mm, R-L x A-P x S-I), centred on the world origin.
-FIELD_OF_VIEW_MM = (192.0, 224.0, 192.0)
+FIELD_OF_VIEW_MM = (200.0, 232.0, 200.0)
 #: MNI point (mm) placed at the world origin before the pose is applied: the head's centre.
 HEAD_CENTRE_MNI = (0.0, -18.0, 5.0)
 #: Spacing (mm) of the coarse grid on which the deformation is computed before upsampling.
@@ -400,6 +400,8 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
 
     sex = _check_inputs(age, sex, spacing)
     spacing = float(spacing)
+    if work_spacing is not None and not 1.0 <= float(work_spacing) <= 3.0:
+        raise SynthError(f"work_spacing must be 1-3 mm, got {work_spacing!r}")
     template = _template(float(work_spacing) if work_spacing else _working_spacing(spacing))
     draws = draw_subject(seed, sex)
     scale, anisotropy, translation = draws.scale, draws.anisotropy, draws.translation_mm
@@ -585,9 +587,11 @@ def write_phantom(spec: PhantomSpec, out_dir: Union[str, Path]) -> Dict[str, obj
     row_path = out_dir / "rows" / f"{spec.id}.json"
     if row_path.exists():
         try:
-            return json.loads(row_path.read_text())
-        except (OSError, ValueError):
-            pass  # a damaged sidecar: make the member again
+            row = json.loads(row_path.read_text())
+            if (out_dir / row["path"]).exists() and (out_dir / row["aging_map"]).exists():
+                return row
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged sidecar or a missing image: make the member again
     phantom = make_phantom(spec.age, spec.sex, spec.seed, spacing=spec.spacing, skull=spec.has_skull,
                            with_tissue=False)
     image_rel = Path("images") / f"{spec.id}_T1w.nii.gz"
