@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--seed", type=int, default=0, help="split and initialisation seed")
     parser.add_argument("--workers", type=int, default=1, help="processes preparing volumes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: torch's choice; 1 on a busy shared CPU)")
     parser.add_argument("--cache", default=None, help="slice/embedding cache folder (default OUT/cache)")
     parser.add_argument("--name", default=None, help="model name stored in the checkpoint")
     parser.add_argument("--intended-use", default=None, help="intended use stored in the checkpoint")
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     }
     config = TrainConfig(
         preset=args.preset, seed=args.seed, dora=args.dora, device=args.device, workers=args.workers,
+        threads=args.threads,
         cache_dir=args.cache, init_encoder=args.init_encoder,
         **{k: v for k, v in overrides.items() if v is not None},
     )

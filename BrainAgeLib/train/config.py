@@ -39,6 +39,7 @@ class TrainConfig:
     lr2: float = 5e-4
     # execution
     device: str = "cpu"
+    threads: Optional[int] = None        # torch intra-op threads per process (None: torch's default)
     workers: int = 1                     # processes preparing (preprocessing) volumes
     embed_batch_size: int = 64           # slices per forward pass when embedding
     cache_dir: Optional[str] = None      # slice/embedding cache (default: <out>/cache)

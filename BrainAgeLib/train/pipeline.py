@@ -8,6 +8,7 @@ A run lives in one folder (``--out``)::
     stage2/                  training_state.pt (per epoch)
     model.safetensors        the trained model + metadata (bias correction, metrics, data summary)
     predictions.csv          every subject: split, age, sex, predicted age, BAG, corrected BAG
+    heldout_predictions.csv  the val and test rows (for `brainage evaluate`: val is its reference)
     metrics.json             test metrics, baselines, timings
 
 ``stage="all"`` skips finished stages and resumes an interrupted one; naming one stage
@@ -55,11 +56,18 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class TrainingSubject:
+    """One scan: ``subject_id`` names the scan, ``participant`` the person (splits keep people whole)."""
+
     subject_id: str
     path: str
     age: float
     sex: str      # "F" or "M"
     sex_code: float
+    participant: str = ""
+
+    @property
+    def person(self) -> str:
+        return self.participant or self.subject_id
 
 
 def load_training_subjects(cohort_path: "str | os.PathLike") -> List[TrainingSubject]:
@@ -77,7 +85,8 @@ def load_training_subjects(cohort_path: "str | os.PathLike") -> List[TrainingSub
             raise CohortError(f"{cohort_path}: subject {sid!r} has no sex (F/M); stage-1 classes need it")
         if not Path(subject.path).exists():
             raise CohortError(f"{cohort_path}: subject {sid!r}: image {subject.path} does not exist")
-        subjects.append(TrainingSubject(sid, str(subject.path), float(subject.age), sex, SEX_CODES[sex]))
+        subjects.append(TrainingSubject(sid, str(subject.path), float(subject.age), sex, SEX_CODES[sex],
+                                        str(getattr(subject, "participant", "") or sid)))
     if len(subjects) < 3:
         raise CohortError(f"{cohort_path}: training needs at least 3 subjects, found {len(subjects)}")
     return subjects
@@ -106,6 +115,10 @@ def run_training(
     if stage not in STAGES:
         raise BrainAgeError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
     context = init_distributed(config.device)
+    if config.threads:
+        # On a shared or oversubscribed CPU one thread per process avoids OpenMP threads
+        # waiting on each other; several processes (workers, torchrun ranks) use the cores.
+        torch.set_num_threads(config.threads)
     log = log or _printer(context)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % (2 ** 32))
@@ -119,7 +132,7 @@ def run_training(
     subjects = load_training_subjects(cohort_path)
     by_id: Dict[str, List[TrainingSubject]] = {}
     for s in subjects:
-        by_id.setdefault(s.subject_id, []).append(s)
+        by_id.setdefault(s.person, []).append(s)
     state = RunState(run_dir)
     split = None
     if "split" in state.data:
@@ -129,7 +142,7 @@ def run_training(
             split = None
             state.data["stages"] = {}
     if split is None:
-        split = split_subjects([s.subject_id for s in subjects], [s.age for s in subjects], config.seed,
+        split = split_subjects([s.person for s in subjects], [s.age for s in subjects], config.seed,
                                config.val_fraction, config.test_fraction)
     if context.is_main:
         state.data.update({"split": split.to_dict(), "config": config.to_dict(), "preset": preset.to_dict(),
@@ -317,6 +330,8 @@ def _finish(model, groups, sets, predictions, entries, cache, config, state, res
                 "corrected_brain_age_gap": f"{float(correction.corrected_gap(predicted, s.age)):.4f}",
             })
     _write_csv(run_dir / "predictions.csv", rows)
+    # held-out rows only: `brainage evaluate` fits the bias correction on "val", scores "test"
+    _write_csv(run_dir / "heldout_predictions.csv", [r for r in rows if r["split"] != "train"])
 
     ages = np.array([s.age for name in SPLITS for s in groups[name]])
     sexes = [s.sex for name in SPLITS for s in groups[name]]

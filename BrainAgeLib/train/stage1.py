@@ -212,7 +212,7 @@ def train_stage1(
     for epoch in range(start_epoch, config.epochs1):
         ddp.train()
         sampler.set_epoch(epoch)
-        loss_sum, batches = 0.0, 0
+        loss_sum, batches, epoch_started = 0.0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"stage 1 epoch {epoch + 1}/{config.epochs1}", disable=not (progress and context.is_main),
                    mininterval=2.0, leave=False)
         for slices, labels in bar:
@@ -227,7 +227,8 @@ def train_stage1(
             loss_sum += loss.item()
             batches += 1
             bar.set_postfix(loss=f"{loss_sum / batches:.3f}")
-        record = {"epoch": epoch, "train_loss": loss_sum / max(batches, 1)}
+        record = {"epoch": epoch, "train_loss": loss_sum / max(batches, 1),
+                  "train_seconds": time.perf_counter() - epoch_started}
         if context.is_main:
             record.update(evaluate_classifier(classifier, val_set, device))
             improved = record["val_loss"] < best["val_loss"]
@@ -241,7 +242,8 @@ def train_stage1(
                 "history": history, "best_model": best_weights,
             })
             log(f"stage 1 epoch {epoch + 1}/{config.epochs1}: train loss {record['train_loss']:.4f}, "
-                f"val loss {record['val_loss']:.4f}, val accuracy {record['val_accuracy']:.3f}"
+                f"val loss {record['val_loss']:.4f}, val accuracy {record['val_accuracy']:.3f} "
+                f"({record['train_seconds']:.0f} s)"
                 + ("  (best)" if improved else ""))
         context.barrier()
 
