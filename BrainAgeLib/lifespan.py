@@ -14,7 +14,7 @@ Curves (ratios relative to age 20 unless stated)
   *Rev. Neurosci.* 21:187 (ventricles the structure with the largest relative change);
   Walhovd et al. 2011, *Neurobiol. Aging* 32:916 (ventricle curves over 18-94 years).
 - **Grey-matter loss** (fraction of the template's GM turned into sulcal CSF) is near-linear
-  and slightly accelerating: ``0.0026 (t-20) + 0.00002 (t-20)^2``, i.e. ~8% at 50, ~27% at 90.
+  and slightly accelerating: ``0.0026 (t-20) + 0.00002 (t-20)^2``, i.e. ~10% at 50, ~28% at 90.
   Sources: Bethlehem et al. 2022 (GMV declines steadily from its peak in childhood);
   Fjell & Walhovd 2010 (cortical thinning ~0.5%/year from young adulthood).
 - **Regional grey-matter loss** is :data:`REGIONAL_GM_FACTOR` times faster in the regions of

@@ -13,8 +13,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from BrainAgeLib import lifespan
-from BrainAgeLib.synth import (FIELD_OF_VIEW_MM, HEAD_SCALE, SynthError, cohort_specs, draw_subject,
-                               make_cohort, make_phantom, template_dir)
+from BrainAgeLib.synth import (FIELD_OF_VIEW_MM, HEAD_SCALE, SynthError, aging_region_map, cohort_specs,
+                               draw_subject, make_cohort, make_phantom, template_dir)
 
 pytest.importorskip("nilearn")
 SPACING = 2.0
@@ -188,6 +188,24 @@ def test_cohort_is_written_readable_and_resumes(tmp_path):
     make_cohort(3, tmp_path / "cohort", seed=5, spacing=3.0, progress=False)
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "cohort" / "images").iterdir()}
     assert not [p for p in (tmp_path / "cohort").rglob("*") if p.name.startswith(".")]
+    # A member whose image went missing is made again, identical.
+    before = subjects[2].path.read_bytes()
+    subjects[2].path.unlink()
+    make_cohort(3, tmp_path / "cohort", seed=5, spacing=3.0, progress=False)
+    assert subjects[2].path.read_bytes() == before
+
+
+def test_age_independent_region_map_in_mni_space():
+    regions = aging_region_map(spacing=2.0)
+    assert 0.0 <= regions.array.min() and regions.array.max() <= 1.0
+
+    def value_at(x, y, z):
+        i, j, k = np.round(np.linalg.inv(regions.affine) @ [x, y, z, 1])[:3].astype(int)
+        return float(regions.array[i, j, k])
+
+    assert value_at(0, -62, -22) > 0.5  # cerebellar vermis
+    assert value_at(-40, -22, 56) > 0.3  # left precentral gyrus
+    assert value_at(0, -100, 6) == pytest.approx(0.0, abs=1e-3)  # occipital pole: not an ageing region
 
 
 def test_synth_command_line(tmp_path, capsys):
