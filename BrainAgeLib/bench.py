@@ -159,7 +159,6 @@ def run_benchmark(
     from .preprocess import prepare
 
     target = resolve_device(device)
-    dtype = autocast_dtype(target, precision)
     explain_slices = None
     if explain:
         try:
@@ -182,6 +181,7 @@ def run_benchmark(
     model = build_model(preset, seed=0).to(target).eval()
     build_s = time.perf_counter() - tic
     config = model.config
+    dtype = autocast_dtype(target, precision, cpu_bf16_validated=model.cpu_bf16_validated)
     batch = slice_batch_size(target, config, config.n_slices)
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)

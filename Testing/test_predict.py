@@ -172,7 +172,9 @@ def test_autocast_policy():
     cpu = torch.device("cpu")
     assert autocast_dtype(cpu, "fp32") is None
     assert autocast_dtype(cpu, "bf16") is torch.bfloat16
-    assert autocast_dtype(cpu, "auto") is (torch.bfloat16 if cpu_supports_bf16() else None)
+    assert autocast_dtype(cpu, "auto") is None  # bf16 on the CPU only for a model validated in bf16
+    assert autocast_dtype(cpu, "auto", cpu_bf16_validated=True) is (torch.bfloat16 if cpu_supports_bf16() else None)
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.float16
     with pytest.raises(BrainAgeError, match="unknown precision"):
         autocast_dtype(cpu, "int8")
     assert slice_batch_size(cpu, PRESETS["paper"], 160) == 32
@@ -200,11 +202,25 @@ def test_bf16_stays_within_a_tenth_of_a_year_of_fp32_on_a_demo_sized_model(mni_3
     with torch.no_grad():
         fp32 = model.embed(slices, precision="fp32", device="cpu")
         bf16 = model.embed(slices, precision="bf16", device="cpu")
-        relative = ((bf16 - fp32).norm() / fp32.norm()).item()
-        ages = {sex: (model.regress(fp32, sex).item(), model.regress(bf16, sex).item()) for sex in ("F", "M")}
+    relative = ((bf16 - fp32).norm() / fp32.norm()).item()
     assert 0 < relative < 0.02  # bf16 really ran, and kept ~2 significant digits
-    for fp32_age, bf16_age in ages.values():
-        assert abs(bf16_age - fp32_age) < 0.1
+    assert not model.cpu_bf16_validated
+    worst = model.measure_bf16_agreement([slices, slices[::-1].copy()], ["F", "M"])
+    assert 0 < worst < 0.1
+    assert model.metadata["cpu_bf16_max_abs_diff_years"] == worst and model.cpu_bf16_validated
+
+
+def test_auto_precision_follows_the_recorded_bf16_agreement(mni_3mm, tmp_path):
+    model = build_model("tiny", seed=0)
+    model.metadata["cpu_bf16_max_abs_diff_years"] = 0.3  # too far from fp32: stay in fp32
+    slices = torch.rand(16, 32, 32, generator=torch.Generator().manual_seed(4))
+    fp32 = model.embed(slices, precision="fp32")
+    assert torch.equal(model.embed(slices), fp32)
+    model.metadata["cpu_bf16_max_abs_diff_years"] = 0.02
+    reloaded = load_model(model.save(tmp_path / "validated.safetensors"))
+    assert reloaded.cpu_bf16_validated
+    if cpu_supports_bf16():
+        assert not torch.equal(reloaded.embed(slices), fp32)  # auto now runs bf16
 
 
 @pytest.mark.skipif(not REGISTRY["demo"].local_path().exists(), reason="the bundled demo model is not built yet")

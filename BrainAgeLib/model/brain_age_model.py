@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from ..bias_correction import BiasCorrection
-from ..devices import DeviceLike, autocast, autocast_dtype, resolve_device, slice_batch_size, to_device
+from ..devices import (
+    CPU_BF16_TOLERANCE_YEARS, DeviceLike, autocast, autocast_dtype, resolve_device, slice_batch_size, to_device,
+)
 from ..errors import BrainAgeError
 from ..presets import ModelConfig, get_preset
 from ..result import Result
@@ -33,6 +35,9 @@ SexLike = Union[str, None, Sequence[Optional[str]], torch.Tensor, np.ndarray]
 #: The regressor input for "unknown": with sex entering only the (linear) last layer, the
 #: prediction at 0.5 *is* the mean of the female and male predictions.
 UNKNOWN_SEX_CODE = 0.5
+
+#: Metadata key: largest |age(bf16) - age(fp32)| in years measured on validation scans.
+BF16_AGREEMENT_KEY = "cpu_bf16_max_abs_diff_years"
 
 
 def class_names(config: ModelConfig) -> List[str]:
@@ -90,6 +95,36 @@ class BrainAgeModel(nn.Module):
     def class_names(self) -> List[str]:
         return class_names(self.config)
 
+    @property
+    def cpu_bf16_validated(self) -> bool:
+        """Whether this model's metadata shows bf16 autocast within 0.1 years of fp32 (see devices)."""
+        measured = self.metadata.get(BF16_AGREEMENT_KEY)
+        return measured is not None and float(measured) <= CPU_BF16_TOLERANCE_YEARS
+
+    def measure_bf16_agreement(self, slice_stacks: Sequence[Union[np.ndarray, torch.Tensor]],
+                               sexes: Optional[Sequence[str]] = None, record: bool = True) -> float:
+        """Largest |age(bf16) - age(fp32)| in years over the given subjects' slices, on the CPU.
+
+        Run it on validation scans after training: with ``record`` the value goes into the
+        metadata (saved with the checkpoint), and "auto" precision then uses bf16 on CPUs with
+        native bf16 only if it is at most 0.1 years.
+        """
+        sexes = list(sexes) if sexes is not None else ["unknown"] * len(slice_stacks)
+        was_training = self.training
+        self.eval()
+        worst = 0.0
+        try:
+            with torch.no_grad():
+                for slices, sex in zip(slice_stacks, sexes):
+                    fp32 = self.regress(self.embed(slices, device="cpu", precision="fp32"), sex)
+                    bf16 = self.regress(self.embed(slices, device="cpu", precision="bf16"), sex)
+                    worst = max(worst, abs(float(bf16) - float(fp32)))
+        finally:
+            self.train(was_training)
+        if record:
+            self.metadata[BF16_AGREEMENT_KEY] = worst
+        return worst
+
     def save(self, path: Union[str, Path], metadata: Optional[Dict[str, Any]] = None) -> Path:
         """Write a safetensors checkpoint (weights + this model's metadata, updated by ``metadata``)."""
         from ..checkpoint import save_checkpoint
@@ -145,7 +180,7 @@ class BrainAgeModel(nn.Module):
                 f"model {self.name!r} expects slices [S, {size}, {size}], got shape {tuple(x.shape)}")
         x = x.to(torch.float32)
         n = int(x.shape[0])
-        dtype = autocast_dtype(target, precision)
+        dtype = autocast_dtype(target, precision, cpu_bf16_validated=self.cpu_bf16_validated)
         step = int(batch_size or slice_batch_size(target, self.config, n))
         pieces: List[Tuple[torch.Tensor, ...]] = []
         was_training = self.encoder.training
