@@ -177,3 +177,20 @@ def test_colin27_skull_strip_matches_its_extracted_brain(colin27, colin27_truth)
     assert score > 0.93, f"Dice {score:.3f} against ch2better"
     volume_ml = result.brain_mask.sum() * np.prod(colin27.spacing) / 1000
     assert 1400 < volume_ml < 2000
+
+
+def test_small_synthetic_head_is_not_fitted_to_its_scalp():
+    """A brain 18 % smaller (linear) than MNI152 inside a bright scalp: from a template-sized
+    start the registration once locked onto the scalp; the smaller start must win."""
+    pytest.importorskip("torch")
+    from BrainAgeLib.synth import make_phantom
+
+    phantom = make_phantom(40, "F", 1, spacing=2.0, skull=True)
+    tissue = phantom.tissue
+    truth = (tissue["gm"].array + tissue["wm"].array + tissue["csf"].array) > 0.5
+    assert truth.sum() * 8 / 1000 < 1100      # ml: a small brain (MNI152's is ~1890)
+    result = skull_strip(phantom.volume, registration_spacing_mm=3.0)
+    score = dice(result.brain_mask, truth)
+    print(f"small phantom skull strip: Dice {score:.3f}")
+    assert score > 0.9
+    assert abs(result.brain_mask.sum() / truth.sum() - 1) < 0.2
