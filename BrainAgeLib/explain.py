@@ -35,6 +35,7 @@ activation and never lets a negative gradient (from either factor) through.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -103,7 +104,10 @@ def slice_saliency(regressor: nn.Module, embeddings: torch.Tensor, sex_value: fl
     was_training = regressor.training
     regressor.eval()
     try:
-        with torch.enable_grad(), guided_backprop(regressor):
+        with torch.enable_grad(), guided_backprop(regressor), warnings.catch_warnings():
+            # CUDA: the backward pass runs on autograd's own thread, whose first cuBLAS call
+            # warns that it had to set the (already existing) CUDA context; harmless.
+            warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
             age = regressor(x, sex)
             (grad,) = torch.autograd.grad(age.sum(), x)
     finally:
