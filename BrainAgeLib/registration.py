@@ -163,13 +163,14 @@ def register_to_template(
 ) -> RegistrationResult:
     """Affinely align ``volume`` (any orientation, RAS affine) with the MNI152 ``template``.
 
-    Mattes mutual information (32 bins, every voxel) measured on the template inside its brain
-    mask grown by ``mask_margin_mm``; multi-resolution (``shrink_factors`` of a ``spacing_mm``
-    grid). A similarity transform (rotation, translation, one scale) is fitted first from each
-    of ``initial_scales`` (default 0.85, 1.0 for a whole head: brains are up to ~20 % smaller
-    than MNI152, and from a too-large start the template can lock onto the scalp), the best by
-    mutual information is kept, then with ``transform="affine"`` a 12-parameter affine is
-    started from it at the two finest levels.
+    Mattes mutual information (32 bins) measured on every template voxel inside its brain mask
+    grown by ``mask_margin_mm``; multi-resolution (``shrink_factors`` of a ``spacing_mm`` grid).
+    A similarity transform (rotation, translation, one scale) is fitted first from each of
+    ``initial_scales`` (template sizes to start from; default 1.0) and the best by mutual
+    information is kept; then, with ``transform="affine"``, a 12-parameter affine is started
+    from it at the two finest levels. (Random sampling of half the voxels was tried first: at
+    the coarsest level that leaves ~700 samples, and one small synthetic head in five locked
+    onto its scalp; with every voxel, twelve of twelve converged from 0.85 and from 1.0 alike.)
     Returns the 4x4 RAS -> RAS map from input world coordinates to template world coordinates.
     """
     started = time.perf_counter()
@@ -177,7 +178,7 @@ def register_to_template(
     if transform not in ("affine", "similarity"):
         raise ValueError(f"transform must be 'affine' or 'similarity', got {transform!r}")
     if initial_scales is None:
-        initial_scales = (0.85, 1.0) if with_skull else (1.0,)
+        initial_scales = (1.0,)
     fixed_volume = resample_to_spacing(template.t1, spacing_mm)
     mask_volume = resample_to_spacing(Volume(template.brain_mask.array.astype(np.float32),
                                              template.brain_mask.affine), spacing_mm)
@@ -198,8 +199,8 @@ def register_to_template(
     def run(initial: sitk.Transform, levels: Sequence[int]) -> tuple:
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-        method.SetMetricSamplingStrategy(method.NONE)   # all voxels: deterministic, and the
-        method.SetMetricFixedMask(mask_image)            # coarse levels have only a few thousand
+        method.SetMetricSamplingStrategy(method.NONE)   # every voxel (see the docstring)
+        method.SetMetricFixedMask(mask_image)
         method.SetInterpolator(sitk.sitkLinear)
         method.SetOptimizerAsRegularStepGradientDescent(
             learningRate=2.0, minStep=1e-3, numberOfIterations=iterations,
