@@ -32,11 +32,14 @@ t0=$(now)
 "${BRAINAGE[@]}" synth --n "$N_PHANTOMS" --out phantoms --seed "$COHORT_SEED" --spacing 1.5 2.0 \
     --skull-fraction 0.5 --workers "$WORKERS"
 t1=$(now)
-"${BRAINAGE[@]}" train phantoms/cohort.csv --out run --preset demo --seed "$SPLIT_SEED" --workers "$WORKERS" \
-    --epochs1 12 --lr1 3e-4 --warmup1 200 --schedule1 cosine --batch-size1 32 \
-    --epochs2 200 --lr2 5e-4 --batch-size2 16 \
+# two DDP processes with one torch thread each (torchrun, gloo): both cores busy without OpenMP
+# threads waiting on each other; the ranks share preparing, embedding and the batches
+torchrun --nproc-per-node 2 -m BrainAgeLib train phantoms/cohort.csv --out run --preset demo \
+    --seed "$SPLIT_SEED" --workers 1 --threads 1 \
+    --epochs1 12 --lr1 5e-4 --warmup1 200 --schedule1 cosine --batch-size1 32 \
+    --epochs2 150 --lr2 5e-4 --batch-size2 32 \
     --name "BrainAge demo (synthetic phantoms)" --demo \
-    --intended-use "demonstration and software testing only; trained on synthetic phantoms, NOT for clinical or research use on real people"
+    --intended-use "demonstration and software testing only; trained on synthetic phantoms, NOT for clinical use or for research on real people"
 t2=$(now)
 "${BRAINAGE[@]}" evaluate run/heldout_predictions.csv --out evaluation
 t3=$(now)
