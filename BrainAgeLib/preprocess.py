@@ -61,6 +61,13 @@ from .volume import Volume
 
 PresetLike = Union[str, ModelConfig, PreprocessConfig]
 
+# Plausible brain volumes after skull stripping (ml): a newborn's is ~400, an adult's 1000-1900.
+MIN_BRAIN_ML = 250.0
+MAX_BRAIN_ML = 3000.0
+# Mutual information with the template below which the input is not a head at all (noise gives
+# ~0.01, a uniform ball ~0.25, T1 heads 0.6 (Colin27) to 1.2 (synthetic phantoms)).
+MIN_MUTUAL_INFORMATION = 0.15
+
 
 def preprocess_config(preset: PresetLike) -> PreprocessConfig:
     """The ``PreprocessConfig`` of a preset name, a ``ModelConfig`` or a ``PreprocessConfig``."""
@@ -129,6 +136,19 @@ def skull_strip(
 ) -> Tuple[Volume, np.ndarray, np.ndarray]:
     """Brain only: (stripped volume with 0 outside the brain, brain mask, input->template 4x4)."""
     result = _skull_strip_mask(volume, registration_spacing_mm=registration_spacing_mm)
+    if result.registration.metric > -MIN_MUTUAL_INFORMATION:
+        raise InvalidVolumeError(
+            f"the volume does not match the MNI152 brain template (mutual information "
+            f"{-result.registration.metric:.2f}, a T1-weighted head gives 0.5-1.2): is this a "
+            "T1-weighted head MRI?"
+        )
+    brain_ml = float(np.count_nonzero(result.brain_mask)) * float(np.prod(volume.spacing)) / 1000.0
+    if not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
+        raise InvalidVolumeError(
+            f"skull stripping found a brain of {brain_ml:.0f} ml (expected {MIN_BRAIN_ML:.0f}-"
+            f"{MAX_BRAIN_ML:.0f} ml): is this a T1-weighted head MRI? If it is skull-stripped "
+            "already, say so (skull_stripped=True)"
+        )
     stripped = np.where(result.brain_mask, volume.array, 0.0).astype(np.float32)
     return Volume(stripped, volume.affine), result.brain_mask, result.registration.input_to_template
 

@@ -212,7 +212,9 @@ def test_marker_maps_through_prepare_and_back_to_where_it_was(mni_2mm):
     np.testing.assert_array_equal(back.affine, head.affine)
     weights = np.where(back.array > 0.5 * back.array.max(), back.array, 0)
     found_voxel = (np.argwhere(weights) * weights[weights > 0][:, None]).sum(0) / weights.sum()
-    assert np.linalg.norm(head.voxel_to_world(found_voxel) - marker_ras) < 2.0
+    error_mm = np.linalg.norm(head.voxel_to_world(found_voxel) - marker_ras)
+    print(f"marker: {error_mm:.2f} mm from where it was")
+    assert error_mm < 2.0
 
     # and in model space the marker is where world_to_model says
     peak = np.array(np.unravel_index(np.argmax(ndimage.gaussian_filter(difference, 1)),
@@ -282,6 +284,13 @@ def test_bad_volumes_are_refused_with_a_clear_error(mni_2mm):
         prepare(mni_2mm, PreprocessConfig(skull_strip="bet"))
 
 
+def test_a_volume_that_is_no_head_is_refused_by_skull_stripping(rng):
+    """A box of noise: nothing in it matches the template's brain."""
+    noise = Volume(rng.random((60, 60, 60)).astype(np.float32) * 100, np.diag([3.0, 3, 3, 1]))
+    with pytest.raises(InvalidVolumeError, match="does not match the MNI152 brain template"):
+        prepare(noise, HEAD)
+
+
 # ------------------------------------------------------------------------------------------
 # The paper preset at 1 mm (the one slow test)
 # ------------------------------------------------------------------------------------------
@@ -310,3 +319,19 @@ def test_profile_prepare_reports_time_and_memory_per_step(mni_2mm):
     assert profile.peak_traced_mb["crop_to_largest_component"] > 0
     assert profile.peak_rss_mb >= profile.baseline_rss_mb > 0
     assert "total" in profile.table()
+
+
+def test_a_brain_of_implausible_size_is_refused(mni_2mm, monkeypatch):
+    """If stripping ever returns a brain far from 250-3000 ml, prepare stops with a clear error
+    instead of feeding the model a sliver (the stripping itself is replaced here)."""
+    import BrainAgeLib.preprocess as preprocess
+    from BrainAgeLib.registration import RegistrationResult
+    from BrainAgeLib.skull_strip import SkullStripResult
+
+    sliver = np.zeros(mni_2mm.shape, dtype=bool)
+    sliver[40:50, 40:50, 40:50] = True                       # 8 ml
+    registration = RegistrationResult(np.eye(4), metric=-0.8, iterations=10, seconds=0.1)
+    monkeypatch.setattr(preprocess, "_skull_strip_mask",
+                        lambda volume, **kw: SkullStripResult(sliver, registration))
+    with pytest.raises(InvalidVolumeError, match="found a brain of 8 ml"):
+        prepare(mni_2mm, NO_N4, skull_stripped=False)
