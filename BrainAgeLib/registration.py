@@ -109,7 +109,8 @@ def _world_points(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return ijk @ affine[:3, :3].T + affine[:3, 3]
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected component of a binary mask."""
     labels, n = ndimage.label(mask)
     if n <= 1:
         return mask.astype(bool)
@@ -123,7 +124,7 @@ def foreground_mask(volume: Volume) -> np.ndarray:
     data = np.asarray(volume.array, dtype=np.float32)
     image = sitk.GetImageFromArray(data)
     mask = sitk.GetArrayFromImage(sitk.OtsuThreshold(image, 0, 1, 128)).astype(bool)
-    mask = _largest_component(mask)
+    mask = largest_component(mask)
     return ndimage.binary_fill_holes(mask)
 
 

@@ -6,8 +6,14 @@
    mask are kept; in a band around its edge (``REFINE_OUTSIDE_MM`` out, ``REFINE_INSIDE_MM``
    in) only voxels brighter than the Otsu threshold between CSF/skull and brain tissue are
    kept; a small opening cuts thin bridges to dura and scalp; the largest component, closed
-   and with holes filled, is the brain. On Colin27 (ch2 vs the ch2better brain) this raises
-   the Dice from about 0.92 (carried mask alone) to about 0.95.
+   and with holes filled, is the brain.
+
+Against Colin27's extracted brain (ch2better) the carried mask alone scores Dice 0.92 and the
+refined one 0.96 (0.957 after a 10 degree / 10 mm motion; 0.94 for Colin27 placed in a
+256 x 256 x 200 mm field with a synthetic neck, noise and bias, moved by up to 15 degrees and
+20 mm). The refinement removes the dark CSF at the brain's surface, as ch2better (and most
+brain-extraction tools) do; against masks that keep that CSF (BrainAgeLib.synth phantoms'
+gm + wm + csf) it lowers the Dice, from 0.97-0.98 to 0.88-0.96.
 
 Inputs that are already skull-stripped are recognised by ``detect_skull_stripped`` (a
 constant background touching a brain-sized foreground) and left alone.
@@ -21,7 +27,12 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .registration import RegistrationResult, register_to_template, resample_template_mask
+from .registration import (
+    RegistrationResult,
+    largest_component,
+    register_to_template,
+    resample_template_mask,
+)
 from .template import Template, load_template
 from .volume import Volume
 
@@ -37,15 +48,6 @@ MIN_BACKGROUND_SHELL_FRACTION = 0.9
 class SkullStripResult:
     brain_mask: np.ndarray                   # bool, on the input's voxel grid
     registration: Optional[RegistrationResult]
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
 
 
 def _mask_image(mask: np.ndarray, spacing) -> sitk.Image:
@@ -82,7 +84,7 @@ def detect_skull_stripped(volume: Volume) -> bool:
     foreground = data > background
     if not foreground.any():
         return False
-    foreground = ndimage.binary_fill_holes(_largest_component(foreground))
+    foreground = ndimage.binary_fill_holes(largest_component(foreground))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     if foreground.sum() * voxel_ml > MAX_BRAIN_VOLUME_ML:
         return False
