@@ -75,7 +75,7 @@ test, base, stages = metrics["test"], metrics["baselines"], run["stages"]
 ci = test.get("mae_ci95") or [float("nan"), float("nan")]
 cfg = run["config"]
 size_mb = (models / "brainage_demo.safetensors").stat().st_size / 1e6
-card = f"""# BrainAge demo model (`load_model("demo")`)
+card = """# BrainAge demo model (`load_model("demo")`)
 
 > **Trained on synthetic phantoms, not on people. For demonstration and software testing only;
 > NOT for clinical use, and its numbers say nothing about real brains.**
@@ -130,7 +130,7 @@ phantoms in every way the phantoms do not model. For real data, train on your ow
 `Resources/Samples/{sample}`: a phantom of age {sage:g}, sex {ssex}, seed {sseed}, 2 mm, with skull
 (not in the training set); `brainage demo` predicts its age.
 """.format(
-    N=run["training_data_n"] if "training_data_n" in run else sum(len(run["split"][k]) for k in ("train", "val", "test")),
+    N=sum(len(run["split"][k]) for k in ("train", "val", "test")),
     seed=2026, split_seed=run["split"]["seed"], ntr=len(run["split"]["train"]), nva=len(run["split"]["val"]),
     nte=len(run["split"]["test"]), e1=cfg["epochs1"], lr1=cfg["lr1"], warm=cfg["warmup_steps1"], b1=cfg["batch_size1"],
     s1best=stages["1"]["best_epoch"], s1acc=stages["1"]["best_val_accuracy"], ncls=2 * (len(run["preset"]["age_bin_edges"]) - 1),
@@ -141,7 +141,7 @@ phantoms in every way the phantoms do not model. For real data, train on your ow
     cmae=test["corrected_mae"], total=timings["total_s"] / 60, ts=timings["synth_s"] / 60, tt=timings["train_s"] / 60,
     tp=timings.get("train.prepare_s", 0) / 60, t1s=timings.get("train.stage1_s", 0) / 60, te=timings.get("train.embed_s", 0) / 60,
     t2s=timings.get("train.stage2_s", 0) / 60, tev=timings["evaluate_s"] / 60,
-    sample=SAMPLE_FILE[-1], sage=SAMPLE_AGE, ssex=SAMPLE_SEX, sseed=SAMPLE_SEED,
+    sample=SAMPLE_FILE[-1], sage=SAMPLE_AGE, ssex=SAMPLE_SEX, sseed=SAMPLE_SEED, size_mb=size_mb,
 )
 (models / "brainage_demo.md").write_text(card)
 print(json.dumps(timings, indent=2))
