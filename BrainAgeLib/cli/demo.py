@@ -56,7 +56,6 @@ def generated_head(age: float, sex: str, seed: int, skull: bool = True):
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
-    from ..result import DEMO_DISCLAIMER
 
     if args.generate or args.age is not None or args.sex is not None or args.seed is not None:
         age = 67.0 if args.age is None else args.age
@@ -77,6 +76,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"Head: {description}; true age {age:g} years, sex {sex}")
     print(result.summary())
     if not result.model_is_demo:
-        print(f"NOTE: the sample head is synthetic. {DEMO_DISCLAIMER}")
+        print("NOTE: the head is a synthetic phantom, not a scan of a person.")
     print(f"Time: {result.timings.get('total', float('nan')):.1f} s")
     return 0
