@@ -6,6 +6,12 @@
   very slices the network sees. Ventricle and sulcal widening and grey-matter loss are the
   textbook correlates of age, so this is the classical volumetric approach a deep model is
   measured against.
+- **Ridge on the cohort's own volumes**: when the cohort table carries tissue volumes in mL
+  (columns ``gm_ml``, ``wm_ml``, ``csf_ml``, ``ventricles_ml``, ``brain_ml``, e.g. from a
+  FreeSurfer run, or the exact volumes ``brainage synth`` writes for its phantoms), the same
+  ridge on those volumes expressed as fractions of the brain volume. For phantoms these are the
+  generator's ground truth, so this is an upper bound for any volumetric method, not a rival
+  that sees only the image.
 
 Tissue classes come from a three-class 1-D k-means of the foreground intensities of the
 prepared (skull-stripped, per-slice min-max scaled) slices: T1 contrast orders them
@@ -64,6 +70,26 @@ def tissue_features(slices: np.ndarray, brain_volume_ml: Optional[float] = None)
     return features
 
 
+#: Cohort-table columns (mL) used by the "cohort volumes" ridge when every subject has them.
+COHORT_VOLUME_COLUMNS = ("gm_ml", "wm_ml", "csf_ml", "ventricles_ml", "brain_ml")
+
+
+def cohort_volume_features(values: Dict[str, str]) -> Optional[Dict[str, float]]:
+    """Volume fractions (of ``brain_ml``) and log ventricle volume from a row's mL columns, or None."""
+    try:
+        volumes = {name: float(values[name]) for name in COHORT_VOLUME_COLUMNS if name in values}
+    except (TypeError, ValueError):
+        return None
+    if "brain_ml" not in volumes or len(volumes) < 2 or volumes["brain_ml"] <= 0:
+        return None
+    brain = volumes.pop("brain_ml")
+    features = {f"{name[:-3]}_fraction": value / brain for name, value in volumes.items()}
+    features["brain_ml"] = brain
+    if volumes.get("ventricles_ml", 0) > 0:
+        features["log_ventricles_ml"] = float(np.log(volumes["ventricles_ml"]))
+    return features
+
+
 @dataclass
 class BaselineResult:
     """Test-split MAE (years) of the reference predictors."""
@@ -73,10 +99,14 @@ class BaselineResult:
     ridge_mae: float
     ridge_alpha: float
     ridge_features: Sequence[str]
+    cohort_volumes_ridge_mae: Optional[float] = None
+    cohort_volumes_features: Optional[Sequence[str]] = None
 
     def to_dict(self) -> Dict[str, object]:
         data = asdict(self)
         data["ridge_features"] = list(self.ridge_features)
+        if self.cohort_volumes_features is not None:
+            data["cohort_volumes_features"] = list(self.cohort_volumes_features)
         return data
 
 
@@ -100,27 +130,39 @@ def run_baselines(
 ) -> BaselineResult:
     """Fit both baselines on the training split (ridge alpha chosen on validation), score the test split.
 
-    Each split is a dict with ``age`` (years), ``sex`` (M=0, F=1) and ``features`` (a list of
-    :func:`tissue_features` dicts).
+    Each split is a dict with ``age`` (years), ``sex`` (M=0, F=1), ``features`` (a list of
+    :func:`tissue_features` dicts) and optionally ``volumes`` (a list of
+    :func:`cohort_volume_features` dicts, or Nones).
     """
-    names = [n for n in TISSUE_FEATURES if all(n in f for split in (train, val, test) for f in split["features"])]
+    splits = (train, val, test)
+    names = [n for n in TISSUE_FEATURES if all(n in f for split in splits for f in split["features"])]
     names += [n for n in ("csf_ml", "gm_ml", "wm_ml", "brain_ml")
-              if all(n in f for split in (train, val, test) for f in split["features"])]
+              if all(n in f for split in splits for f in split["features"])]
+    mean_age = float(np.mean(np.asarray(train["age"], dtype=np.float64)))
+    mean_mae = float(np.mean(np.abs(np.asarray(test["age"], dtype=np.float64) - mean_age)))
+    ridge_mae, alpha = _ridge_mae(splits, "features", names)
+    result = BaselineResult(mean_mae, mean_age, ridge_mae, alpha, names + ["sex"])
+    volumes = [split.get("volumes") for split in splits]
+    if all(v is not None and all(f is not None for f in v) for v in volumes):
+        volume_names = [n for n in volumes[0][0] if all(n in f for v in volumes for f in v)]
+        if volume_names:
+            result.cohort_volumes_ridge_mae, _ = _ridge_mae(splits, "volumes", volume_names)
+            result.cohort_volumes_features = volume_names + ["sex"]
+    return result
+
+
+def _ridge_mae(splits, key: str, names: Sequence[str]):
+    """Test MAE of a ridge on ``names`` (+ sex), alpha chosen by validation MAE."""
+    train, val, test = splits
     y_train = np.asarray(train["age"], dtype=np.float64)
     y_val = np.asarray(val["age"], dtype=np.float64)
     y_test = np.asarray(test["age"], dtype=np.float64)
-    mean_age = float(y_train.mean())
-    mean_mae = float(np.mean(np.abs(y_test - mean_age)))
-    x_train = _design(train["features"], names, np.asarray(train["sex"], dtype=np.float64))
-    x_val = _design(val["features"], names, np.asarray(val["sex"], dtype=np.float64))
-    x_test = _design(test["features"], names, np.asarray(test["sex"], dtype=np.float64))
+    x_train, x_val, x_test = (_design(s[key], names, np.asarray(s["sex"], dtype=np.float64)) for s in splits)
     best = None
     for alpha in (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0):
         predict = ridge_fit(x_train, y_train, alpha)
         mae = float(np.mean(np.abs(predict(x_val) - y_val)))
         if best is None or mae < best[0]:
             best = (mae, alpha)
-    alpha = best[1]
-    predict = ridge_fit(np.vstack([x_train]), y_train, alpha)
-    ridge_mae = float(np.mean(np.abs(predict(x_test) - y_test)))
-    return BaselineResult(mean_mae, mean_age, ridge_mae, alpha, names + ["sex"])
+    predict = ridge_fit(x_train, y_train, best[1])
+    return float(np.mean(np.abs(predict(x_test) - y_test))), best[1]

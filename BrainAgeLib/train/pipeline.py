@@ -64,6 +64,7 @@ class TrainingSubject:
     sex: str      # "F" or "M"
     sex_code: float
     participant: str = ""
+    extra: Optional[Dict[str, str]] = None  # other cohort columns (e.g. tissue volumes in mL)
 
     @property
     def person(self) -> str:
@@ -86,7 +87,8 @@ def load_training_subjects(cohort_path: "str | os.PathLike") -> List[TrainingSub
         if not Path(subject.path).exists():
             raise CohortError(f"{cohort_path}: subject {sid!r}: image {subject.path} does not exist")
         subjects.append(TrainingSubject(sid, str(subject.path), float(subject.age), sex, SEX_CODES[sex],
-                                        str(getattr(subject, "participant", "") or sid)))
+                                        str(getattr(subject, "participant", "") or sid),
+                                        dict(getattr(subject, "extra", {}) or {})))
     if len(subjects) < 3:
         raise CohortError(f"{cohort_path}: training needs at least 3 subjects, found {len(subjects)}")
     return subjects
@@ -304,7 +306,7 @@ def _finish(model, groups, sets, predictions, entries, cache, config, state, res
             cohort_path, metadata, log):
     from ..bias_correction import BiasCorrection
     from ..evaluate import compute_metrics
-    from .baselines import run_baselines
+    from .baselines import cohort_volume_features, run_baselines
 
     correction = BiasCorrection.fit(sets["val"].age.numpy(), predictions["val"])
     test_age = sets["test"].age.numpy().astype(np.float64)
@@ -314,12 +316,15 @@ def _finish(model, groups, sets, predictions, entries, cache, config, state, res
     metrics["corrected_mae"] = float(np.mean(np.abs(correction.corrected_gap(test_pred, test_age))))
     baseline = run_baselines(*[
         {"age": sets[name].age.numpy(), "sex": sets[name].sex.numpy(),
-         "features": [cache.load_features(entries[id(s)]) for s in groups[name]]}
+         "features": [cache.load_features(entries[id(s)]) for s in groups[name]],
+         "volumes": [cohort_volume_features(s.extra or {}) for s in groups[name]]}
         for name in SPLITS
     ]).to_dict()
     log(f"test ({len(test_age)} subjects): MAE {metrics.get('mae', float('nan')):.2f} years, "
         f"Pearson r {metrics.get('pearson_r', float('nan')):.3f}; baselines: training mean MAE "
-        f"{baseline['mean_age_mae']:.2f}, ridge on tissue volumes MAE {baseline['ridge_mae']:.2f}")
+        f"{baseline['mean_age_mae']:.2f}, ridge on tissue volumes MAE {baseline['ridge_mae']:.2f}"
+        + (f", ridge on the cohort table's volumes MAE {baseline['cohort_volumes_ridge_mae']:.2f}"
+           if baseline.get("cohort_volumes_ridge_mae") is not None else ""))
 
     rows = []
     for name in SPLITS:
