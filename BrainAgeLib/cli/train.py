@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule1", choices=["constant", "cosine"], default=None, help="stage-1 learning-rate schedule")
     parser.add_argument("--val-fraction", type=float, default=None, help="fraction of subjects for validation (0.15)")
     parser.add_argument("--test-fraction", type=float, default=None, help="fraction of subjects held out for testing (0.15)")
-    parser.add_argument("--init-encoder", default=None, help="start stage 1 from this checkpoint's encoder")
+    parser.add_argument("--init-encoder", default=None, help="start stage 1 from this encoder: a run folder, its stage1/encoder.safetensors, or a checkpoint")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--seed", type=int, default=0, help="split and initialisation seed")
     parser.add_argument("--workers", type=int, default=1, help="processes preparing volumes")

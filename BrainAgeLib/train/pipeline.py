@@ -94,6 +94,26 @@ def load_training_subjects(cohort_path: "str | os.PathLike") -> List[TrainingSub
     return subjects
 
 
+def initial_encoder_weights(source: "str | os.PathLike") -> Dict[str, torch.Tensor]:
+    """Encoder weights to start stage 1 from: a run folder (its stage-1 encoder), a stage-1
+    ``encoder.safetensors``, or a model checkpoint (name or path, via ``load_model``)."""
+    from safetensors import safe_open
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "stage1" / "encoder.safetensors"
+        if not path.exists():
+            raise BrainAgeError(f"{source}: no finished stage 1 in this run folder")
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            if keys and all(k.startswith("vit.") for k in keys):
+                return {k: handle.get_tensor(k) for k in keys}
+    from ..checkpoint import load_model
+
+    return load_model(source).encoder.state_dict()
+
+
 def _printer(context: DistributedContext) -> Callable[[str], None]:
     def log(message: str) -> None:
         if context.is_main:
@@ -176,9 +196,8 @@ def run_training(
 
     model = build_model(preset, seed=config.seed)
     if config.init_encoder:
-        from ..checkpoint import load_model
-
-        model.encoder.load_state_dict(load_model(config.init_encoder).encoder.state_dict())
+        model.encoder.load_state_dict(initial_encoder_weights(config.init_encoder))
+        log(f"stage 1 starts from the encoder of {config.init_encoder}")
     encoder_file = run_dir / "stage1" / "encoder.safetensors"
 
     # ---------------------------------------------------------------- stage 1
