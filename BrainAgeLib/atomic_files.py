@@ -1,0 +1,58 @@
+"""Atomic file writes: a reader (or a crash) never sees half a file.
+
+Everything is first written to a temporary file in the destination's own folder (same file
+system, so ``os.replace`` is atomic), then moved into place; on any failure the temporary file
+is removed and an existing destination is left untouched.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+@contextmanager
+def atomic_path(path: PathLike, suffix: Optional[str] = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``.
+
+    ``suffix`` defaults to the destination's own suffixes (``.nii.gz``, ``.png``...), so
+    writers that choose a format by extension keep working on the temporary name.
+    """
+    path = Path(path)
+    if suffix is None:
+        suffix = "".join(path.suffixes) or ".tmp"
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    _normal_permissions(temporary)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (``\\n`` line endings); returns the path."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding=encoding, newline="\n") as stream:
+            stream.write(text)
+    return Path(path)
+
+
+def _normal_permissions(path: str) -> None:
+    """mkstemp creates files 0600; give them the mode a normally created file would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+
+from BrainAgeLib.atomic_files import atomic_path, write_bytes_atomic, write_text_atomic
+
+
+def test_writes_replace_the_destination_and_leave_no_temporary(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    write_text_atomic(target, '{"mae": 3.1}\n')
+    assert target.read_text() == '{"mae": 3.1}\n'
+    write_bytes_atomic(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert oct(os.stat(target).st_mode & 0o777) != oct(0o600)
+
+
+def test_a_failed_write_keeps_the_old_file_and_cleans_up(tmp_path):
+    target = tmp_path / "map.nii.gz"
+    target.write_bytes(b"previous")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            assert temporary.name.endswith(".nii.gz") and temporary.parent == tmp_path
+            temporary.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.nii.gz"]
