@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .atomic_files import write_text_atomic
 from .errors import BrainAgeError
 from .volume import Volume
 
@@ -138,16 +138,7 @@ def write_color_table(colors: Sequence[ColorEntry], path: Union[str, os.PathLike
     """Write ``colors`` as a Slicer colour table (``.ctbl``) to ``path``, atomically."""
     path = Path(path)
     text = color_table_text(colors, title=path.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 def read_color_table(path: Union[str, os.PathLike]) -> List[ColorEntry]:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 
 from . import __version__
+from .atomic_files import atomic_path
 from .errors import CheckpointError
 from .presets import ModelConfig
 from .resources import cache_dir, resource_path
@@ -106,15 +106,8 @@ def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=header)
-        _apply_umask(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=header)
     return path
 
 
@@ -329,36 +322,24 @@ def file_sha256(path: PathLike) -> str:
 def download(entry: ModelEntry, destination: Path, timeout_s: float = 60.0) -> Path:
     """Fetch ``entry.url`` into ``destination`` atomically, verifying its SHA-256 before it is kept."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
-    os.close(handle)
     digest = hashlib.sha256()
     logger.info("downloading model %r from %s to %s", entry.name, entry.url, destination)
-    try:
-        with urllib.request.urlopen(entry.url, timeout=timeout_s) as response, open(temporary, "wb") as out:
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
-                digest.update(chunk)
-                out.write(chunk)
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        Path(temporary).unlink(missing_ok=True)
-        reason = getattr(error, "reason", error)
-        raise CheckpointError(
-            f"could not download model {entry.name!r} from {entry.url} ({reason}). On an offline machine, "
-            f"download it elsewhere and put it at {destination} (SHA-256 {entry.sha256})") from None
-    if digest.hexdigest() != entry.sha256:
-        Path(temporary).unlink(missing_ok=True)
-        raise CheckpointError(
-            f"the file downloaded for model {entry.name!r} from {entry.url} has SHA-256 {digest.hexdigest()}, "
-            f"expected {entry.sha256}: tampered or damaged, not kept")
-    _apply_umask(temporary)
-    os.replace(temporary, destination)
+    with atomic_path(destination, suffix=".part") as temporary:
+        try:
+            with urllib.request.urlopen(entry.url, timeout=timeout_s) as response, open(temporary, "wb") as out:
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            reason = getattr(error, "reason", error)
+            raise CheckpointError(
+                f"could not download model {entry.name!r} from {entry.url} ({reason}). On an offline machine, "
+                f"download it elsewhere and put it at {destination} (SHA-256 {entry.sha256})") from None
+        if digest.hexdigest() != entry.sha256:
+            raise CheckpointError(
+                f"the file downloaded for model {entry.name!r} from {entry.url} has SHA-256 {digest.hexdigest()}, "
+                f"expected {entry.sha256}: tampered or damaged, not kept")
     return destination
-
-
-def _apply_umask(path: PathLike) -> None:
-    """Give a mkstemp file (created 0600) the permissions a normally created file would have."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def _json_default(value: Any) -> Any:

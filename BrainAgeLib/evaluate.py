@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .atomic_files import write_bytes_atomic
 from .errors import CohortError
 
 PathLike = Union[str, Path]
@@ -250,7 +249,7 @@ def evaluate_predictions(path: PathLike, out_dir: Optional[PathLike] = None, *, 
                                                        metrics=all_metrics))
             report.files["bland_altman"] = str(plot_bland_altman(age, predicted, out / "bland_altman.png"))
         report.files["metrics"] = str(out / "metrics.json")
-        _write_atomically(out / "metrics.json", (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+        write_bytes_atomic(out / "metrics.json", (json.dumps(report.to_dict(), indent=2) + "\n").encode())
     return report
 
 
@@ -259,17 +258,6 @@ def evaluate_predictions(path: PathLike, out_dir: Optional[PathLike] = None, *, 
 # ----------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, data: bytes) -> Path:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
 
 
 def _save_figure(figure, path: Path) -> Path:
@@ -280,7 +268,7 @@ def _save_figure(figure, path: Path) -> Path:
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
-    return _write_atomically(path, buffer.getvalue())
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 _SEX_STYLE = {"F": ("tab:red", "female"), "M": ("tab:blue", "male"), "unknown": ("tab:gray", "sex unknown")}

@@ -42,8 +42,6 @@ import functools
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -52,6 +50,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from . import lifespan
+from .atomic_files import write_text_atomic
 from .errors import BrainAgeError
 from .volume import Volume
 
@@ -610,20 +609,10 @@ def write_phantom(spec: PhantomSpec, out_dir: Union[str, Path]) -> Dict[str, obj
         "aging_map": aging_rel.as_posix(),
         **{key: round(value, 2) for key, value in phantom.volumes_ml.items()},
     }
-    _write_text_atomically(row_path, json.dumps(row))
+    write_text_atomic(row_path, json.dumps(row))
     return row
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def _init_worker() -> None:
@@ -682,5 +671,5 @@ def make_cohort(n: int, out_dir: Union[str, Path], seed: int, *,
     writer = csv.DictWriter(table, fieldnames=COHORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_text_atomically(csv_path, table.getvalue())
+    write_text_atomic(csv_path, table.getvalue())
     return csv_path
