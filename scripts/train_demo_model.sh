@@ -6,7 +6,7 @@
 # 1. `brainage synth`: 640 synthetic ageing phantoms (MNI152-based, ages 20-90, half with a
 #    skull, 1.5-2 mm voxels), cohort seed 2026;
 # 2. `brainage train --preset demo`: subject-level split 70/15/15 (seed 0), stage 1 (ViT-Tiny-like
-#    classifier from random weights, full fine-tuning), embeddings, stage 2 (residual CNN);
+#    classifier from random weights, full fine-tuning, two legs), embeddings, stage 2 (residual CNN);
 # 3. `brainage evaluate` on the held-out phantoms (bias correction fitted on the validation split);
 # 4. copies the checkpoint into Resources/Models, writes its model card (brainage_demo.md) from
 #    the run's metrics, and the bundled sample head the `brainage demo` command reads.
@@ -32,12 +32,15 @@ t0=$(now)
 "${BRAINAGE[@]}" synth --n "$N_PHANTOMS" --out phantoms --seed "$COHORT_SEED" --spacing 1.5 2.0 \
     --skull-fraction 0.5 --workers "$WORKERS"
 t1=$(now)
-# two DDP processes with one torch thread each (torchrun, gloo): both cores busy without OpenMP
-# threads waiting on each other; the ranks share preparing, embedding and the batches
-torchrun --nproc-per-node 2 -m BrainAgeLib train phantoms/cohort.csv --out run --preset demo \
-    --seed "$SPLIT_SEED" --workers 1 --threads 1 \
-    --epochs1 12 --lr1 5e-4 --warmup1 200 --schedule1 cosine --batch-size1 32 \
-    --epochs2 150 --lr2 5e-4 --batch-size2 32 \
+# Two DDP processes with one torch thread each (torchrun, gloo): both cores busy without OpenMP
+# threads waiting on each other; the ranks share preparing, embedding and the batches.
+# Stage 1 runs in two legs (a ViT from random weights learns slowly at first): 12 epochs at
+# lr 5e-4, then 12 more from that encoder at lr 1.5e-4, each with warm-up and cosine decay.
+TRAIN=(torchrun --nproc-per-node 2 -m BrainAgeLib train phantoms/cohort.csv --preset demo
+       --seed "$SPLIT_SEED" --workers 1 --threads 1 --cache cache --batch-size1 32)
+"${TRAIN[@]}" --out run_stage1a --stage 1 --epochs1 12 --lr1 5e-4 --warmup1 200 --schedule1 cosine
+"${TRAIN[@]}" --out run --init-encoder run_stage1a --epochs1 12 --lr1 1.5e-4 --warmup1 100 --schedule1 cosine \
+    --epochs2 120 --lr2 5e-4 --batch-size2 32 \
     --name "BrainAge demo (synthetic phantoms)" --demo \
     --intended-use "demonstration and software testing only; trained on synthetic phantoms, NOT for clinical use or for research on real people"
 t2=$(now)
@@ -99,9 +102,12 @@ balanced at random. Split by subject (seed {split_seed}): {ntr} training, {nva} 
 (seeds) the model never saw.
 
 ## Training
-`bash scripts/train_demo_model.sh` (one command; it also writes this card). Stage 1:
-{e1} epochs, AdamW lr {lr1:g} ({warm} warm-up steps, cosine decay), batch {b1}, 32 slices per
-subject, best epoch {s1best} (validation accuracy {s1acc:.3f} over {ncls} classes). Stage 2:
+`bash scripts/train_demo_model.sh` (one command; it also writes this card), as two DDP
+processes (torchrun, gloo) with one thread each. Stage 1, full training from random weights
+(no pretrained ViT offline), AdamW, batch {b1}, 32 slices per subject, cross-entropy over
+{ncls} age-decade x sex classes, in two legs: 12 epochs at lr 5e-4 (200 warm-up steps, cosine
+decay), then {e1} epochs from that encoder at lr {lr1:g} ({warm} warm-up steps, cosine decay);
+best epoch of the second leg {s1best} (validation slice accuracy {s1acc:.3f}). Stage 2:
 {e2} epochs, Adam lr {lr2:g}, batch {b2}, MSE; best epoch {s2best} by validation MAE
 ({s2mae:.2f} years). Bias correction (de Lange & Cole) fitted on the validation split:
 slope {slope:+.3f}, intercept {intercept:+.2f} years.
