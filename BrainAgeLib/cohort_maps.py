@@ -177,7 +177,8 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
     Files: ``cohort_attention_mean.<fmt>``, ``cohort_attention_<decade>.<fmt>``,
     ``cohort_attention.json`` (counts, subjects) and ``cohort_attention.png``.
     """
-    from .explain_outputs import FORMATS, _atomic_write_bytes
+    from .atomic_files import write_text_atomic
+    from .explain_outputs import FORMATS
     from .io import save_volume
 
     if fmt not in FORMATS:
@@ -191,8 +192,7 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
         paths[label] = save_volume(volume, out_dir / f"cohort_attention_{label}{ext}")
     summary = {"counts": maps.counts, "subjects": maps.subjects,
                "files": {key: path.name for key, path in paths.items()}}
-    paths["summary"] = _atomic_write_bytes(out_dir / "cohort_attention.json",
-                                           (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    paths["summary"] = write_text_atomic(out_dir / "cohort_attention.json", json.dumps(summary, indent=2) + "\n")
     paths["figure"] = write_cohort_figure(maps, out_dir / "cohort_attention.png", background=background)
     return paths
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from .atomic_files import atomic_path, write_text_atomic
 from .errors import BrainAgeError
 from .volume import Volume
 
@@ -111,7 +111,7 @@ def write_sidecar(result: Any, path: PathLike, *, attention_file: str,
         "input_to_template": None if input_to_template is None
         else np.asarray(input_to_template, dtype=float).reshape(4, 4).tolist(),
     }
-    return _atomic_write_bytes(Path(path), (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _float_or_none(value: Any) -> Optional[float]:
@@ -119,18 +119,6 @@ def _float_or_none(value: Any) -> Optional[float]:
         return None
     value = float(value)
     return value if np.isfinite(value) else None
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ------------------------------------------------------------------------------------------
@@ -249,15 +237,9 @@ def save_figure(fig: Any, path: PathLike, dpi: int = 110) -> Path:
     """Save a matplotlib figure as PNG atomically (temporary file beside ``path``), then close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png") as temporary:
+            fig.savefig(temporary, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
     finally:
         plt.close(fig)
-    return path
+    return Path(path)

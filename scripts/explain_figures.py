@@ -64,7 +64,7 @@ def overhead(args: argparse.Namespace) -> None:
             print(f"[{preset}] model.predict: plain {p:.2f} s, explain {e:.2f} s -> +{100 * (e - p) / p:.1f}% "
                   f"(explain step {statistics.median(explain_step):.2f} s = {100 * statistics.median(explain_step) / p:.1f}% "
                   f"of plain); runs {args.repeats}")
-            print(f"    last explained run's timings (s): "
+            print("    last explained run's timings (s): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items() if "." not in k))
             if args.cli:
                 runs = {False: [], True: []}
