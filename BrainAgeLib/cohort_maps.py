@@ -4,7 +4,9 @@ As in the paper's figure of attention by decade, each subject's attention map (o
 grid, as ``brainage predict --explain`` or a batch run writes it) is first carried into template
 space with the subject's ``input_to_template`` transform (4x4, input RAS mm -> template RAS mm,
 from the registration done in preprocessing, stored in the ``<stem>_attention.json`` sidecar that
-:func:`BrainAgeLib.explain_outputs.write_explanation_outputs` writes), resampled (trilinear) onto
+:func:`BrainAgeLib.explain_outputs.write_explanation_outputs` writes; inputs that were already
+skull-stripped are not registered by preprocessing, so they are registered here from the input
+image named in the batch run's ``predictions.csv``), resampled (trilinear) onto
 the bundled 2 mm MNI152 grid, and averaged. Decades are of chronological age (years): a subject
 of 64.9 falls in "60-69". Subjects without a chronological age count in the overall mean only.
 
@@ -16,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -36,6 +38,7 @@ class CohortSubject:
     chronological_age: Optional[float] = None   # years
     predicted_age: Optional[float] = None       # years
     input_to_template: Optional[np.ndarray] = None  # 4x4, input RAS mm -> template RAS mm
+    input_path: Optional[Path] = None           # the input T1, to register when no transform is stored
 
 
 @dataclass
@@ -77,7 +80,29 @@ def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> Lis
         raise CohortError(
             f"no explanations (*{SIDECAR_SUFFIX}) under {', '.join(str(f) for f in folders)}; "
             "run the batch with --explain")
+    inputs: Dict[Path, Path] = {}
+    for folder in folders:
+        for table in Path(folder).rglob("predictions.csv"):
+            inputs.update(_inputs_of_batch_table(table))
+    for subject in subjects:
+        if subject.input_path is None:
+            subject.input_path = inputs.get(subject.attention_path.resolve())
     return subjects
+
+
+def _inputs_of_batch_table(table: Path) -> Dict[Path, Path]:
+    """{attention map -> input image} from a batch run's predictions.csv (columns path, attention_map)."""
+    import csv
+
+    found: Dict[Path, Path] = {}
+    try:
+        with open(table, newline="", encoding="utf-8") as stream:
+            for row in csv.DictReader(stream):
+                if row.get("attention_map") and row.get("path"):
+                    found[(table.parent / row["attention_map"]).resolve()] = Path(row["path"])
+    except (OSError, csv.Error, UnicodeDecodeError):
+        pass  # no usable table: subjects without a stored transform will say so
+    return found
 
 
 def _read_sidecar(path: Path) -> CohortSubject:
@@ -88,6 +113,7 @@ def _read_sidecar(path: Path) -> CohortSubject:
         transform = None if transform is None else np.asarray(transform, dtype=np.float64).reshape(4, 4)
         age = data.get("chronological_age")
         predicted = data.get("predicted_age")
+        input_file = data.get("input_file")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CohortError(f"{path}: unreadable explanation sidecar ({type(error).__name__}: {error})") from None
     if not attention_path.exists():
@@ -98,6 +124,7 @@ def _read_sidecar(path: Path) -> CohortSubject:
         chronological_age=None if age is None else float(age),
         predicted_age=None if predicted is None else float(predicted),
         input_to_template=transform,
+        input_path=None if not input_file else path.parent / str(input_file),
     )
 
 
@@ -119,13 +146,35 @@ def attention_in_template_space(attention: Volume, input_to_template: Optional[n
     ).astype(np.float32, copy=False)
 
 
+def register_subject(subject: CohortSubject) -> np.ndarray:
+    """The input -> template transform of a subject whose preprocessing did not register it
+    (a skull-stripped input): its input image registered to the bundled MNI152 template."""
+    from .io import load_volume
+    from .registration import register_to_template
+    from .skull_strip import detect_skull_stripped
+
+    if subject.input_path is None or not Path(subject.input_path).exists():
+        where = "" if subject.input_path is None else f" ({subject.input_path} is missing)"
+        raise CohortError(
+            f"{subject.attention_path}: no input -> template transform was stored for this subject and "
+            f"its input image is not known{where}; pass assume_template_space only if the inputs are "
+            "already registered to MNI152")
+    volume = load_volume(subject.input_path)
+    result = register_to_template(volume, with_skull=not detect_skull_stripped(volume))
+    return np.asarray(result.input_to_template, dtype=np.float64)
+
+
 def cohort_attention_maps(subjects: Iterable[CohortSubject], template_grid: Optional[Volume] = None, *,
-                          decade_width: int = 10, assume_template_space: bool = False) -> CohortMaps:
+                          decade_width: int = 10, assume_template_space: bool = False,
+                          progress: Optional[Callable[[int, str], None]] = None) -> CohortMaps:
     """Average the subjects' attention maps in template space, overall and by age decade.
 
-    ``template_grid`` defaults to the bundled MNI152 2 mm template. A subject without an
-    ``input_to_template`` transform is an error (its map would land on the wrong anatomy) unless
-    ``assume_template_space`` says the inputs already are in template space.
+    ``template_grid`` defaults to the bundled MNI152 2 mm template. A subject without a stored
+    ``input_to_template`` transform (its input was skull-stripped, so preprocessing did not
+    register it) is registered here from its input image (:func:`register_subject`), unless
+    ``assume_template_space`` says the inputs already are in template space; without either it
+    is an error, since its map would land on the wrong anatomy. ``progress(i, name)`` is called
+    per subject.
     """
     from .io import load_volume
 
@@ -137,17 +186,22 @@ def cohort_attention_maps(subjects: Iterable[CohortSubject], template_grid: Opti
     decade_sums: Dict[str, np.ndarray] = {}
     counts: Dict[str, int] = {"all": 0}
     names: List[str] = []
-    for subject in subjects:
-        if subject.input_to_template is None and not assume_template_space:
-            raise CohortError(
-                f"{subject.attention_path}: no input -> template transform was stored for this subject "
-                "(registration did not run); pass assume_template_space only if the inputs are "
-                "already registered to MNI152")
+    for index, subject in enumerate(subjects):
+        if progress is not None:
+            progress(index, subject.name)
+        transform = subject.input_to_template
+        if transform is None and not assume_template_space:
+            try:
+                transform = register_subject(subject)
+            except CohortError:
+                raise
+            except BrainAgeError as error:
+                raise CohortError(f"{subject.attention_path}: could not register its input: {error}") from None
         try:
             attention = load_volume(subject.attention_path)
         except BrainAgeError as error:
             raise CohortError(str(error)) from None
-        mapped = attention_in_template_space(attention, subject.input_to_template, template_grid)
+        mapped = attention_in_template_space(attention, transform, template_grid)
         total += mapped
         counts["all"] += 1
         names.append(subject.name)

@@ -174,3 +174,32 @@ def test_cohort_maps_command(batch_folder, tmp_path, capsys):
     assert mean.spacing == pytest.approx((2.0, 2.0, 2.0))
     assert np.linalg.norm(peak_ras(load_volume(out / "cohort_attention_20-29.nrrd")) - YOUNG_SPOT) <= 2 * np.sqrt(3) + 1
     assert (out / "cohort_attention.png").exists()
+
+
+def test_skull_stripped_inputs_without_stored_registration_are_registered_from_the_batch_table(tmp_path):
+    """Preprocessing does not register already skull-stripped inputs, so their sidecar has no
+    transform; cohort maps then register the input image that predictions.csv names."""
+    from BrainAgeLib.template import load_template
+
+    template = load_template().t1
+    truth = rigid(15, 2, [10, -8, 6])                                # subject RAS -> MNI RAS
+    grid = Volume(np.zeros((64, 76, 64), np.float32),
+                  np.array([[2.5, 0, 0, -80], [0, 2.5, 0, -110], [0, 0, 2.5, -70], [0, 0, 0, 1]])).reoriented("LPS")
+    # the MNI brain as this subject's scan: template sampled at truth(subject point)
+    scan = grid.with_array(attention_in_template_space(template, np.linalg.inv(truth), grid))
+    attention = subject_map(YOUNG_SPOT, truth, "RAS", 3.0)
+    batch = tmp_path / "batch"
+    (batch / "attention").mkdir(parents=True)
+    save_volume(scan, tmp_path / "sub-09_T1w.nii.gz")
+    save_volume(attention, batch / "attention" / "sub-09_attention.nii.gz")
+    write_sidecar(Result(predicted_age=30.0, chronological_age=24.0, attention=attention),
+                  batch / "attention" / "sub-09_attention.json", attention_file="sub-09_attention.nii.gz")
+    (batch / "predictions.csv").write_text(
+        "id,path,sex,chronological_age,predicted_age,attention_map\n"
+        f"sub-09,{tmp_path / 'sub-09_T1w.nii.gz'},F,24,30.0,attention/sub-09_attention.nii.gz\n")
+
+    subjects = read_batch_explanations(batch)
+    assert subjects[0].input_to_template is None
+    assert subjects[0].input_path == tmp_path / "sub-09_T1w.nii.gz"
+    maps = cohort_attention_maps(subjects, TEMPLATE)
+    assert np.linalg.norm(peak_ras(maps.by_decade["20-29"]) - YOUNG_SPOT) <= 4.0 * np.sqrt(3) + 3.0

@@ -17,15 +17,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decade-width", type=int, default=10, metavar="YEARS",
                         help="width of the age groups in years (default 10)")
     parser.add_argument("--assume-template-space", action="store_true",
-                        help="inputs without a stored registration are already in MNI152 space")
+                        help="inputs without a stored registration are already in MNI152 space "
+                             "(default: register them from the input images named in predictions.csv)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
     from ..cohort_maps import cohort_attention_maps, read_batch_explanations, write_cohort_maps
 
     subjects = read_batch_explanations(args.folders)
+    to_register = sum(s.input_to_template is None for s in subjects) if not args.assume_template_space else 0
+    if to_register:
+        print(f"{to_register} of {len(subjects)} subjects have no stored registration (skull-stripped inputs): "
+              "registering them to MNI152 now", file=sys.stderr)
     maps = cohort_attention_maps(subjects, decade_width=args.decade_width,
                                  assume_template_space=args.assume_template_space)
     out = Path(args.out)
