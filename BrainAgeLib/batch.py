@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -122,7 +123,7 @@ def cohort_subjects(cohort: Union[PathLike, Sequence[Any]]) -> List[Any]:
     if isinstance(cohort, (str, os.PathLike)):
         from .cohort import read_cohort
 
-        subjects = list(read_cohort(cohort))
+        subjects = list(read_cohort(cohort, check_files=False))  # a missing scan is an error row
     else:
         subjects = [
             item if hasattr(item, "id") and hasattr(item, "path") else _subject_from_path(item)
@@ -163,8 +164,12 @@ class PreparedSubject:
 
 
 def _init_worker(threads: int) -> None:
-    """Worker start: ignore Ctrl-C (the main process decides), use ``threads`` CPU threads."""
+    """Worker start: ignore Ctrl-C (the main process decides), use ``threads`` CPU threads,
+    and exit as soon as the main process is gone (killed with SIGKILL, it cannot tell us)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[name] = str(threads)
     import SimpleITK as sitk
@@ -176,6 +181,13 @@ def _init_worker(threads: int) -> None:
         torch.set_num_threads(threads)
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
+
+
+def _exit_with_parent(sentinel: int) -> None:
+    from multiprocessing.connection import wait as wait_for
+
+    wait_for([sentinel])
+    os._exit(1)
 
 
 def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool) -> PreparedSubject:
@@ -454,3 +466,64 @@ def _finish(out_dir: Path, order: List[str], context: Any, csv_path: Path) -> Li
     rows = merge_predictions(out_dir, order) if context.rank == 0 else own
     context.barrier()
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Cohort statistics (the end-of-run summary)
+# --------------------------------------------------------------------------------------------
+
+def cohort_statistics(rows: Sequence[PredictionRow], out_dir: Optional[PathLike] = None,
+                      plots: bool = True) -> Optional[Dict[str, Any]]:
+    """Accuracy and brain-age-gap statistics of the successful rows that have an age.
+
+    Returns None with fewer than two such rows. Otherwise a dict with ``n``, ``metrics``
+    (``evaluate.compute_metrics``: MAE with bootstrap CI, RMSE, r, ...), ``bag`` (mean and SD
+    of the raw gap, years), ``corrected_bag`` (mean and SD of the model's bias-corrected gap,
+    when the model has coefficients, else None) and, as ``brainage evaluate`` does on this
+    table, ``evaluation`` (the de Lange & Cole correction fitted on a reference part of this
+    cohort and the metrics after it) and ``files`` (metrics.json, scatter.png and
+    bland_altman.png in ``out_dir/evaluation``).
+    """
+    import csv
+    import tempfile
+
+    import numpy as np
+
+    from .evaluate import compute_metrics, evaluate_predictions
+
+    usable = [r for r in rows if r.ok and r.chronological_age is not None and r.predicted_age is not None]
+    if len(usable) < 2:
+        return None
+    age = np.array([r.chronological_age for r in usable], dtype=np.float64)
+    predicted = np.array([r.predicted_age for r in usable], dtype=np.float64)
+    gap = predicted - age
+
+    def spread(values: np.ndarray) -> Dict[str, float]:
+        return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if values.size > 1 else 0.0}
+
+    corrected = [r.corrected_brain_age_gap for r in usable if r.corrected_brain_age_gap is not None]
+    statistics: Dict[str, Any] = {
+        "n": len(usable),
+        "metrics": compute_metrics(age, predicted, [r.sex for r in usable]),
+        "bag": spread(gap),
+        "corrected_bag": spread(np.array(corrected)) if len(corrected) == len(usable) else None,
+        "evaluation": None,
+        "files": {},
+    }
+    if out_dir is None or len(usable) < 4:
+        return statistics
+    handle, table = tempfile.mkstemp(prefix=".evaluated.", suffix=".csv", dir=str(out_dir))
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["id", "age", "predicted_age", "sex"])
+            writer.writerows([r.id, repr(float(r.chronological_age)), repr(float(r.predicted_age)), r.sex]
+                             for r in usable)
+        report = evaluate_predictions(table, Path(out_dir) / "evaluation", plots=plots)
+    finally:
+        Path(table).unlink(missing_ok=True)
+    statistics["evaluation"] = {"bias_correction": report.bias_correction, "reference": report.reference,
+                                "evaluated": report.evaluated, "corrected": report.corrected,
+                                "gap_age_correlation": report.gap_age_correlation}
+    statistics["files"] = dict(report.files)
+    return statistics

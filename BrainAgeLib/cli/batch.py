@@ -1,0 +1,147 @@
+"""``brainage batch COHORT --out DIR``: brain age of every subject of a cohort, resumable.
+
+COHORT is a CSV/TSV table (image path, sex, optional age, id and site), a BIDS dataset folder
+(or its participants.tsv) or a folder of images. Rows go to ``DIR/predictions.csv`` as each
+subject finishes (see ``BrainAgeLib.predictions_csv``); running the same command again skips
+the finished subjects. At the end: done/failed counts and, when ages are given, MAE and
+brain-age-gap statistics with the plots of ``brainage evaluate`` in ``DIR/evaluation``.
+Under ``torchrun`` every rank takes its share of the cohort and rank 0 prints the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, Optional
+
+COMMAND = "batch"
+HELP = "estimate the brain age of every subject of a cohort (CSV/TSV, BIDS or image folder), resumable"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..devices import PRECISIONS
+    from ..presets import PRESETS
+
+    parser.add_argument("cohort", metavar="COHORT",
+                        help="cohort table (CSV/TSV with path, sex, optional age/id/site), BIDS dataset "
+                             "folder or participants.tsv, or a folder of images")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder: predictions.csv (appended as subjects finish), attention "
+                             "maps, evaluation plots")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, metavar="NAME|PATH",
+                       help="registered model name or .safetensors checkpoint (default: demo)")
+    which.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="RANDOM UNTRAINED weights of a preset: for testing the software only")
+    parser.add_argument("--explain", action="store_true",
+                        help="also write each subject's attention map files into DIR/attention/")
+    parser.add_argument("--explain-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd"),
+                        help="file format of the attention maps (default nii.gz)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="ViT autocast precision (default: bf16/fp16 on GPU, bf16 on CPUs with native bf16)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes reading and preprocessing the next subjects while the model "
+                             "runs (default: one per spare CPU core; 0: all in one process)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="on a resumed run, try the subjects whose row is an error again")
+    parser.add_argument("--no-plots", action="store_true", help="skip the evaluation plots")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..batch import cohort_statistics, cohort_subjects, run_batch
+
+    subjects = cohort_subjects(args.cohort)  # a bad table fails before the model loads
+    model = _load_model(args)
+    with _progress_bar(len(subjects)) as progress:
+        summary = run_batch(subjects, args.out, model=model, explain=args.explain, device=args.device,
+                            workers=args.workers, progress=progress, retry_failed=args.retry_failed,
+                            explain_format=args.explain_format, precision=args.precision)
+    if summary.rank != 0:
+        return 0
+    statistics = cohort_statistics(summary.rows, summary.out_dir, plots=not args.no_plots)
+    if args.json:
+        print(json.dumps({**summary.to_dict(), "statistics": statistics}, indent=2))
+    else:
+        print(_text(summary, statistics))
+    return 0
+
+
+def _text(summary: Any, statistics: Optional[Dict[str, Any]]) -> str:
+    lines = [
+        f"Done: {summary.n_done} succeeded, {summary.n_failed} failed"
+        + (f", {summary.n_skipped} already finished before" if summary.n_skipped else "")
+        + f" in {summary.seconds:.1f} s ({summary.volumes_per_minute:.1f} volumes/minute, "
+          f"{summary.world_size} process{'es' if summary.world_size > 1 else ''}, {summary.workers} "
+          f"preprocessing worker{'s' if summary.workers != 1 else ''} each, {summary.device})",
+        f"Cohort: {summary.n_subjects} subjects; predictions.csv holds {summary.n_succeeded_total} "
+        f"predictions and {summary.n_failed_total} errors",
+    ]
+    failed = [row for row in summary.rows if not row.ok]
+    for row in failed[:10]:
+        lines.append(f"  failed {row.id}: {row.error}")
+    if len(failed) > 10:
+        lines.append(f"  ... and {len(failed) - 10} more (the error column of predictions.csv)")
+    if statistics is not None:
+        m = statistics["metrics"]
+        ci = m.get("mae_ci95")
+        r = m.get("pearson_r")
+        lines.append(
+            f"Accuracy ({statistics['n']} subjects with an age): MAE {m['mae']:.2f} years"
+            + (f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+            + f", RMSE {m['rmse']:.2f}" + ("" if r is None else f", r {r:.3f}"))
+        bag = statistics["bag"]
+        lines.append(f"Brain-age gap: mean {bag['mean']:+.2f} years, SD {bag['sd']:.2f}")
+        if statistics["corrected_bag"] is not None:
+            cb = statistics["corrected_bag"]
+            lines.append(f"Bias-corrected gap (model's coefficients): mean {cb['mean']:+.2f} years, SD {cb['sd']:.2f}")
+        evaluation = statistics.get("evaluation") or {}
+        if evaluation.get("corrected"):
+            c = evaluation["corrected"]
+            lines.append(
+                f"Bias-corrected on this cohort (de Lange & Cole, fitted on {evaluation['reference']['n']} "
+                f"reference subjects): MAE {c['mae']:.2f} years, mean gap {c['mean_error']:+.2f}")
+        for name, path in statistics.get("files", {}).items():
+            lines.append(f"{name}: {path}")
+    elif summary.n_succeeded_total:
+        lines.append("No accuracy statistics: the cohort gives fewer than two ages")
+    lines.append(f"Results: {summary.predictions_csv}")
+    return "\n".join(lines)
+
+
+def _load_model(args: argparse.Namespace):
+    if args.preset:
+        from ..model import build_model
+
+        print(f"WARNING: --preset {args.preset} builds a model with RANDOM, UNTRAINED weights; its "
+              "predictions mean nothing. Use it only to test the software.", file=sys.stderr)
+        return build_model(args.preset, seed=0)
+    from ..checkpoint import load_model
+
+    return load_model(args.model or "demo")
+
+
+class _progress_bar:
+    """A tqdm bar (percent of this run's subjects) on a terminal; nothing otherwise."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.bar = None
+
+    def __enter__(self):
+        if not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+        def progress(fraction: float, message: str) -> None:
+            self.bar.update(int(round(100 * fraction)) - self.bar.n)
+            self.bar.set_postfix_str(message[:60])
+
+        return progress
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

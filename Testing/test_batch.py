@@ -1,0 +1,204 @@
+"""Cohort batch runs: bad subjects become error rows, kills and Ctrl-C lose and repeat nothing.
+
+The model is the tiny preset with seeded random weights, saved as a checkpoint (so the CLI in
+a subprocess can load it); heads are 3 mm phantoms. Predicted ages are meaningless numbers,
+but they are real model outputs and must equal what ``model.predict`` gives for the same file.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from BrainAgeLib.batch import cohort_subjects, run_batch
+from BrainAgeLib.checkpoint import load_model
+from BrainAgeLib.errors import CohortError
+from BrainAgeLib.predictions_csv import FILENAME, PredictionsFileError, read_predictions
+
+from cohort_heads import tiny_checkpoint, write_bad_inputs, write_cohort_csv, write_heads
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cohort_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch_cohort")
+    heads = write_heads(folder / "heads")
+    bad = write_bad_inputs(folder / "bad", heads[0][0])
+    checkpoint = tiny_checkpoint(folder / "model")
+    return {"folder": folder, "heads": heads, "bad": bad, "checkpoint": checkpoint}
+
+
+def long_cohort(cohort_files, path: Path, repeats: int) -> Path:
+    """A cohort listing the heads many times over (ids differ), with ages and sexes."""
+    entries = []
+    for n in range(repeats):
+        for k, (file, age, sex) in enumerate(cohort_files["heads"]):
+            entries.append((f"sub-{n:02d}{k}", file, age + n, sex))
+    return write_cohort_csv(path, entries)
+
+
+def cli(*args: str, env_extra=None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "BrainAgeLib", "batch", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(csv_path: Path, minimum: int, process: subprocess.Popen, timeout: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if csv_path.exists():
+            lines = csv_path.read_bytes().count(b"\n") - 1
+            if lines >= minimum:
+                return lines
+        if process.poll() is not None:
+            raise AssertionError(f"batch ended before {minimum} rows: {process.communicate()}")
+        time.sleep(0.01)
+    raise AssertionError(f"no {minimum} rows within {timeout} s")
+
+
+def test_bad_subjects_get_error_rows_and_the_others_succeed(cohort_files, tmp_path):
+    heads, bad = cohort_files["heads"], cohort_files["bad"]
+    entries = [(f"good{k}", file, age, sex) for k, (file, age, sex) in enumerate(heads)]
+    entries.insert(1, ("corrupt", bad["corrupt"], 40.0, "F"))
+    entries.insert(3, ("flat", bad["flat2d"], 40.0, "M"))
+    entries.append(("missing", bad["missing"], None, "unknown"))
+    cohort = write_cohort_csv(tmp_path / "cohort.csv", entries)
+
+    summary = run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu", workers=1)
+
+    assert (summary.n_done, summary.n_failed, summary.n_skipped) == (3, 3, 0)
+    rows = {row.id: row for row in read_predictions(tmp_path / "out" / FILENAME)}
+    assert list(rows) == [e[0] for e in entries]  # cohort order, one row each
+    assert "corrupt.nii.gz" in rows["corrupt"].error and rows["corrupt"].predicted_age is None
+    assert "flat2d.nii.gz" in rows["flat"].error and "2D" in rows["flat"].error
+    assert "no_such_scan.nii.gz" in rows["missing"].error and "not found" in rows["missing"].error
+    model = load_model(cohort_files["checkpoint"])
+    for k, (file, age, sex) in enumerate(heads):
+        row = rows[f"good{k}"]
+        assert row.ok and row.sex == sex and row.chronological_age == age and row.model == "tiny-test"
+        expected = model.predict(file, sex, age=age, device="cpu", use_cache=False)
+        assert row.predicted_age == pytest.approx(expected.predicted_age, abs=2e-4)
+        assert row.brain_age_gap == pytest.approx(expected.predicted_age - age, abs=2e-4)
+    assert summary.n_succeeded_total == 3 and summary.n_failed_total == 3
+
+
+def test_killed_run_resumes_without_losing_or_repeating(cohort_files, tmp_path):
+    cohort = long_cohort(cohort_files, tmp_path / "cohort.csv", repeats=8)  # 24 subjects
+    out = tmp_path / "out"
+    csv_path = out / FILENAME
+    process = cli(str(cohort), "--out", str(out), "--model", str(cohort_files["checkpoint"]),
+                  "--device", "cpu", "--workers", "1")
+    wait_for_rows(csv_path, 3, process)
+    process.send_signal(signal.SIGKILL)  # the main process only: its worker must notice and exit
+    process.communicate(timeout=60)  # EOF on the pipes: no orphaned worker holds them open
+    assert process.returncode == -signal.SIGKILL
+    before = read_predictions(csv_path)
+    assert 3 <= len(before) < 24, "the run was not killed in the middle"
+
+    summary = run_batch(cohort, out, model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
+
+    assert summary.n_skipped == len(before)
+    assert summary.n_done == 24 - len(before) and summary.n_failed == 0
+    after = read_predictions(csv_path)
+    ids = [s.id for s in cohort_subjects(cohort)]
+    assert [r.id for r in after] == ids  # everyone exactly once, in cohort order
+    kept = {r.id: r for r in after}
+    for row in before:  # the rows finished before the kill are untouched
+        assert kept[row.id] == row
+
+
+def test_ctrl_c_leaves_a_consistent_csv_and_exit_code_130(cohort_files, tmp_path):
+    cohort = long_cohort(cohort_files, tmp_path / "cohort.csv", repeats=8)
+    out = tmp_path / "out"
+    process = cli(str(cohort), "--out", str(out), "--model", str(cohort_files["checkpoint"]),
+                  "--device", "cpu", "--workers", "1")
+    wait_for_rows(out / FILENAME, 2, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    text = (out / FILENAME).read_text()
+    assert text.endswith("\n")
+    rows = read_predictions(out / FILENAME)
+    assert 2 <= len(rows) < 24 and all(r.ok for r in rows)
+    assert len({r.id for r in rows}) == len(rows)
+
+
+def test_cancel_from_progress_then_resume(cohort_files, tmp_path):
+    cohort = long_cohort(cohort_files, tmp_path / "cohort.csv", repeats=2)  # 6 subjects
+    seen = []
+
+    def progress(fraction, message):
+        seen.append(fraction)
+        if len(seen) == 3:  # the start message, then two subjects
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu",
+                  workers=1, progress=progress)
+    assert len(read_predictions(tmp_path / "out" / FILENAME)) == 2
+    summary = run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
+    assert (summary.n_skipped, summary.n_done) == (2, 4)
+    assert len(summary.rows) == 6
+
+
+def test_retry_failed_replaces_the_error_row(cohort_files, tmp_path):
+    head, age, sex = cohort_files["heads"][1]
+    late = tmp_path / "late.nii.gz"
+    cohort = write_cohort_csv(tmp_path / "cohort.csv", [("a", head, age, sex), ("late", late, age, sex)])
+    first = run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
+    assert (first.n_done, first.n_failed) == (1, 1)
+    late.write_bytes(head.read_bytes())  # the missing scan arrives
+    again = run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
+    assert (again.n_done, again.n_failed, again.n_skipped) == (0, 0, 2)  # errors count as finished
+    retried = run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu",
+                        workers=0, retry_failed=True)
+    assert (retried.n_done, retried.n_skipped) == (1, 1)
+    rows = read_predictions(tmp_path / "out" / FILENAME)
+    assert [r.id for r in rows] == ["a", "late"] and all(r.ok for r in rows)
+    assert rows[1].predicted_age == pytest.approx(rows[0].predicted_age, abs=1e-6)
+
+
+def test_explain_writes_attention_maps_named_in_the_csv(cohort_files, tmp_path):
+    from BrainAgeLib.io import load_volume
+
+    head, age, sex = cohort_files["heads"][0]
+    cohort = [cohort_subjects([head])[0]]
+    summary = run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu",
+                        workers=0, explain=True)
+    row = summary.rows[0]
+    assert row.ok and row.id == "head0" and row.attention_map == "attention/head0_attention.nii.gz"
+    attention = load_volume(tmp_path / "out" / row.attention_map)
+    scan = load_volume(head)
+    assert attention.shape == scan.shape
+    expected = load_model(cohort_files["checkpoint"]).predict(head, None, device="cpu", explain=True, use_cache=False)
+    assert np.allclose(attention.array, expected.attention.array, atol=1e-4)
+    assert 0.5 < attention.array.max() <= 1.0 and attention.array.min() >= 0.0
+    assert (tmp_path / "out" / "attention" / "head0_attention.png").exists()
+
+
+def test_resuming_with_another_model_is_refused(cohort_files, tmp_path):
+    from BrainAgeLib.model import build_model
+
+    cohort = long_cohort(cohort_files, tmp_path / "cohort.csv", repeats=1)
+    run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
+    with pytest.raises(PredictionsFileError, match="tiny-test"):
+        run_batch(cohort, tmp_path / "out", model=build_model("tiny", seed=1), device="cpu", workers=0)
+
+
+def test_duplicate_ids_are_refused(cohort_files, tmp_path):
+    head = cohort_files["heads"][0][0]
+    cohort = write_cohort_csv(tmp_path / "cohort.csv", [("x", head, 30, "F"), ("x", head, 31, "F")])
+    with pytest.raises(CohortError, match="'x' already used"):
+        run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
+    subjects = cohort_subjects([head])  # a list of paths: ids from the file names
+    assert subjects[0].id == "head0" and subjects[0].sex is None
+    with pytest.raises(CohortError, match="'head0' appears twice"):
+        cohort_subjects(subjects + [head])
