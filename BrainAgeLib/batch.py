@@ -175,12 +175,12 @@ def _init_worker(threads: int) -> None:
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    try:
-        import torch
+    # Reading and preparing need no torch: the worker does not import it (~1 s, ~300 MB).
 
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+
+def _warm_up() -> None:
+    """Import what preparing needs, so the first subject does not pay for it."""
+    from . import io, preprocess  # noqa: F401
 
 
 def _exit_with_parent(sentinel: int) -> None:
@@ -219,19 +219,28 @@ def default_workers() -> int:
 
 
 class _Preparer:
-    """Feeds prepared subjects in completion order: a process pool, or in-process (workers=0)."""
+    """Feeds prepared subjects in completion order: a process pool, or in-process (workers=0).
 
-    def __init__(self, tasks: Sequence[Tuple[int, str]], preset: Any, keep_volume: bool, workers: int):
+    The pool starts (and its workers import their libraries) as soon as it is made, while the
+    main process is still loading the model; ``preset`` must be set before iterating.
+    """
+
+    def __init__(self, tasks: Sequence[Tuple[int, str]], keep_volume: bool, workers: int):
         self.tasks = list(tasks)
-        self.preset = preset
+        self.preset: Any = None
         self.keep_volume = keep_volume
         self.workers = workers
         self.pool: Optional[ProcessPoolExecutor] = None
         if workers > 0 and len(self.tasks) > 1:
-            threads = max(1, (os.cpu_count() or 1) // (workers + 1))
-            self.pool = ProcessPoolExecutor(
-                max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(threads,))
+            self.pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        threads = max(1, (os.cpu_count() or 1) // (self.workers + 1))
+        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(threads,))
+        for _ in range(self.workers):
+            pool.submit(_warm_up)
+        return pool
 
     def __iter__(self):
         if self.pool is None:
@@ -241,26 +250,50 @@ class _Preparer:
         pending: Dict[Future, Tuple[int, str]] = {}
         queue = list(reversed(self.tasks))
         window = self.workers * PREFETCH_PER_WORKER
+        crashes: Dict[Tuple[int, str], int] = {}
+        answered = False
         while queue or pending:
-            while queue and len(pending) < window:
-                task = queue.pop()
-                pending[self.pool.submit(load_and_prepare, task[0], task[1], self.preset, self.keep_volume)] = task
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            broken = False
+            results: List[PreparedSubject] = []
+            try:
+                while queue and len(pending) < window:
+                    future = self.pool.submit(load_and_prepare, queue[-1][0], queue[-1][1], self.preset,
+                                              self.keep_volume)
+                    pending[future] = queue.pop()
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            except BrokenProcessPool:
+                broken, finished = True, set()
             for future in finished:
-                task = pending.pop(future)
                 try:
-                    yield future.result()
+                    results.append(future.result())
+                    del pending[future]
                 except BrokenProcessPool:
-                    # A worker died (killed, out of memory) or the pool cannot start here (some
-                    # embedded interpreters): finish in this process.
-                    logger.warning("preprocessing workers stopped; preparing the remaining subjects in-process")
-                    rest = [task] + [pending[f] for f in pending] + list(reversed(queue))
-                    pending.clear()
-                    queue.clear()
-                    self.close()
-                    for index, path in sorted(rest):
-                        yield load_and_prepare(index, path, self.preset, self.keep_volume)
-                    return
+                    broken = True
+            for result in results:
+                answered = True
+                yield result
+            if not broken:
+                continue
+            in_flight = sorted(pending.values())
+            pending.clear()
+            self.close()
+            if not answered:
+                # The pool cannot start here (some embedded interpreters): work in-process.
+                logger.warning("preprocessing workers could not start; preparing subjects in this process")
+                for index, path in in_flight + list(reversed(queue)):
+                    yield load_and_prepare(index, path, self.preset, self.keep_volume)
+                return
+            # A worker died (killed, out of memory): a subject on which that happens twice gets
+            # an error row; the others are tried again in a fresh pool.
+            logger.warning("a preprocessing worker died; restarting the workers")
+            for item in in_flight:
+                crashes[item] = crashes.get(item, 0) + 1
+                if crashes[item] >= 2:
+                    yield PreparedSubject(item[0], error=f"{item[1]}: the preprocessing worker died twice "
+                                                         "while preparing it (out of memory?)")
+                else:
+                    queue.append(item)
+            self.pool = self._new_pool()
 
     def close(self) -> None:
         if self.pool is not None:
@@ -400,22 +433,26 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     report = progress or (lambda fraction, message: None)
     order = [str(s.id) for s in subjects]
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, target = _resolve_model(model, context.device_for(device))
-    from .presets import get_preset
-
-    preset = get_preset(model.config)
     earlier = read_all_predictions(out_dir)
-    check_model_matches(earlier, model.name, out_dir / FILENAME)
     done_ids = finished_ids(earlier, retry_failed)
     mine = context.shard(subjects)
     todo = [(index, s) for index, s in mine if str(s.id) not in done_ids]
+    by_index = dict(todo)
     n_workers = default_workers() if workers is None else max(0, int(workers))
+    preparer = _Preparer([(index, str(s.path)) for index, s in todo], explain, n_workers)
+    try:
+        model, target = _resolve_model(model, context.device_for(device))
+        check_model_matches(earlier, model.name, out_dir / FILENAME)
+    except BaseException:
+        preparer.close()
+        raise
+    from .presets import get_preset
+
+    preparer.preset = get_preset(model.config)
     csv_path = out_dir / FILENAME if context.world_size == 1 else part_path(out_dir, context.rank, context.world_size)
     summary = BatchSummary(out_dir=out_dir, predictions_csv=out_dir / FILENAME, n_subjects=len(subjects),
                            n_skipped=len(mine) - len(todo), model_name=model.name, device=str(target),
                            workers=n_workers, rank=context.rank, world_size=context.world_size)
-    by_index = dict(todo)
-    preparer = _Preparer([(index, str(s.path)) for index, s in todo], preset, explain, n_workers)
     timings = {"load": 0.0, "prepare": 0.0, "infer": 0.0, "wait": 0.0}
     try:
         with PredictionsWriter(csv_path) as writer:

@@ -202,3 +202,22 @@ def test_duplicate_ids_are_refused(cohort_files, tmp_path):
     assert subjects[0].id == "head0" and subjects[0].sex is None
     with pytest.raises(CohortError, match="'head0' appears twice"):
         cohort_subjects(subjects + [head])
+
+
+def test_a_killed_preprocessing_worker_is_replaced(cohort_files, tmp_path):
+    import multiprocessing
+
+    cohort = long_cohort(cohort_files, tmp_path / "cohort.csv", repeats=2)  # 6 subjects
+    killed = []
+
+    def progress(fraction, message):
+        if not killed and fraction > 0:  # after the first subject: kill the worker(s) mid-run
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+                killed.append(child.pid)
+
+    summary = run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu",
+                        workers=1, progress=progress)
+    assert killed
+    assert (summary.n_done, summary.n_failed) == (6, 0)
+    assert [r.id for r in summary.rows] == [s.id for s in cohort_subjects(cohort)]

@@ -13,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..devices import PRECISIONS
     from ..presets import PRESETS
 
-    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS),
-                        help="model preset to time (default: paper)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="model preset to time (default: paper; demo with --cohort)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="ViT autocast precision")
     parser.add_argument("--no-explain", dest="explain", action="store_false", help="skip the explanation stage")
@@ -22,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time this T1 file instead of a generated head")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run the model stages N times and keep each one's fastest time (default: 1)")
+    parser.add_argument("--cohort", type=int, default=None, metavar="N",
+                        help="instead: volumes/minute for N generated heads, sequential predict calls vs "
+                             "batch mode (BrainAgeLib.bench_cohort)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="with --cohort: batch mode's preprocessing workers (default: as brainage batch)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -29,8 +34,17 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import run_benchmark
 
     verbose = not args.json and sys.stderr.isatty()
+    if args.cohort is not None:
+        from ..bench_cohort import run_cohort_benchmark
+
+        cohort = run_cohort_benchmark(
+            args.cohort, preset=args.preset or "demo", device=args.device, workers=args.workers,
+            precision=args.precision,
+            log=(lambda message: print(f"  ... {message}", file=sys.stderr)) if verbose else (lambda message: None))
+        print(json.dumps(cohort.to_dict(), indent=2) if args.json else cohort.table())
+        return 0
     result = run_benchmark(
-        args.preset, device=args.device, precision=args.precision, explain=args.explain,
+        args.preset or "paper", device=args.device, precision=args.precision, explain=args.explain,
         repeats=args.repeat, head_file=args.head,
         log=(lambda message: print(f"  ... {message}", file=sys.stderr)) if verbose else (lambda message: None),
     )

@@ -1,0 +1,148 @@
+"""Cohort throughput: volumes per minute, one ``predict`` after another vs batch mode.
+
+``run_cohort_benchmark(n)`` writes ``n`` synthetic phantoms (1 mm, whole head with skull, from
+``synth.make_cohort``; not timed), builds the preset's model with random weights once, and in
+the same process times
+
+- **sequential**: ``model.predict(path, sex, age)`` for each head in turn, as a script calling
+  the library would (the model is loaded once here too, so the comparison is about the
+  pipeline, not about model loading; the embedding cache is off), and
+- **batch**: ``run_batch`` on the same heads and model (worker processes prepare the next
+  heads while the main process runs the model; rows written to predictions.csv).
+
+Both include reading the files and, with ``explain``, writing the explanation files. The two
+runs must agree on every predicted age (``max_difference_years``). On a machine shared with
+other work, the 1-minute load average at the start is reported alongside.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+#: Heads of the benchmark cohort are whole-head phantoms at this spacing (mm), as clinical T1s.
+HEAD_SPACING_MM = 1.0
+
+
+@dataclass
+class CohortBenchResult:
+    """Seconds and volumes per minute of both modes on the same heads."""
+
+    preset: str
+    device: str
+    n_heads: int
+    head_spacing_mm: float
+    explain: bool
+    workers: int
+    sequential_s: float
+    batch_s: float
+    volumes_per_minute_sequential: float
+    volumes_per_minute_batch: float
+    speedup: float
+    max_difference_years: float
+    torch_threads: int
+    cpu_count: int
+    load_average_1min: Optional[float] = None
+    sequential_stage_s: Dict[str, float] = field(default_factory=dict)
+    batch_stage_s: Dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        load = "" if self.load_average_1min is None else f", load average {self.load_average_1min:.1f}"
+        lines = [
+            f"brainage bench --cohort {self.n_heads}: preset {self.preset}, {self.device}, "
+            f"{self.n_heads} heads at {self.head_spacing_mm:g} mm{', explain' if self.explain else ''}, "
+            f"{self.cpu_count} CPUs, {self.torch_threads} torch threads{load}",
+            f"  sequential predict calls  {self.sequential_s:8.1f} s  {self.volumes_per_minute_sequential:7.2f} volumes/minute",
+            f"  batch ({self.workers} worker{'s' if self.workers != 1 else ''})        "
+            f"{self.batch_s:8.1f} s  {self.volumes_per_minute_batch:7.2f} volumes/minute",
+            f"  speed-up                  {self.speedup:8.2f} x   (predictions agree to {self.max_difference_years:.1e} years)",
+        ]
+        if self.sequential_stage_s:
+            lines.append("  sequential stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.sequential_stage_s.items()))
+        if self.batch_stage_s:
+            lines.append("  batch, summed over subjects (s; load/prepare in the workers): "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in self.batch_stage_s.items()))
+        return "\n".join(lines)
+
+
+def run_cohort_benchmark(
+    n_heads: int = 8,
+    preset: str = "demo",
+    device: str = "auto",
+    workers: Optional[int] = None,
+    explain: bool = False,
+    precision: str = "auto",
+    seed: int = 0,
+    spacing: float = HEAD_SPACING_MM,
+    log: Callable[[str], None] = lambda message: None,
+) -> CohortBenchResult:
+    """Time ``n_heads`` generated heads through sequential ``predict`` calls and through batch mode."""
+    import torch
+
+    from .batch import default_workers, run_batch
+    from .cohort import read_cohort
+    from .devices import resolve_device
+    from .model import build_model
+    from .synth import make_cohort
+
+    if n_heads < 1:
+        raise ValueError(f"the cohort benchmark needs at least one head, got {n_heads}")
+    target = resolve_device(device)
+    n_workers = default_workers() if workers is None else int(workers)
+    with tempfile.TemporaryDirectory(prefix="brainage_cohort_bench_") as folder:
+        root = Path(folder)
+        log(f"generating {n_heads} heads at {spacing:g} mm (not timed)")
+        table = make_cohort(n_heads, root / "heads", seed, spacing=float(spacing), skull_fraction=1.0,
+                            workers=1, progress=False)
+        subjects = read_cohort(table)
+        model = build_model(preset, seed=0).to(target).eval()
+        with torch.no_grad():  # first calls into the kernel libraries, outside the clock
+            model.embed(torch.rand(2, model.config.image_size, model.config.image_size), precision=precision)
+        load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+        log("sequential predict calls")
+        sequential_ages: Dict[str, float] = {}
+        stages: Dict[str, float] = {}
+        tic = time.perf_counter()
+        for subject in subjects:
+            result = model.predict(subject.path, subject.sex, age=subject.age, explain=explain, device=target,
+                                   precision=precision, use_cache=False)
+            if explain:
+                from .explain_outputs import write_explanation_outputs
+                from .io import load_volume
+
+                out = root / "sequential"
+                out.mkdir(exist_ok=True)
+                write_explanation_outputs(result, out, subject.id, volume=load_volume(subject.path),
+                                          input_to_template=result.input_to_template)
+            sequential_ages[subject.id] = result.predicted_age
+            for key in ("load", "prepare", "embed", "regress", "explain"):
+                stages[key] = stages.get(key, 0.0) + float(result.timings.get(key, 0.0))
+        sequential_s = time.perf_counter() - tic
+
+        log(f"batch mode ({n_workers} workers)")
+        tic = time.perf_counter()
+        summary = run_batch(subjects, root / "batch", model=model, explain=explain, device=target,
+                            workers=n_workers, precision=precision)
+        batch_s = time.perf_counter() - tic
+
+    failed = [row for row in summary.rows if not row.ok]
+    if failed:
+        raise RuntimeError(f"batch mode failed on {failed[0].id}: {failed[0].error}")
+    differences: List[float] = [abs(row.predicted_age - sequential_ages[row.id]) for row in summary.rows]
+    per_minute_sequential = 60.0 * n_heads / sequential_s
+    per_minute_batch = 60.0 * n_heads / batch_s
+    return CohortBenchResult(
+        preset=model.config.name, device=str(target), n_heads=n_heads, head_spacing_mm=float(spacing),
+        explain=explain, workers=n_workers, sequential_s=sequential_s, batch_s=batch_s,
+        volumes_per_minute_sequential=per_minute_sequential, volumes_per_minute_batch=per_minute_batch,
+        speedup=per_minute_batch / per_minute_sequential, max_difference_years=max(differences),
+        torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count() or 1, load_average_1min=load_average,
+        sequential_stage_s=stages, batch_stage_s=dict(summary.timings),
+    )
