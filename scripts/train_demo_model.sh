@@ -11,7 +11,7 @@
 # 4. copies the checkpoint into Resources/Models, writes its model card (brainage_demo.md) from
 #    the run's metrics, and the bundled sample head the `brainage demo` command reads.
 #
-# Runs offline (needs nilearn for the MNI152 template) in about an hour on 2 CPU cores; every step
+# Runs offline (needs nilearn for the MNI152 template) in under 90 minutes on 2 CPU cores; every step
 # resumes if interrupted (rerun the same command). Timings go to WORK_DIR/timings.json.
 set -euo pipefail
 
