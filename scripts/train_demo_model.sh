@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the bundled demo model, Resources/Models/brainage_demo.safetensors, from nothing:
 #
-#   bash scripts/train_demo_model.sh [WORK_DIR]        (default WORK_DIR: ./demo_model_build)
+#   bash scripts/train_demo_model.sh [WORK_DIR]        (default WORK_DIR: build/demo_model, git-ignored)
 #
 # 1. `brainage synth`: 640 synthetic ageing phantoms (MNI152-based, ages 20-90, half with a
 #    skull, 1.5-2 mm voxels), cohort seed 2026;
@@ -16,7 +16,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-WORK="${1:-demo_model_build}"
+WORK="${1:-$REPO/build/demo_model}"
 N_PHANTOMS="${N_PHANTOMS:-640}"
 COHORT_SEED=2026
 SPLIT_SEED=0
