@@ -1,8 +1,9 @@
 """On-disk cache of what each training stage consumes, so every stage can be rerun alone.
 
 - ``slices/``: each subject's prepared sagittal slices [S, H, W] (float16, values in [0, 1]),
-  keyed by the input file (resolved path, size, modification time) and the preprocessing
-  config. Preparing a volume (N4, skull stripping, cropping, resampling) is the slowest step of
+  keyed by the input file (resolved path, size, modification time), the preprocessing config
+  and the source code of the preprocessing modules (so a changed pipeline never mixes with
+  slices prepared by an older one). Preparing a volume (N4, skull stripping, cropping, resampling) is the slowest step of
   training on a CPU; a rerun with the same inputs and preset skips it.
 - ``features/``: per subject, the tissue-volume features of the ridge baseline (json).
 - ``embeddings/<encoder key>/``: each subject's slice embeddings [S, D] (float16), keyed by the
@@ -38,6 +39,22 @@ def file_signature(path: "str | os.PathLike") -> Dict[str, object]:
     p = Path(path).resolve()
     stat = p.stat()
     return {"path": str(p), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+#: Modules whose code decides what ``prepare`` outputs; their source is part of the cache key.
+PREPROCESSING_MODULES = ("io", "preprocess", "skull_strip", "registration", "template")
+
+
+def preprocessing_code_digest() -> str:
+    """SHA-1 of the source of :data:`PREPROCESSING_MODULES` (those present in this installation)."""
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha1()
+    for name in PREPROCESSING_MODULES:
+        source = package / f"{name}.py"
+        if source.exists():
+            digest.update(name.encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def _safe_name(subject_id: str) -> str:
@@ -91,10 +108,11 @@ class SliceCache:
     def __init__(self, root: "str | os.PathLike", config: ModelConfig):
         self.root = Path(root)
         self.config = config
+        self.code_digest = preprocessing_code_digest()
 
     # ------------------------------------------------------------------ slices
     def entry(self, subject_id: str, path: "str | os.PathLike") -> CacheEntry:
-        key = _digest(file_signature(path), self.config.preprocess.to_dict())[:20]
+        key = _digest(file_signature(path), self.config.preprocess.to_dict(), self.code_digest)[:20]
         stem = f"{_safe_name(subject_id)}_{key}"
         return CacheEntry(
             str(subject_id), str(path), key,
