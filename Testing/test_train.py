@@ -262,3 +262,35 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, monkeypatch):
     torch.testing.assert_close(logits_two, logits_one, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ages_two, ages_one, rtol=1e-4, atol=1e-2)
     assert float((ages_one - ages_one.mean()).abs().max()) > 0.01  # the regressor is not constant
+
+
+def test_dora_adapts_query_and_value_only_and_merges_into_a_plain_vit(tmp_path):
+    pytest.importorskip("peft")
+    from timm.models.vision_transformer import VisionTransformer
+
+    from BrainAgeLib.model import build_model
+    from BrainAgeLib.train.distributed import DistributedContext
+    from BrainAgeLib.train.stage1 import SliceClassificationDataset, train_stage1, training_slice_indices
+
+    volumes = _toy_data(tmp_path)
+    indices = training_slice_indices(16, 8)
+    model = build_model("tiny", seed=0)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    config = _config(dora=True, epochs1=2, lr1=1e-2)
+    result = train_stage1(model.encoder, SliceClassificationDataset(volumes[:8], indices),
+                          SliceClassificationDataset(volumes[8:], indices), config, tmp_path / "stage1",
+                          DistributedContext(), log=lambda m: None, progress=False)
+    assert isinstance(model.encoder.vit, VisionTransformer)  # adapters merged: plain timm ViT again
+    after = model.encoder.state_dict()
+    assert set(after) == set(before)
+    dim = model.config.embed_dim
+    for block in range(model.config.depth):
+        key = f"vit.blocks.{block}.attn.qkv.weight"
+        change = (after[key] - before[key]).abs()
+        assert float(change[:dim].max()) > 1e-4 and float(change[2 * dim:].max()) > 1e-4  # query, value
+        assert float(change[dim:2 * dim].max()) < 1e-6                                    # key untouched
+        # the base MLP weights are frozen under DoRA
+        torch.testing.assert_close(after[f"vit.blocks.{block}.mlp.fc1.weight"], before[f"vit.blocks.{block}.mlp.fc1.weight"])
+    assert not torch.equal(after["vit.head.weight"], before["vit.head.weight"])  # classifier trained
+    assert len(result.history) == 2
+    assert not any(p.requires_grad for p in model.encoder.parameters())  # frozen afterwards
