@@ -174,7 +174,7 @@ def crop_to_largest_component(
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     largest = int(np.argmax(sizes))
-    box = ndimage.find_objects((labels == largest).astype(np.int32))[0]
+    box = ndimage.find_objects(labels, max_label=largest)[largest - 1]
     return tuple(box)  # type: ignore[return-value]
 
 

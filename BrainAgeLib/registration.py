@@ -246,10 +246,30 @@ def register_to_template(
 def resample_template_mask(
     template_mask: Volume, reference: Volume, input_to_template: np.ndarray
 ) -> np.ndarray:
-    """The template's brain mask on ``reference``'s voxel grid (float in [0, 1], trilinear)."""
+    """The template's brain mask on ``reference``'s voxel grid (float in [0, 1], trilinear).
+
+    Only the reference voxels that land within one template voxel of the mask's bounding box
+    can be non-zero, so only that box of the reference grid is interpolated (a whole 1 mm
+    head is ~4x larger than the brain's box); the rest stays 0, as the full resampling gives.
+    """
     # reference voxel -> reference RAS -> template RAS -> template voxel
     voxel_map = np.linalg.inv(template_mask.affine) @ input_to_template @ reference.affine
-    return ndimage.affine_transform(
-        np.asarray(template_mask.array, dtype=np.float32), voxel_map[:3, :3],
-        offset=voxel_map[:3, 3], output_shape=reference.shape, order=1, mode="constant", cval=0.0,
+    array = np.asarray(template_mask.array, dtype=np.float32)
+    out = np.zeros(reference.shape, dtype=np.float32)
+    support = np.argwhere(array > 0)
+    if support.size == 0:
+        return out
+    low, high = support.min(axis=0) - 1.0, support.max(axis=0) + 1.0
+    corners = np.array([[x, y, z, 1.0] for x in (low[0], high[0]) for y in (low[1], high[1])
+                        for z in (low[2], high[2])])
+    in_reference = (corners @ np.linalg.inv(voxel_map).T)[:, :3]
+    start = np.clip(np.floor(in_reference.min(axis=0)).astype(int) - 1, 0, reference.shape)
+    stop = np.clip(np.ceil(in_reference.max(axis=0)).astype(int) + 2, 0, reference.shape)
+    if np.any(stop <= start):
+        return out
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    out[box] = ndimage.affine_transform(
+        array, voxel_map[:3, :3], offset=voxel_map[:3, :3] @ start + voxel_map[:3, 3],
+        output_shape=tuple(int(n) for n in stop - start), order=1, mode="constant", cval=0.0,
     )
+    return out
