@@ -221,3 +221,27 @@ def test_a_killed_preprocessing_worker_is_replaced(cohort_files, tmp_path):
     assert killed
     assert (summary.n_done, summary.n_failed) == (6, 0)
     assert [r.id for r in summary.rows] == [s.id for s in cohort_subjects(cohort)]
+
+
+def test_cli_summary_reports_accuracy_and_evaluation_plots(cohort_files, tmp_path):
+    import json
+
+    cohort = long_cohort(cohort_files, tmp_path / "cohort.csv", repeats=2)  # 6 subjects with ages
+    out = tmp_path / "out"
+    process = cli(str(cohort), "--out", str(out), "--model", str(cohort_files["checkpoint"]),
+                  "--device", "cpu", "--workers", "0", "--json")
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert (report["n_done"], report["n_failed"], report["n_succeeded_total"]) == (6, 0, 6)
+    rows = read_predictions(out / FILENAME)
+    gaps = np.array([r.predicted_age - r.chronological_age for r in rows])
+    statistics = report["statistics"]
+    assert statistics["n"] == 6
+    assert statistics["metrics"]["mae"] == pytest.approx(np.abs(gaps).mean(), abs=1e-3)
+    assert statistics["bag"]["mean"] == pytest.approx(gaps.mean(), abs=1e-3)
+    assert statistics["bag"]["sd"] == pytest.approx(gaps.std(ddof=1), abs=1e-3)
+    assert statistics["corrected_bag"] is None  # the test model carries no bias-correction coefficients
+    assert statistics["evaluation"]["bias_correction"]["n_reference"] == 2
+    for name in ("scatter", "bland_altman", "metrics"):
+        assert Path(statistics["files"][name]).is_file()
