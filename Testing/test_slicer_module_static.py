@@ -307,8 +307,8 @@ def test_extension_metadata_is_complete_and_consistent():
     for needle in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(BrainAge)",
                    "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert needle in text, f"CMakeLists.txt lacks {needle}"
-    # The icon URL points at a file of this repository's main branch.
-    for url in sets["EXTENSION_ICONURL"]:
+    # The icon and screenshot URLs point at files of this repository's main branch.
+    for url in sets["EXTENSION_ICONURL"] + sets["EXTENSION_SCREENSHOTURLS"]:
         relative = url.split("/main/", 1)[1]
         assert (REPO / relative).is_file(), f"{cmake_line(TOP_CMAKE, url)}  <- {relative} does not exist"
 
