@@ -192,7 +192,7 @@ def _exit_with_parent(sentinel: int) -> None:
 
 def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool) -> PreparedSubject:
     """Read and preprocess one subject (runs in a worker; never raises for a bad subject)."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
         from .io import load_volume
         from .preprocess import prepare
@@ -202,7 +202,8 @@ def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool) -> P
         prepared = prepare(volume, preset)
         done = time.perf_counter()
         return PreparedSubject(index, prepared, volume if keep_volume else None,
-                               timings={"load": loaded - started, "prepare": done - loaded})
+                               timings={"load": loaded - started, "prepare": done - loaded,
+                                        "cpu": time.process_time() - cpu})
     except BrainAgeError as error:
         return PreparedSubject(index, error=str(error))
     except MemoryError:
@@ -213,9 +214,13 @@ def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool) -> P
 
 
 def default_workers() -> int:
-    """Preprocessing workers when not told: one per spare core (at least 1, at most 4)."""
-    cores = os.cpu_count() or 1
-    return max(1, min(4, cores - 1))
+    """Preprocessing workers when not told: one per core, at most 4.
+
+    Preparing a head is mostly single-threaded (SciPy, NumPy and SimpleITK's N4 and
+    registration gain little from a second thread), so on two cores two workers keep both busy
+    while the ViT, which does use every core, fills the gaps.
+    """
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 class _Preparer:
@@ -412,7 +417,7 @@ def run_batch(
     ``cohort``: a CSV/TSV, BIDS folder or image folder (``cohort.read_cohort``), or a list of
     subjects or image paths. ``model``: a registered name, a checkpoint path or a loaded
     ``BrainAgeModel``. ``explain`` writes each subject's attention map files into
-    ``out_dir/attention/``. ``workers``: preprocessing processes (None: one per spare core;
+    ``out_dir/attention/``. ``workers``: preprocessing processes (None: one per core, at most 4;
     0: everything in this process). ``progress(fraction, message)`` after each subject; raising
     in it stops the run cleanly. Subjects already in the CSV are skipped (``retry_failed``:
     failed ones are tried again). ``rank``/``world_size`` (default: from ``torchrun``'s
@@ -453,14 +458,16 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     summary = BatchSummary(out_dir=out_dir, predictions_csv=out_dir / FILENAME, n_subjects=len(subjects),
                            n_skipped=len(mine) - len(todo), model_name=model.name, device=str(target),
                            workers=n_workers, rank=context.rank, world_size=context.world_size)
-    timings = {"load": 0.0, "prepare": 0.0, "infer": 0.0, "wait": 0.0}
+    # seconds summed over subjects: load/prepare (wall, in the workers), cpu (the workers' CPU
+    # time), infer (this process), wait (this process idle, waiting for a prepared subject)
+    timings = {"load": 0.0, "prepare": 0.0, "cpu": 0.0, "infer": 0.0, "wait": 0.0}
     try:
         with PredictionsWriter(csv_path) as writer:
             report(0.0, f"{len(todo)} subjects to predict ({summary.n_skipped} already done)")
             waited = time.perf_counter()
             for item in preparer:
                 timings["wait"] += time.perf_counter() - waited
-                for key in ("load", "prepare"):
+                for key in ("load", "prepare", "cpu"):
                     timings[key] += item.timings.get(key, 0.0)
                 subject = by_index[item.index]
                 tic = time.perf_counter()

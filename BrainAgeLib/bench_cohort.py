@@ -46,6 +46,9 @@ class CohortBenchResult:
     torch_threads: int
     cpu_count: int
     load_average_1min: Optional[float] = None
+    #: CPU cores kept busy on average (CPU seconds / wall seconds; batch: this process + workers)
+    sequential_cores_used: float = 0.0
+    batch_cores_used: float = 0.0
     sequential_stage_s: Dict[str, float] = field(default_factory=dict)
     batch_stage_s: Dict[str, float] = field(default_factory=dict)
 
@@ -53,14 +56,16 @@ class CohortBenchResult:
         return asdict(self)
 
     def table(self) -> str:
-        load = "" if self.load_average_1min is None else f", load average {self.load_average_1min:.1f}"
+        load = "" if self.load_average_1min is None else f", load average {self.load_average_1min:.1f} at the start"
         lines = [
             f"brainage bench --cohort {self.n_heads}: preset {self.preset}, {self.device}, "
             f"{self.n_heads} heads at {self.head_spacing_mm:g} mm{', explain' if self.explain else ''}, "
             f"{self.cpu_count} CPUs, {self.torch_threads} torch threads{load}",
-            f"  sequential predict calls  {self.sequential_s:8.1f} s  {self.volumes_per_minute_sequential:7.2f} volumes/minute",
+            f"  sequential predict calls  {self.sequential_s:8.1f} s  {self.volumes_per_minute_sequential:7.2f} volumes/minute"
+            f"  ({self.sequential_cores_used:.2f} cores busy)",
             f"  batch ({self.workers} worker{'s' if self.workers != 1 else ''})        "
-            f"{self.batch_s:8.1f} s  {self.volumes_per_minute_batch:7.2f} volumes/minute",
+            f"{self.batch_s:8.1f} s  {self.volumes_per_minute_batch:7.2f} volumes/minute"
+            f"  ({self.batch_cores_used:.2f} cores busy)",
             f"  speed-up                  {self.speedup:8.2f} x   (predictions agree to {self.max_difference_years:.1e} years)",
         ]
         if self.sequential_stage_s:
@@ -109,7 +114,7 @@ def run_cohort_benchmark(
         log("sequential predict calls")
         sequential_ages: Dict[str, float] = {}
         stages: Dict[str, float] = {}
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), time.process_time()
         for subject in subjects:
             result = model.predict(subject.path, subject.sex, age=subject.age, explain=explain, device=target,
                                    precision=precision, use_cache=False)
@@ -125,12 +130,14 @@ def run_cohort_benchmark(
             for key in ("load", "prepare", "embed", "regress", "explain"):
                 stages[key] = stages.get(key, 0.0) + float(result.timings.get(key, 0.0))
         sequential_s = time.perf_counter() - tic
+        sequential_cpu = time.process_time() - cpu
 
         log(f"batch mode ({n_workers} workers)")
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), time.process_time()
         summary = run_batch(subjects, root / "batch", model=model, explain=explain, device=target,
                             workers=n_workers, precision=precision)
         batch_s = time.perf_counter() - tic
+        batch_cpu = time.process_time() - cpu + (summary.timings.get("cpu", 0.0) if n_workers else 0.0)
 
     failed = [row for row in summary.rows if not row.ok]
     if failed:
@@ -145,4 +152,5 @@ def run_cohort_benchmark(
         speedup=per_minute_batch / per_minute_sequential, max_difference_years=max(differences),
         torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count() or 1, load_average_1min=load_average,
         sequential_stage_s=stages, batch_stage_s=dict(summary.timings),
+        sequential_cores_used=sequential_cpu / sequential_s, batch_cores_used=batch_cpu / batch_s,
     )

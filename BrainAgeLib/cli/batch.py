@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ViT autocast precision (default: bf16/fp16 on GPU, bf16 on CPUs with native bf16)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="processes reading and preprocessing the next subjects while the model "
-                             "runs (default: one per spare CPU core; 0: all in one process)")
+                             "runs (default: one per CPU core, at most 4; 0: all in one process)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="on a resumed run, try the subjects whose row is an error again")
     parser.add_argument("--no-plots", action="store_true", help="skip the evaluation plots")
