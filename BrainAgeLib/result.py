@@ -41,8 +41,12 @@ class Result:
     input_to_template: Optional[np.ndarray] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-safe summary (no arrays): numbers, strings, booleans, the timings in seconds."""
-        return {
+        """JSON-safe summary (no arrays): numbers, strings, booleans, the timings in seconds.
+
+        A demo model's summary also carries ``"disclaimer"`` (:data:`DEMO_DISCLAIMER`), so every
+        JSON output of a demo prediction says it is not for clinical use.
+        """
+        summary: Dict[str, Any] = {
             "predicted_age": _number(self.predicted_age),
             "chronological_age": _number(self.chronological_age),
             "brain_age_gap": _number(self.brain_age_gap),
@@ -56,6 +60,9 @@ class Result:
             "model_is_demo": bool(self.model_is_demo),
             "warnings": [str(w) for w in self.warnings],
         }
+        if self.model_is_demo:
+            summary["disclaimer"] = DEMO_DISCLAIMER
+        return summary
 
     def summary(self) -> str:
         """A few human-readable lines."""

@@ -36,6 +36,7 @@ def test_json_output_and_result_file(head_path, tmp_path, capsys):
     assert code == 0
     printed = json.loads(captured.out)
     assert RESULT_KEYS <= set(printed)
+    assert printed["model_is_demo"] is False and "disclaimer" not in printed
     assert printed["sex"] == "F" and printed["chronological_age"] == 67.0
     assert printed["brain_age_gap"] == pytest.approx(printed["predicted_age"] - 67.0)
     assert printed["input"] == str(head_path) and printed["model"].startswith("preset:tiny")
@@ -59,6 +60,7 @@ def test_human_summary_with_a_saved_checkpoint(head_path, tmp_path, capsys):
     assert "synthetic phantoms" in captured.out  # the demo disclaimer
     saved = json.loads((tmp_path / "sub-01_T1w_brainage.json").read_text())
     assert saved["model_name"] == "cli-test-model" and saved["brain_age_gap"] is None
+    assert saved["model_is_demo"] is True and "NOT for clinical use" in saved["disclaimer"]
     with torch.no_grad():
         expected = model.predict(head_path, "M", device="cpu").predicted_age
     assert saved["predicted_age"] == pytest.approx(expected, abs=1e-4)

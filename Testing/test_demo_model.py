@@ -70,6 +70,7 @@ def test_demo_command_predicts_the_bundled_sample_head(capsys):
     assert main(["demo", "--device", "cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model_is_demo"] is True
+    assert "synthetic phantoms" in report["disclaimer"] and "NOT for clinical use" in report["disclaimer"]
     assert report["chronological_age"] == pytest.approx(SAMPLE_AGE)
     assert abs(report["predicted_age"] - SAMPLE_AGE) < 10.0  # an unseen head, well within the age range
     assert report["brain_age_gap"] == pytest.approx(report["predicted_age"] - SAMPLE_AGE)

@@ -136,6 +136,7 @@ def test_result_to_dict_is_json_and_summary_is_human(female_result):
     assert "brain-age gap" in text and DEMO_DISCLAIMER not in text
     demo = dataclasses.replace(female_result, model_is_demo=True, warnings=[])
     assert "synthetic phantoms" in demo.summary() and "NOT for clinical use" in demo.summary()
+    assert "disclaimer" not in data and demo.to_dict()["disclaimer"] == DEMO_DISCLAIMER
 
 
 def test_out_of_range_age_is_warned_about(mni_3mm):
