@@ -24,12 +24,10 @@ from typing import ContextManager, Optional, Union
 import torch
 
 from .errors import BrainAgeError
-from .presets import ModelConfig
+from .presets import PRECISIONS, ModelConfig  # PRECISIONS re-exported: the names autocast_dtype accepts
 
 DeviceLike = Union[str, torch.device, None]
 
-#: Precision names accepted by ``autocast_dtype``.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Largest |age(bf16) - age(fp32)| (years) that lets "auto" use bf16 autocast on the CPU.

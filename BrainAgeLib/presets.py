@@ -11,6 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+#: Precision names the ViT may run in (``devices.autocast_dtype``); here, free of torch, so the
+#: command line can list them without importing torch.
+PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:

@@ -10,8 +10,7 @@ HELP = "time each stage of a prediction (random weights, generated head) against
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..devices import PRECISIONS
-    from ..presets import PRESETS
+    from ..presets import PRECISIONS, PRESETS
 
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="model preset to time (default: paper; demo with --cohort)")

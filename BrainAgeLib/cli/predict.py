@@ -23,8 +23,7 @@ _DOUBLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..devices import PRECISIONS
-    from ..presets import PRESETS
+    from ..presets import PRECISIONS, PRESETS
 
     parser.add_argument("input", metavar="INPUT",
                         help="T1-weighted MRI: NIfTI, NRRD, MetaImage, MGH or a DICOM series folder")
