@@ -16,11 +16,13 @@ PathLike = Union[str, os.PathLike]
 
 
 @contextmanager
-def atomic_path(path: PathLike, suffix: Optional[str] = None) -> Iterator[Path]:
+def atomic_path(path: PathLike, suffix: Optional[str] = None, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``.
 
     ``suffix`` defaults to the destination's own suffixes (``.nii.gz``, ``.png``...), so
     writers that choose a format by extension keep working on the temporary name.
+    ``fsync``: flush the written file to disk before the move, so that after a power loss the
+    destination holds either the old or the complete new content.
     """
     path = Path(path)
     if suffix is None:
@@ -30,15 +32,17 @@ def atomic_path(path: PathLike, suffix: Optional[str] = None) -> Iterator[Path]:
     _normal_permissions(temporary)
     try:
         yield Path(temporary)
+        if fsync:
+            _fsync(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
 
 
-def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; returns the path."""
-    with atomic_path(path) as temporary:
+def write_bytes_atomic(path: PathLike, data: bytes, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (``fsync``: see :func:`atomic_path`); returns the path."""
+    with atomic_path(path, fsync=fsync) as temporary:
         temporary.write_bytes(data)
     return Path(path)
 
@@ -49,6 +53,14 @@ def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Pat
         with open(temporary, "w", encoding=encoding, newline="\n") as stream:
             stream.write(text)
     return Path(path)
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _normal_permissions(path: str) -> None:

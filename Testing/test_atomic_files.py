@@ -26,3 +26,20 @@ def test_a_failed_write_keeps_the_old_file_and_cleans_up(tmp_path):
             raise RuntimeError("disk full")
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.nii.gz"]
+
+
+def test_fsync_flushes_the_complete_temporary_before_the_move(tmp_path, monkeypatch):
+    target = tmp_path / "predictions.csv"
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append(os.fstat(descriptor).st_size)
+        assert not target.exists()  # flushed before os.replace puts it in place
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    write_bytes_atomic(target, b"id,path\n", fsync=True)
+    assert synced == [8] and target.read_bytes() == b"id,path\n"
+    write_bytes_atomic(target, b"id\n")  # the default does not fsync
+    assert synced == [8] and target.read_bytes() == b"id\n"

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
@@ -143,16 +141,7 @@ class _progress_bar:
 
 def write_json_atomically(path: Path, data: Any) -> Path:
     """Write ``data`` as JSON to ``path`` through a temporary file in the same folder."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2)
-            stream.write("\n")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temporary, 0o666 & ~mask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from ..atomic_files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
     return path

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..atomic_files import atomic_path
 from ..errors import BrainAgeError, CohortError
 from ..presets import get_preset
 from .config import TrainConfig
@@ -214,9 +215,8 @@ def run_training(
         if context.is_main:
             from safetensors.torch import save_file
 
-            tmp = encoder_file.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(tmp))
-            os.replace(tmp, encoder_file)
+            with atomic_path(encoder_file) as temporary:
+                save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(temporary))
             state.mark_done("1", best_epoch=result1.best_epoch + 1, best_val_loss=result1.best_val_loss,
                             best_val_accuracy=result1.best_val_accuracy, epochs=result1.epochs,
                             history=result1.history, seconds=timings["stage1"], dora=config.dora)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
+from ..atomic_files import atomic_path
 from .slice_cache import atomic_write_text
 
 
@@ -22,15 +22,8 @@ def save_training_state(path: "str | os.PathLike", state: Dict[str, Any]) -> Non
     """torch.save ``state`` (tensors, numbers, strings, lists, dicts) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".pt") as temporary:
+        torch.save(state, temporary)
 
 
 def load_training_state(path: "str | os.PathLike") -> Optional[Dict[str, Any]]:
