@@ -240,6 +240,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
 
     def loadModel(self, model="demo"):
         """A BrainAge model by name ("demo"), file path, or https URL (downloaded once)."""
+        from BrainAgeLib.atomic_files import atomic_path
         from BrainAgeLib.checkpoint import load_model
         from BrainAgeLib.resources import cache_dir
 
@@ -248,10 +249,13 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
             if model.lower().startswith("https://"):
                 fileName = os.path.basename(urllib.parse.urlparse(model).path) or "model.safetensors"
                 source = str(cache_dir() / f"{hashlib.sha256(model.encode()).hexdigest()[:12]}-{fileName}")
-                if not os.path.exists(source):
+                if not os.path.exists(source):  # download beside it; moved into place only once complete
                     os.makedirs(os.path.dirname(source), exist_ok=True)
                     self.log(f"Downloading {model}...")
-                    slicer.util.downloadFile(model, source)
+                    with atomic_path(source) as partial:
+                        os.remove(partial)  # downloadFile keeps an existing non-empty file
+                        if not slicer.util.downloadFile(model, str(partial)):
+                            raise RuntimeError(f"Could not download the model {model}")
             self.log(f"Loading model {model}...")
             self._models[model] = load_model(source)
         return self._models[model]
