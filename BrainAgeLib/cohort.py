@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from .errors import CohortError
+from .io import image_stem
 
 PathLike = Union[str, Path]
 
@@ -190,7 +191,7 @@ def _read_table(table: Path, check_files: bool) -> List[Subject]:
         if check_files and not image.exists():
             raise CohortError(f"{where}: image {image} does not exist")
         subject_id = row.get(id_column, "") if id_column else ""
-        subject_id = subject_id or _image_stem(image)
+        subject_id = subject_id or image_stem(image)
         if subject_id in seen:
             raise CohortError(f"{where}: id {subject_id!r} already used on line {seen[subject_id]}")
         seen[subject_id] = line
@@ -209,14 +210,6 @@ def _subject(where: str, subject_id: str, image: Path, row: Dict[str, str], used
     extra = {name: value for name, value in row.items() if name not in used and name}
     return Subject(id=subject_id, path=image.resolve(), age=age, sex=sex, site=row.get("site") or None,
                    extra=extra, participant=participant)
-
-
-def _image_stem(path: Path) -> str:
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 # ----------------------------------------------------------------------------------------
@@ -287,4 +280,4 @@ def _read_folder(folder: Path) -> List[Subject]:
     if not images:
         raise CohortError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}), no participants.tsv "
                           "and no sub-* folders: nothing to read as a cohort")
-    return [Subject(id=_image_stem(p), path=p.resolve(), age=None, sex="unknown") for p in images]
+    return [Subject(id=image_stem(p), path=p.resolve(), age=None, sex="unknown") for p in images]

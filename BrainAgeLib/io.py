@@ -43,7 +43,7 @@ from .errors import InvalidVolumeError
 from .volume import Volume
 
 __all__ = [
-    "Volume", "load_volume", "save_volume", "validate_volume",
+    "Volume", "load_volume", "save_volume", "validate_volume", "image_stem",
     "READ_EXTENSIONS", "WRITE_EXTENSIONS",
     "MIN_SPACING_MM", "MAX_SPACING_MM", "MIN_EXTENT_MM", "MIN_VOXELS_PER_AXIS", "MAX_NONFINITE_FRACTION",
 ]
@@ -57,6 +57,8 @@ SITK_EXTENSIONS = (".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_EXTENSIONS = (".dcm", ".ima")
 READ_EXTENSIONS = NIBABEL_EXTENSIONS + SITK_EXTENSIONS + DICOM_EXTENSIONS
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Extensions ``image_stem`` strips: every readable one, plus the Analyze .img/.hdr pair.
+STEM_EXTENSIONS = READ_EXTENSIONS + (".img", ".hdr")
 
 # Limits of what can be a head MRI (see the module docstring).
 MIN_SPACING_MM = 0.2
@@ -103,6 +105,18 @@ def load_volume(path: PathLike, *, series_uid: Optional[str] = None) -> Volume:
                 f"unsupported file type {ext or '(no extension)'!r}; BrainAge reads "
                 f"{', '.join(READ_EXTENSIONS)} files and DICOM series folders", path)
     return validate_volume(Volume(array, affine), path)
+
+
+def image_stem(path: PathLike) -> str:
+    """The file name without its image extension (any case): sub-01_T1w.nii.gz -> sub-01_T1w.
+
+    Names without a known extension (a DICOM folder, say) come back whole.
+    """
+    name = Path(path).name
+    for ext in STEM_EXTENSIONS:
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
 
 
 def _extension(path: Path) -> str:

@@ -529,3 +529,14 @@ def test_colin27_loads_in_ras_at_1mm(colin27_path):
     # The head's left and right halves are near mirror images in RAS (axis I is left-right).
     left, right = colin.array[:90], colin.array[91:][::-1]
     assert np.corrcoef(left.ravel(), right.ravel())[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("name, stem", [
+    ("sub-01_T1w.nii.gz", "sub-01_T1w"), ("scan.NII", "scan"), ("brain.mgz", "brain"), ("a.b.mha", "a.b"),
+    ("IM0001.dcm", "IM0001"), ("old.img", "old"), ("dicom_folder", "dicom_folder"), (".nii.gz", ".nii.gz"),
+    ("notes.txt", "notes.txt"),
+])
+def test_image_stem_drops_only_a_known_image_extension(name, stem):
+    from BrainAgeLib.io import image_stem
+
+    assert image_stem(Path("/data") / name) == stem

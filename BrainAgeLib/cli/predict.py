@@ -17,8 +17,6 @@ from typing import Any, Dict
 COMMAND = "predict"
 HELP = "estimate the brain age of one T1-weighted MRI"
 
-_DOUBLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".img", ".hdr", ".dcm")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..presets import PRECISIONS, PRESETS
@@ -47,11 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def input_stem(path: Path) -> str:
     """File name without its image extension(s): sub-01_T1w.nii.gz -> sub-01_T1w."""
-    name = path.name
-    for suffix in _DOUBLE_SUFFIXES:
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
+    from ..io import image_stem
+
+    return image_stem(path)
 
 
 def run(args: argparse.Namespace) -> int:
