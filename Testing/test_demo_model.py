@@ -80,3 +80,17 @@ def test_demo_command_predicts_the_bundled_sample_head(capsys):
     text = capsys.readouterr().out
     assert "Predicted brain age" in text and "brain-age gap" in text
     assert "synthetic phantoms" in text and "NOT for clinical use" in text
+
+
+def test_demo_sex_accepts_what_predict_accepts(capsys):
+    from BrainAgeLib.cli import main
+
+    assert main(["demo", "--device", "cpu", "--json", "--sex", "male", "--age", "45"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sex"] == "M" and report["sex_was_unknown"] is False
+    assert report["chronological_age"] == pytest.approx(45.0)
+    assert main(["demo", "--device", "cpu", "--json", "--sex", "Unknown", "--age", "45"]) == 0
+    unknown = json.loads(capsys.readouterr().out)
+    assert unknown["sex"] == "unknown" and unknown["sex_was_unknown"] is True
+    assert main(["demo", "--device", "cpu", "--sex", "X"]) == 2
+    assert "sex must be F, M" in capsys.readouterr().err

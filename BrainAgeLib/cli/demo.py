@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generate", action="store_true",
                         help="make a new phantom head instead of using the bundled sample (needs nilearn)")
     parser.add_argument("--age", type=float, default=None, help="age (years) of the generated phantom (20-90)")
-    parser.add_argument("--sex", choices=["F", "M"], default=None, help="sex of the generated phantom")
+    parser.add_argument("--sex", default=None,
+                        help="sex of the generated phantom: F, M (also female/male, any case) or unknown "
+                             "(a female phantom, predicted as the mean of both sexes, as `predict` does)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the generated phantom (its 'person')")
     parser.add_argument("--no-skull", action="store_true", help="generate a skull-stripped phantom")
     parser.add_argument("--save-head", default=None, help="also write the head used to this NIfTI file")
@@ -56,12 +58,14 @@ def generated_head(age: float, sex: str, seed: int, skull: bool = True):
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
+    from ..sex import parse_sex
 
+    told_sex = None if args.sex is None else parse_sex(args.sex)  # bad input fails before any heavy work
     if args.generate or args.age is not None or args.sex is not None or args.seed is not None:
         age = 67.0 if args.age is None else args.age
-        sex = args.sex or "F"
         seed = 900_000 + int(age) if args.seed is None else args.seed
-        volume, age, sex, description = generated_head(age, sex, seed, skull=not args.no_skull)
+        phantom_sex = told_sex if told_sex in ("F", "M") else "F"
+        volume, age, sex, description = generated_head(age, phantom_sex, seed, skull=not args.no_skull)
     else:
         volume, age, sex, description = sample_head()
     if args.save_head:
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
         save_volume(volume, args.save_head)
     model = load_model(args.model)
-    result = model.predict(volume, sex=sex, age=age, device=args.device)
+    result = model.predict(volume, sex=told_sex or sex, age=age, device=args.device)
     if args.json:
         print(json.dumps({"head": description, **result.to_dict()}, indent=2))
         return 0
