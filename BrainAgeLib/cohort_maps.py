@@ -92,17 +92,14 @@ def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> Lis
 
 def _inputs_of_batch_table(table: Path) -> Dict[Path, Path]:
     """{attention map -> input image} from a batch run's predictions.csv (columns path, attention_map)."""
-    import csv
+    from .predictions_csv import read_predictions
 
-    found: Dict[Path, Path] = {}
     try:
-        with open(table, newline="", encoding="utf-8") as stream:
-            for row in csv.DictReader(stream):
-                if row.get("attention_map") and row.get("path"):
-                    found[(table.parent / row["attention_map"]).resolve()] = Path(row["path"])
-    except (OSError, csv.Error, UnicodeDecodeError):
-        pass  # no usable table: subjects without a stored transform will say so
-    return found
+        rows = read_predictions(table)
+    except (OSError, BrainAgeError):
+        return {}  # no usable table: subjects without a stored transform will say so
+    return {(table.parent / row.attention_map).resolve(): Path(row.path)
+            for row in rows if row.attention_map and row.path}
 
 
 def _read_sidecar(path: Path) -> CohortSubject:

@@ -179,6 +179,7 @@ def test_cohort_maps_command(batch_folder, tmp_path, capsys):
 def test_skull_stripped_inputs_without_stored_registration_are_registered_from_the_batch_table(tmp_path):
     """Preprocessing does not register already skull-stripped inputs, so their sidecar has no
     transform; cohort maps then register the input image that predictions.csv names."""
+    from BrainAgeLib.predictions_csv import PredictionRow, write_predictions
     from BrainAgeLib.template import load_template
 
     template = load_template().t1
@@ -194,9 +195,9 @@ def test_skull_stripped_inputs_without_stored_registration_are_registered_from_t
     save_volume(attention, batch / "attention" / "sub-09_attention.nii.gz")
     write_sidecar(Result(predicted_age=30.0, chronological_age=24.0, attention=attention),
                   batch / "attention" / "sub-09_attention.json", attention_file="sub-09_attention.nii.gz")
-    (batch / "predictions.csv").write_text(
-        "id,path,sex,chronological_age,predicted_age,attention_map\n"
-        f"sub-09,{tmp_path / 'sub-09_T1w.nii.gz'},F,24,30.0,attention/sub-09_attention.nii.gz\n")
+    write_predictions(batch / "predictions.csv", [PredictionRow(
+        id="sub-09", path=str(tmp_path / "sub-09_T1w.nii.gz"), sex="F", chronological_age=24.0,
+        predicted_age=30.0, attention_map="attention/sub-09_attention.nii.gz")])
 
     subjects = read_batch_explanations(batch)
     assert subjects[0].input_to_template is None
