@@ -19,8 +19,7 @@ HELP = "estimate the brain age of every subject of a cohort (CSV/TSV, BIDS or im
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..devices import PRECISIONS
-    from ..presets import PRESETS
+    from ..presets import PRECISIONS, PRESETS
 
     parser.add_argument("cohort", metavar="COHORT",
                         help="cohort table (CSV/TSV with path, sex, optional age/id/site), BIDS dataset "
