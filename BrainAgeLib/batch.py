@@ -64,7 +64,8 @@ class BatchSummary:
     """What a batch run did. Counts of this run, plus the whole predictions file's state.
 
     ``n_done``/``n_failed``: subjects that succeeded / got an error row in this run;
-    ``n_skipped``: subjects already finished by an earlier run; ``rows``: the final rows of
+    ``n_skipped``: subjects already finished by an earlier run; ``workers``: preprocessing
+    processes used (0: all in this process, as for a single subject); ``rows``: the final rows of
     predictions.csv (one per subject, cohort order; on a sharded run's non-zero ranks, this
     rank's rows). ``volumes_per_minute`` counts the subjects this run processed.
     """
@@ -381,8 +382,8 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
     except BrainAgeError as error:
         row.error = f"{subject.path}: {error}" if str(subject.path) not in str(error) else str(error)
         return row
-    except (RuntimeError, ValueError, MemoryError) as error:  # e.g. CUDA out of memory
-        logger.debug("inference of %s failed", subject.id, exc_info=True)
+    except Exception as error:  # e.g. CUDA out of memory: this subject's failure, not the cohort's
+        logger.warning("inference of %s failed", subject.id, exc_info=True)
         row.error = f"{subject.path}: {type(error).__name__}: {error}"
         return row
     row.predicted_age = result.predicted_age
@@ -457,7 +458,8 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     csv_path = out_dir / FILENAME if context.world_size == 1 else part_path(out_dir, context.rank, context.world_size)
     summary = BatchSummary(out_dir=out_dir, predictions_csv=out_dir / FILENAME, n_subjects=len(subjects),
                            n_skipped=len(mine) - len(todo), model_name=model.name, device=str(target),
-                           workers=n_workers, rank=context.rank, world_size=context.world_size)
+                           workers=n_workers if preparer.pool is not None else 0, rank=context.rank,
+                           world_size=context.world_size)
     # seconds summed over subjects: load/prepare (wall, in the workers), cpu (the workers' CPU
     # time), infer (this process), wait (this process idle, waiting for a prepared subject)
     timings = {"load": 0.0, "prepare": 0.0, "cpu": 0.0, "infer": 0.0, "wait": 0.0}

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
         cohort = run_cohort_benchmark(
             args.cohort, preset=args.preset or "demo", device=args.device, workers=args.workers,
-            precision=args.precision,
+            precision=args.precision, repeats=args.repeat,
             log=(lambda message: print(f"  ... {message}", file=sys.stderr)) if verbose else (lambda message: None))
         print(json.dumps(cohort.to_dict(), indent=2) if args.json else cohort.table())
         return 0
