@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import BrainAgeError, CohortError
+from .result import DEMO_DISCLAIMER
 from .predictions_csv import (
     FILENAME, PredictionRow, PredictionsWriter, check_model_matches, finished_ids, latest_rows,
     merge_predictions, part_path, read_all_predictions,
@@ -78,6 +79,7 @@ class BatchSummary:
     n_skipped: int = 0
     seconds: float = 0.0
     model_name: str = ""
+    model_is_demo: bool = False
     device: str = ""
     workers: int = 0
     rank: int = 0
@@ -110,6 +112,8 @@ class BatchSummary:
             "volumes_per_minute": self.volumes_per_minute, "model_name": self.model_name,
             "device": self.device, "workers": self.workers, "rank": self.rank,
             "world_size": self.world_size, "timings": dict(self.timings),
+            "model_is_demo": self.model_is_demo,
+            **({"disclaimer": DEMO_DISCLAIMER} if self.model_is_demo else {}),
         }
 
 
@@ -457,7 +461,8 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     preparer.preset = get_preset(model.config)
     csv_path = out_dir / FILENAME if context.world_size == 1 else part_path(out_dir, context.rank, context.world_size)
     summary = BatchSummary(out_dir=out_dir, predictions_csv=out_dir / FILENAME, n_subjects=len(subjects),
-                           n_skipped=len(mine) - len(todo), model_name=model.name, device=str(target),
+                           n_skipped=len(mine) - len(todo), model_name=model.name,
+                           model_is_demo=bool(model.metadata.get("is_demo", False)), device=str(target),
                            workers=n_workers if preparer.pool is not None else 0, rank=context.rank,
                            world_size=context.world_size)
     # seconds summed over subjects: load/prepare (wall, in the workers), cpu (the workers' CPU

@@ -245,3 +245,19 @@ def test_cli_summary_reports_accuracy_and_evaluation_plots(cohort_files, tmp_pat
     assert statistics["evaluation"]["bias_correction"]["n_reference"] == 2
     for name in ("scatter", "bland_altman", "metrics"):
         assert Path(statistics["files"][name]).is_file()
+
+
+def test_a_demo_model_batch_says_it_is_synthetic_in_the_summary(cohort_files, tmp_path):
+    from BrainAgeLib.cli.batch import _text
+    from BrainAgeLib.result import DEMO_DISCLAIMER
+
+    file, age, sex = cohort_files["heads"][0]
+    cohort = write_cohort_csv(tmp_path / "cohort.csv", [("demo0", file, age, sex)])
+    summary = run_batch(cohort, tmp_path / "out", model="demo", device="cpu", workers=0)
+    assert summary.n_done == 1 and summary.model_is_demo
+    assert summary.to_dict()["disclaimer"] == DEMO_DISCLAIMER
+    assert DEMO_DISCLAIMER in _text(summary, None)
+
+    tiny = run_batch(cohort, tmp_path / "tiny", model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
+    assert not tiny.model_is_demo and "disclaimer" not in tiny.to_dict()
+    assert DEMO_DISCLAIMER not in _text(tiny, None)

@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Any, Dict, Optional
 
+from ..result import DEMO_DISCLAIMER
+
 COMMAND = "batch"
 HELP = "estimate the brain age of every subject of a cohort (CSV/TSV, BIDS or image folder), resumable"
 
@@ -105,6 +107,9 @@ def _text(summary: Any, statistics: Optional[Dict[str, Any]]) -> str:
             lines.append(f"{name}: {path}")
     elif summary.n_succeeded_total:
         lines.append("No accuracy statistics: the cohort gives fewer than two ages")
+    lines.append(f"Model: {summary.model_name}")
+    if summary.model_is_demo:
+        lines.append(f"NOTE: {DEMO_DISCLAIMER}")
     lines.append(f"Results: {summary.predictions_csv}")
     return "\n".join(lines)
 
