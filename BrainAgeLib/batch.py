@@ -144,13 +144,9 @@ def cohort_subjects(cohort: Union[PathLike, Sequence[Any]]) -> List[Any]:
 
 
 def _subject_from_path(path: PathLike) -> CohortSubject:
-    path = Path(path)
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return CohortSubject(id=name or str(path), path=str(path))
+    from .io import image_stem
+
+    return CohortSubject(id=image_stem(path) or str(path), path=str(path))
 
 
 # --------------------------------------------------------------------------------------------
