@@ -15,6 +15,7 @@ import sys
 from typing import Any, Dict, Optional
 
 from ..result import DEMO_DISCLAIMER
+from ._common import load_model_from_args
 
 COMMAND = "batch"
 HELP = "estimate the brain age of every subject of a cohort (CSV/TSV, BIDS or image folder), resumable"
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from ..batch import cohort_statistics, cohort_subjects, run_batch
 
     subjects = cohort_subjects(args.cohort)  # a bad table fails before the model loads
-    model = _load_model(args)
+    model = load_model_from_args(args)
     with _progress_bar(len(subjects)) as progress:
         summary = run_batch(subjects, args.out, model=model, explain=args.explain, device=args.device,
                             workers=args.workers, progress=progress, retry_failed=args.retry_failed,
@@ -112,18 +113,6 @@ def _text(summary: Any, statistics: Optional[Dict[str, Any]]) -> str:
         lines.append(f"NOTE: {DEMO_DISCLAIMER}")
     lines.append(f"Results: {summary.predictions_csv}")
     return "\n".join(lines)
-
-
-def _load_model(args: argparse.Namespace):
-    if args.preset:
-        from ..model import build_model
-
-        print(f"WARNING: --preset {args.preset} builds a model with RANDOM, UNTRAINED weights; its "
-              "predictions mean nothing. Use it only to test the software.", file=sys.stderr)
-        return build_model(args.preset, seed=0)
-    from ..checkpoint import load_model
-
-    return load_model(args.model or "demo")
 
 
 class _progress_bar:

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
+from ._common import load_model_from_args
+
 COMMAND = "predict"
 HELP = "estimate the brain age of one T1-weighted MRI"
 
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise BrainAgeError(f"{out_dir}: --out must be a folder")
-    model = _load_model(args)
+    model = load_model_from_args(args)
 
     import time
 
@@ -96,18 +98,6 @@ def run(args: argparse.Namespace) -> int:
         if args.explain:
             print(f"Attention map: {outputs['attention']}")
     return 0
-
-
-def _load_model(args: argparse.Namespace):
-    if args.preset:
-        from ..model import build_model
-
-        print(f"WARNING: --preset {args.preset} builds a model with RANDOM, UNTRAINED weights; its "
-              "prediction means nothing. Use it only to test the software.", file=sys.stderr)
-        return build_model(args.preset, seed=0)
-    from ..checkpoint import load_model
-
-    return load_model(args.model or "demo")
 
 
 def _model_label(args: argparse.Namespace) -> str:
