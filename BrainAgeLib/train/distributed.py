@@ -81,3 +81,10 @@ def broadcast_object(obj, context: DistributedContext):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def wrap_for_training(module: torch.nn.Module, context: DistributedContext, device: str) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel under torchrun; the module itself otherwise."""
+    if not context.enabled:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from .config import TrainConfig
-from .distributed import DistributedContext
+from .distributed import DistributedContext, wrap_for_training
 from .resume import load_training_state, save_training_state
 
 
@@ -204,9 +204,7 @@ def train_stage1(
         if context.is_main:
             log(f"stage 1: resuming after epoch {start_epoch} of {config.epochs1}")
 
-    ddp = classifier
-    if context.enabled:
-        ddp = nn.parallel.DistributedDataParallel(classifier, device_ids=[device] if device.startswith("cuda") else None)
+    ddp = wrap_for_training(classifier, context, device)
 
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs1):

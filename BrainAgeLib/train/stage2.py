@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from .config import TrainConfig
-from .distributed import DistributedContext
+from .distributed import DistributedContext, wrap_for_training
 from .resume import load_training_state, save_training_state
 
 
@@ -111,9 +111,7 @@ def train_stage2(
         if context.is_main:
             log(f"stage 2: resuming after epoch {start_epoch} of {config.epochs2}")
 
-    model = regressor
-    if context.enabled:
-        model = nn.parallel.DistributedDataParallel(regressor, device_ids=[device] if device.startswith("cuda") else None)
+    model = wrap_for_training(regressor, context, device)
     started = time.perf_counter()
     epochs = tqdm(range(start_epoch, config.epochs2), desc="stage 2", disable=not (progress and context.is_main),
                   initial=start_epoch, total=config.epochs2, mininterval=2.0)
