@@ -8,7 +8,10 @@ the same process times
   the library would (the model is loaded once here too, so the comparison is about the
   pipeline, not about model loading; the embedding cache is off), and
 - **batch**: ``run_batch`` on the same heads and model (worker processes prepare the next
-  heads while the main process runs the model; rows written to predictions.csv).
+  heads while the main process runs the model; rows written to predictions.csv), and
+- **sequential commands** (``cli_baseline``): one ``brainage predict HEAD --model FILE --json``
+  process per head, as a shell loop over a cohort would run them: each pays Python's start,
+  importing torch and loading the checkpoint (the same weights, saved once to a file).
 
 Both include reading the files and, with ``explain``, writing the explanation files. The two
 runs must agree on every predicted age (``max_difference_years``). On a machine shared with
@@ -52,6 +55,11 @@ class CohortBenchResult:
     repeats: int = 1
     sequential_stage_s: Dict[str, float] = field(default_factory=dict)
     batch_stage_s: Dict[str, float] = field(default_factory=dict)
+    #: one `brainage predict` process per head (None when not measured)
+    sequential_cli_s: Optional[float] = None
+    volumes_per_minute_sequential_cli: Optional[float] = None
+    speedup_vs_cli: Optional[float] = None
+    cli_max_difference_years: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -69,6 +77,10 @@ class CohortBenchResult:
             f"  ({self.batch_cores_used:.2f} cores busy)",
             f"  speed-up                  {self.speedup:8.2f} x   (predictions agree to {self.max_difference_years:.1e} years)",
         ]
+        if self.sequential_cli_s is not None:
+            lines.append(f"  one `brainage predict` command per head {self.sequential_cli_s:.1f} s  "
+                         f"{self.volumes_per_minute_sequential_cli:.2f} volumes/minute; batch is "
+                         f"{self.speedup_vs_cli:.2f} x faster (agree to {self.cli_max_difference_years:.1e} years)")
         if self.sequential_stage_s:
             lines.append("  sequential stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.sequential_stage_s.items()))
         if self.batch_stage_s:
@@ -87,6 +99,7 @@ def run_cohort_benchmark(
     seed: int = 0,
     spacing: float = HEAD_SPACING_MM,
     repeats: int = 1,
+    cli_baseline: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> CohortBenchResult:
     """Time ``n_heads`` generated heads through sequential ``predict`` calls and through batch mode.
@@ -117,9 +130,19 @@ def run_cohort_benchmark(
             model.embed(torch.rand(2, model.config.image_size, model.config.image_size), precision=precision)
         load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
-        sequential_s = batch_s = float("inf")
+        model_file = model.save(root / "bench_model.safetensors") if cli_baseline else None
+        sequential_s = batch_s = cli_s = float("inf")
         sequential_cpu = batch_cpu = 0.0
+        cli_ages: Dict[str, float] = {}
         for attempt in range(max(1, int(repeats))):
+            if model_file is not None:
+                log(f"one brainage predict command per head ({attempt + 1}/{repeats})")
+                tic = time.perf_counter()
+                ages = {subject.id: _predict_command(subject, model_file, target, precision, explain, root / "cli")
+                        for subject in subjects}
+                seconds = time.perf_counter() - tic
+                if seconds < cli_s:
+                    cli_s, cli_ages = seconds, ages
             log(f"sequential predict calls ({attempt + 1}/{repeats})")
             sequential_ages: Dict[str, float] = {}
             stages: Dict[str, float] = {}
@@ -159,6 +182,11 @@ def run_cohort_benchmark(
     differences: List[float] = [abs(row.predicted_age - sequential_ages[row.id]) for row in summary.rows]
     per_minute_sequential = 60.0 * n_heads / sequential_s
     per_minute_batch = 60.0 * n_heads / batch_s
+    cli = {}
+    if cli_ages:
+        cli = dict(sequential_cli_s=cli_s, volumes_per_minute_sequential_cli=60.0 * n_heads / cli_s,
+                   speedup_vs_cli=cli_s / batch_s,
+                   cli_max_difference_years=max(abs(cli_ages[k] - sequential_ages[k]) for k in cli_ages))
     return CohortBenchResult(
         preset=model.config.name, device=str(target), n_heads=n_heads, head_spacing_mm=float(spacing),
         explain=explain, workers=summary.workers, sequential_s=sequential_s, batch_s=batch_s,
@@ -166,5 +194,24 @@ def run_cohort_benchmark(
         speedup=per_minute_batch / per_minute_sequential, max_difference_years=max(differences),
         torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count() or 1, load_average_1min=load_average,
         sequential_stage_s=sequential_stages, batch_stage_s=batch_stages, repeats=max(1, int(repeats)),
-        sequential_cores_used=sequential_cpu / sequential_s, batch_cores_used=batch_cpu / batch_s,
+        sequential_cores_used=sequential_cpu / sequential_s, batch_cores_used=batch_cpu / batch_s, **cli,
     )
+
+
+def _predict_command(subject: Any, model_file: Path, device: Any, precision: str, explain: bool, out: Path) -> float:
+    """Run ``brainage predict`` on one head in a new Python process; its predicted age."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "BrainAgeLib", "predict", str(subject.path), "--sex", str(subject.sex),
+               "--model", str(model_file), "--device", str(device), "--precision", precision,
+               "--out", str(out), "--json"]
+    if subject.age is not None:
+        command += ["--age", str(subject.age)]
+    if explain:
+        command.append("--explain")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"brainage predict failed on {subject.path}: {done.stderr.strip()[-500:]}")
+    return float(json.loads(done.stdout)["predicted_age"])

@@ -59,3 +59,19 @@ def test_ellipsoid_head_is_a_ras_head_with_brain_inside_skull():
     assert centre == 900.0  # white matter
     profile = head.array[30, 36, 30:]
     assert 60.0 in profile and profile[-1] == 0.0  # dark skull between brain and scalp, air outside
+
+
+def test_cohort_benchmark_times_sequential_batch_and_commands_on_the_same_heads(monkeypatch, capsys):
+    """`brainage bench --cohort N --json`: both modes and the command loop, same predictions."""
+    monkeypatch.setenv("PYTHONPATH", str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    code = main(["bench", "--cohort", "2", "--preset", "tiny", "--workers", "1", "--device", "cpu", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_heads"] == 2 and report["preset"] == "tiny" and report["workers"] == 1
+    for key in ("volumes_per_minute_sequential", "volumes_per_minute_batch", "volumes_per_minute_sequential_cli"):
+        assert report[key] > 0
+    assert report["speedup"] == pytest.approx(report["volumes_per_minute_batch"] / report["volumes_per_minute_sequential"])
+    assert report["speedup_vs_cli"] == pytest.approx(report["sequential_cli_s"] / report["batch_s"])
+    # the same weights give the same ages in-process, in batch mode and through the command
+    assert report["max_difference_years"] < 1e-3
+    assert report["cli_max_difference_years"] < 1e-3

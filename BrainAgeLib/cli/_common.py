@@ -5,6 +5,21 @@ import argparse
 import sys
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model | --preset, --device and --precision, as predict and batch take them."""
+    from ..presets import PRECISIONS, PRESETS
+
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, metavar="NAME|PATH",
+                       help="registered model name or .safetensors checkpoint (default: demo)")
+    which.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="RANDOM UNTRAINED weights of a preset: for testing the software only")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="ViT autocast precision (default auto: fp16 on CUDA; on a CPU, bf16 only for a "
+                             "checkpoint validated in bf16 and a CPU with native bf16, else fp32)")
+
+
 def load_model_from_args(args: argparse.Namespace):
     """The model named by ``--model`` (default: the bundled demo) or, loudly, ``--preset``'s random weights."""
     if args.preset:

@@ -15,33 +15,24 @@ import sys
 from typing import Any, Dict, Optional
 
 from ..result import DEMO_DISCLAIMER
-from ._common import load_model_from_args
+from ._common import add_model_arguments, load_model_from_args
 
 COMMAND = "batch"
 HELP = "estimate the brain age of every subject of a cohort (CSV/TSV, BIDS or image folder), resumable"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..presets import PRECISIONS, PRESETS
-
     parser.add_argument("cohort", metavar="COHORT",
                         help="cohort table (CSV/TSV with path, sex, optional age/id/site), BIDS dataset "
                              "folder or participants.tsv, or a folder of images")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder: predictions.csv (appended as subjects finish), attention "
                              "maps, evaluation plots")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", default=None, metavar="NAME|PATH",
-                       help="registered model name or .safetensors checkpoint (default: demo)")
-    which.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                       help="RANDOM UNTRAINED weights of a preset: for testing the software only")
+    add_model_arguments(parser)
     parser.add_argument("--explain", action="store_true",
                         help="also write each subject's attention map files into DIR/attention/")
     parser.add_argument("--explain-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd"),
                         help="file format of the attention maps (default nii.gz)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="ViT autocast precision (default: bf16/fp16 on GPU, bf16 on CPUs with native bf16)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="processes reading and preprocessing the next subjects while the model "
                              "runs (default: one per CPU core, at most 4; 0: all in one process)")

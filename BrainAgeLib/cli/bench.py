@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "batch mode (BrainAgeLib.bench_cohort)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="with --cohort: batch mode's preprocessing workers (default: as brainage batch)")
+    parser.add_argument("--no-cli-baseline", dest="cli_baseline", action="store_false",
+                        help="with --cohort: skip timing one `brainage predict` command per head")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
         cohort = run_cohort_benchmark(
             args.cohort, preset=args.preset or "demo", device=args.device, workers=args.workers,
-            precision=args.precision, repeats=args.repeat,
+            precision=args.precision, repeats=args.repeat, cli_baseline=args.cli_baseline,
             log=(lambda message: print(f"  ... {message}", file=sys.stderr)) if verbose else (lambda message: None))
         print(json.dumps(cohort.to_dict(), indent=2) if args.json else cohort.table())
         return 0

@@ -14,29 +14,20 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from ._common import load_model_from_args
+from ._common import add_model_arguments, load_model_from_args
 
 COMMAND = "predict"
 HELP = "estimate the brain age of one T1-weighted MRI"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..presets import PRECISIONS, PRESETS
-
     parser.add_argument("input", metavar="INPUT",
                         help="T1-weighted MRI: NIfTI, NRRD, MetaImage, MGH or a DICOM series folder")
     parser.add_argument("--sex", default="unknown",
                         help="F, M (also female/male) or unknown (default: the mean of both predictions)")
     parser.add_argument("--age", type=float, default=None, metavar="YEARS",
                         help="chronological age in years; gives the brain-age gap")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--model", default=None, metavar="NAME|PATH",
-                       help="registered model name or .safetensors checkpoint (default: demo)")
-    which.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                       help="RANDOM UNTRAINED weights of a preset: for testing the software only")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="ViT autocast precision (default: bf16/fp16 on GPU, bf16 on CPUs with native bf16)")
+    add_model_arguments(parser)
     parser.add_argument("--explain", action="store_true",
                         help="also compute and write the 3D attention map (on the input's grid)")
     parser.add_argument("--explain-format", default="nii.gz", choices=("nii.gz", "nrrd"),

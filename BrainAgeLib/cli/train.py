@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr2", type=float, default=None, help="stage-2 Adam learning rate (default 5e-4)")
     parser.add_argument("--warmup1", type=int, default=None, help="stage-1 linear warm-up steps (default 0)")
     parser.add_argument("--schedule1", choices=["constant", "cosine"], default=None, help="stage-1 learning-rate schedule")
+    parser.add_argument("--augment1", action="store_true",
+                        help="stage 1: random small rotation/scale/shift and gamma of each training slice")
+    parser.add_argument("--label-sigma1", type=float, default=None,
+                        help="stage 1: soft age-bin targets, a Gaussian of this SD (years) around the exact age (default 0: one-hot)")
     parser.add_argument("--val-fraction", type=float, default=None, help="fraction of subjects for validation (0.15)")
     parser.add_argument("--test-fraction", type=float, default=None, help="fraction of subjects held out for testing (0.15)")
     parser.add_argument("--init-encoder", default=None, help="start stage 1 from this encoder: a run folder, its stage1/encoder.safetensors, or a checkpoint")
@@ -51,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = {
         "epochs1": args.epochs1, "epochs2": args.epochs2, "batch_size1": args.batch_size1,
         "batch_size2": args.batch_size2, "lr1": args.lr1, "lr2": args.lr2, "warmup_steps1": args.warmup1,
-        "schedule1": args.schedule1, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+        "schedule1": args.schedule1, "label_sigma1": args.label_sigma1, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
     }
     config = TrainConfig(
-        preset=args.preset, seed=args.seed, dora=args.dora, device=args.device, workers=args.workers,
+        preset=args.preset, seed=args.seed, dora=args.dora, augment1=args.augment1, device=args.device, workers=args.workers,
         threads=args.threads,
         cache_dir=args.cache, init_encoder=args.init_encoder,
         **{k: v for k, v in overrides.items() if v is not None},

@@ -2,7 +2,8 @@
 
 The architecture comes from the model preset (``BrainAgeLib.presets``); this config holds only
 how to train it. Defaults follow the paper (Jalal et al., 2025): stage 1 is a ViT classifier of
-age-bin x sex classes trained with cross-entropy, AdamW at 1e-4 and batch 8; stage 2 is the
+age-bin x sex classes trained with cross-entropy, AdamW at 1e-4 and batch 8 (augmentation and
+soft targets, ``train.augment``, are extras, off by default); stage 2 is the
 residual CNN on slice embeddings trained with MSE and Adam at 5e-4, best epoch by validation MAE.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ class TrainConfig:
     weight_decay1: float = 0.01          # torch AdamW default
     warmup_steps1: int = 0               # linear learning-rate warm-up steps (0: none, as the paper)
     schedule1: str = "constant"          # "constant" (paper) or "cosine" decay after warm-up
+    augment1: bool = False               # random small rotation/scale/shift and gamma per slice
+    label_sigma1: float = 0.0            # > 0: soft age-bin targets, N(age, this SD in years) over the bins
     dora: bool = False                   # DoRA adapters instead of full fine-tuning
     dora_r: int = 8
     dora_alpha: int = 16

@@ -297,7 +297,7 @@ def _stage1(model, groups, entries, config, run_dir, context, log, progress):
     indices = training_slice_indices(preset.n_slices, preset.n_train_slices)
 
     def dataset(name: str) -> SliceClassificationDataset:
-        volumes = [LabelledVolume(s.subject_id, entries[id(s)].slices_path, class_index(s.age, s.sex, preset))
+        volumes = [LabelledVolume(s.subject_id, entries[id(s)].slices_path, class_index(s.age, s.sex, preset), s.age)
                    for s in groups[name]]
         return SliceClassificationDataset(volumes, indices)
 

@@ -14,6 +14,11 @@ entries of the DoRA magnitude vector are restored to their initial value (the ke
 norms). With those, DoRA's update to the key rows, m / ||W + BA|| * (W + BA) - W, is exactly
 zero: the adapted projections are query and value, as in the paper.
 
+Optionally (``TrainConfig.augment1``, ``label_sigma1``; off by default, as in the paper) each
+training slice is randomly moved and gamma-adjusted and the targets are soft age-bin
+distributions around the exact age (``train.augment``). The validation loss stays the plain
+cross-entropy against the hard classes, so runs with and without these compare.
+
 The epoch with the lowest validation loss is kept. After every epoch the training state
 (weights, optimizer, scheduler, counters) is saved, so a killed run resumes after its last
 finished epoch.
@@ -32,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from .augment import augment_slices, soft_class_targets
 from .config import TrainConfig
 from .distributed import DistributedContext, wrap_for_training
 from .resume import load_training_state, save_training_state
@@ -51,10 +57,11 @@ class LabelledVolume:
     subject_id: str
     slices_path: Path
     label: int
+    age: float = float("nan")   # exact age (soft targets need it; NaN when unknown)
 
 
 class SliceClassificationDataset(Dataset):
-    """(slice [H, W] float32 in [0, 1], class label) over every training slice of every subject."""
+    """(slice [H, W] float32 in [0, 1], class label, age) over every training slice of every subject."""
 
     def __init__(self, volumes: Sequence[LabelledVolume], slice_indices: np.ndarray):
         self.volumes = list(volumes)
@@ -67,7 +74,7 @@ class SliceClassificationDataset(Dataset):
         volume = self.volumes[index // len(self.slice_indices)]
         s = int(self.slice_indices[index % len(self.slice_indices)])
         slices = np.load(volume.slices_path, mmap_mode="r", allow_pickle=False)
-        return torch.from_numpy(np.asarray(slices[s], dtype=np.float32)), volume.label
+        return torch.from_numpy(np.asarray(slices[s], dtype=np.float32)), volume.label, float(volume.age)
 
 
 # ---------------------------------------------------------------------- DoRA
@@ -131,7 +138,7 @@ def evaluate_classifier(classifier: nn.Module, dataset: Dataset, device: str, ba
     """Mean cross-entropy and accuracy over a dataset of (slice, label)."""
     classifier.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for slices, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for slices, labels, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         logits = classifier(slices.to(device))
         labels = labels.to(device)
         loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
@@ -173,6 +180,9 @@ def train_stage1(
     stage_dir = Path(stage_dir)
     if config.batch_size1 % context.world_size:
         raise ValueError(f"batch_size1={config.batch_size1} is not divisible by {context.world_size} processes")
+    age_bin_edges = encoder.config.age_bin_edges
+    if config.label_sigma1 > 0 and any(math.isnan(float(v.age)) for v in getattr(train_set, "volumes", [])):
+        raise ValueError("soft stage-1 targets (label_sigma1 > 0) need every training subject's age")
     vit = add_dora_adapters(encoder.vit, config) if config.dora else encoder.vit
     encoder.vit = vit
     classifier = _Classifier(encoder, vit).to(device)
@@ -213,9 +223,14 @@ def train_stage1(
         loss_sum, batches, epoch_started = 0.0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"stage 1 epoch {epoch + 1}/{config.epochs1}", disable=not (progress and context.is_main),
                    mininterval=2.0, leave=False)
-        for slices, labels in bar:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 101 + context.rank)
+        for slices, labels, ages in bar:
+            if config.augment1:
+                slices = augment_slices(slices, generator)
+            targets = (soft_class_targets(labels, ages, age_bin_edges, config.label_sigma1)
+                       if config.label_sigma1 > 0 else labels)
             logits = ddp(slices.to(device))
-            loss = nn.functional.cross_entropy(logits, labels.to(device))
+            loss = nn.functional.cross_entropy(logits, targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
