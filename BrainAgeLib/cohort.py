@@ -13,8 +13,8 @@
   ``sub-<label>/anat/*_T1w.nii[.gz]`` and ``sub-<label>/ses-<label>/anat/`` (one image per
   session: the first by name, so ``run-1`` before ``run-2``). A session's age is taken from
   ``sub-<label>_sessions.tsv`` when that file has an ``age`` column.
-- a **plain folder of images** (NIfTI, MGH, NRRD, MetaImage): one subject per file, age and
-  sex unknown.
+- a **plain folder of images** (NIfTI, MGH, NRRD, MetaImage): one subject per file, and one
+  per subfolder holding a DICOM series (named after the subfolder); age and sex unknown.
 
 Sex is "F", "M" or "unknown": ``F``/``female``/``M``/``male`` in any case; the numbers ``1``
 (female) and ``0`` (male), the coding the regressor itself uses (M = 0, F = 1, see
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from .errors import CohortError
-from .io import image_stem
+from .io import DICOM_EXTENSIONS, image_stem
 
 PathLike = Union[str, Path]
 
@@ -274,10 +274,30 @@ def _session_rows(subject_dir: Path, label: str) -> Dict[str, Dict[str, str]]:
 
 
 def _read_folder(folder: Path) -> List[Subject]:
+    """Every image file in ``folder``, and every subfolder holding a DICOM series (id: its name)."""
     images = sorted(p for p in folder.iterdir()
-                    if p.is_file() and not p.name.startswith(".")
-                    and any(p.name.lower().endswith(s) for s in IMAGE_SUFFIXES))
+                    if not p.name.startswith(".")
+                    and ((p.is_file() and any(p.name.lower().endswith(s) for s in IMAGE_SUFFIXES))
+                         or (p.is_dir() and _holds_dicom(p))))
     if not images:
-        raise CohortError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}), no participants.tsv "
-                          "and no sub-* folders: nothing to read as a cohort")
-    return [Subject(id=image_stem(p), path=p.resolve(), age=None, sex="unknown") for p in images]
+        raise CohortError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}), no DICOM series folders, "
+                          "no participants.tsv and no sub-* folders: nothing to read as a cohort")
+    return [Subject(id=image_stem(p) if p.is_file() else p.name, path=p.resolve(), age=None, sex="unknown")
+            for p in images]
+
+
+def _holds_dicom(folder: Path, probe: int = 5) -> bool:
+    """True when one of the first ``probe`` files of ``folder`` is DICOM (by extension or the
+    'DICM' marker at byte 128 of the DICOM file format)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for path in files[:probe]:
+        if path.suffix.lower() in DICOM_EXTENSIONS:
+            return True
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(128)
+                if handle.read(4) == b"DICM":
+                    return True
+        except OSError:
+            continue
+    return False

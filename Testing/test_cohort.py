@@ -110,6 +110,26 @@ def test_plain_folder_of_images(tmp_path):
     assert all(isinstance(s, Subject) and s.age is None and s.sex == "unknown" for s in subjects)
 
 
+def test_folder_of_dicom_series_folders_and_images(tmp_path):
+    """Each subfolder holding DICOM files (by extension, or by the DICM marker of extension-less
+    files, as scanners write them) is one subject named after the folder."""
+    import numpy as np
+
+    from test_io import write_dicom_series
+
+    write_dicom_series(tmp_path / "patient01", np.zeros((4, 6, 6)), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
+                       (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    plain = tmp_path / "patient02"
+    plain.mkdir()
+    for k, source in enumerate(sorted((tmp_path / "patient01").iterdir())):
+        (plain / f"IM{k:04d}").write_bytes(source.read_bytes())      # no extension
+    touch(tmp_path / "notes" / "readme.txt")                          # a folder of no images
+    touch(tmp_path / "patient03.nii.gz")
+    subjects = read_cohort(tmp_path)
+    assert [s.id for s in subjects] == ["patient01", "patient02", "patient03"]
+    assert subjects[0].path == (tmp_path / "patient01").resolve() and subjects[0].path.is_dir()
+
+
 @pytest.mark.parametrize("text, message", [
     ("age,sex\n30,F\n", "no image column"),
     ("path,age,sex\nimg.nii,thirty,F\n", "line 2: age 'thirty' is not a number"),
