@@ -8,7 +8,8 @@ of the preset's ``PreprocessConfig`` (a preset is data, not a code branch):
                                   mask carried back and refined (see ``skull_strip.py``); an
                                   input that is already skull-stripped is detected and kept
 3. ``n4_bias_correction``         SimpleITK N4 fitted to the brain on the image shrunk by
-                                  ``n4_shrink_factor``; the smooth bias field is evaluated back
+                                  ``n4_shrink_factor`` (or to about ``n4_grid_mm`` voxels, see
+                                  ``n4_shrink_for``); the smooth bias field is evaluated back
                                   at full resolution
 4. ``minmax``                     intensities scaled to [0, 1]
 5. ``crop_to_largest_component``  bounding box of the largest connected component > 0.1
@@ -44,7 +45,7 @@ import time
 import tracemalloc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
@@ -84,6 +85,14 @@ def reorient_to_ras(volume: Volume) -> Volume:
     """Voxel axes permuted and flipped so that they increase toward R, A and S (exact)."""
     ras = volume.reoriented("RAS")
     return Volume(np.asarray(ras.array, dtype=np.float32), ras.affine)
+
+
+def n4_shrink_for(config: PreprocessConfig, spacing: Sequence[float]) -> int:
+    """N4's shrink factor for an input of ``spacing`` (mm): ``n4_shrink_factor`` voxels, or, with
+    ``n4_grid_mm``, the factor that brings the finest axis closest to that voxel size."""
+    if config.n4_grid_mm:
+        return max(1, int(round(float(config.n4_grid_mm) / float(min(spacing)))))
+    return max(1, int(config.n4_shrink_factor))
 
 
 def n4_bias_correction(
@@ -418,7 +427,7 @@ def prepare(
 
     if config.n4_bias_correction:
         with steps.step("n4_bias_correction"):
-            ras = n4_bias_correction(ras, config.n4_shrink_factor,
+            ras = n4_bias_correction(ras, n4_shrink_for(config, ras.spacing),
                                      mask=brain if (is_stripped or strip_now) else None)
 
     with steps.step("minmax"):

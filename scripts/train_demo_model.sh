@@ -6,7 +6,8 @@
 # 1. `brainage synth`: 640 synthetic ageing phantoms (MNI152-based, ages 20-90, half with a
 #    skull, 1.5-2 mm voxels), cohort seed 2026;
 # 2. `brainage train --preset demo`: subject-level split 70/15/15 (seed 0), stage 1 (ViT-Tiny-like
-#    classifier from random weights, full fine-tuning, two legs), embeddings, stage 2 (residual CNN);
+#    classifier from random weights, full training with augmentation and soft age-bin targets),
+#    embeddings, stage 2 (residual CNN);
 # 3. `brainage evaluate` on the held-out phantoms (bias correction fitted on the validation split);
 # 4. copies the checkpoint into Resources/Models, writes its model card (brainage_demo.md) from
 #    the run's metrics, and the bundled sample head the `brainage demo` command reads.
@@ -34,13 +35,14 @@ t0=$(now)
 t1=$(now)
 # Two DDP processes with one torch thread each (torchrun, gloo): both cores busy without OpenMP
 # threads waiting on each other; the ranks share preparing, embedding and the batches.
-# Stage 1 runs in two legs (a ViT from random weights learns slowly at first): 12 epochs at
-# lr 5e-4, then 12 more from that encoder at lr 1.5e-4, each with warm-up and cosine decay.
-TRAIN=(torchrun --nproc-per-node 2 -m BrainAgeLib train phantoms/cohort.csv --preset demo
-       --seed "$SPLIT_SEED" --workers 1 --threads 1 --cache cache --batch-size1 32)
-"${TRAIN[@]}" --out run_stage1a --stage 1 --epochs1 12 --lr1 5e-4 --warmup1 200 --schedule1 cosine
-"${TRAIN[@]}" --out run --init-encoder run_stage1a --epochs1 12 --lr1 1.5e-4 --warmup1 100 --schedule1 cosine \
-    --epochs2 120 --lr2 5e-4 --batch-size2 32 \
+# Stage 1 trains the ViT from random weights (no pretrained weights offline) with slice
+# augmentation and soft age-bin targets (BrainAgeLib/train/augment.py): without them a ViT
+# this small memorises the training heads within a dozen epochs.
+torchrun --nproc-per-node 2 -m BrainAgeLib train phantoms/cohort.csv --preset demo \
+    --seed "$SPLIT_SEED" --workers 1 --threads 1 --cache cache --out run \
+    --epochs1 "${EPOCHS1:-30}" --lr1 5e-4 --warmup1 300 --schedule1 cosine --batch-size1 32 \
+    --augment1 --label-sigma1 5 \
+    --epochs2 "${EPOCHS2:-100}" --lr2 5e-4 --batch-size2 32 \
     --name "BrainAge demo (synthetic phantoms)" --demo \
     --intended-use "demonstration and software testing only; trained on synthetic phantoms, NOT for clinical use or for research on real people"
 t2=$(now)
@@ -85,7 +87,8 @@ card = """# BrainAge demo model (`load_model("demo")`)
 
 ## What it is
 The `demo` preset of BrainRotViT (see `BrainAgeLib/presets.py`): a ViT with 192-d embeddings,
-4 layers, 3 heads over 96x96 px sagittal slices (64 slices per head), trained from random
+4 layers, 3 heads, 12-px patches (an 8 x 8 grid) over 96x96 px sagittal slices (64 slices per
+head), trained from random
 weights as an age-decade x sex classifier, then a residual CNN with a pooled head regressing
 age from the 64x192 embedding matrix and sex. File: `brainage_demo.safetensors`
 ({size_mb:.1f} MB, safetensors + JSON metadata, including the bias-correction fit).
@@ -104,13 +107,13 @@ balanced at random. Split by subject (seed {split_seed}): {ntr} training, {nva} 
 ## Training
 `bash scripts/train_demo_model.sh` (one command; it also writes this card), as two DDP
 processes (torchrun, gloo) with one thread each. Stage 1, full training from random weights
-(no pretrained ViT offline), AdamW, batch {b1}, 32 slices per subject, cross-entropy over
-{ncls} age-decade x sex classes, in two legs: 12 epochs at lr 5e-4 (200 warm-up steps, cosine
-decay), then {e1} epochs from that encoder at lr {lr1:g} ({warm} warm-up steps, cosine decay);
-best epoch of the second leg {s1best} (validation slice accuracy {s1acc:.3f}). Stage 2:
-{e2} epochs, Adam lr {lr2:g}, batch {b2}, MSE; best epoch {s2best} by validation MAE
-({s2mae:.2f} years). Bias correction (de Lange & Cole) fitted on the validation split:
-slope {slope:+.3f}, intercept {intercept:+.2f} years.
+(no pretrained ViT offline), AdamW, batch {b1}, 32 slices per subject, {e1} epochs at lr {lr1:g}
+({warm} warm-up steps, cosine decay), cross-entropy over {ncls} age-decade x sex classes with
+soft age targets (a Gaussian of SD {sigma:g} years around the exact age, spread over the decades)
+and random slice augmentation (rotation <= 8 deg, scale +-8%, shift +-6%, gamma); best epoch
+{s1best} (validation slice accuracy {s1acc:.3f}). Stage 2: {e2} epochs, Adam lr {lr2:g}, batch
+{b2}, MSE; best epoch {s2best} by validation MAE ({s2mae:.2f} years). Bias correction (de Lange &
+Cole) fitted on the validation split: slope {slope:+.3f}, intercept {intercept:+.2f} years.
 
 ## Metrics on the {nte} held-out phantoms
 | | MAE (years) | Pearson r |
@@ -141,7 +144,7 @@ phantoms in every way the phantoms do not model. For real data, train on your ow
 """.format(
     N=sum(len(run["split"][k]) for k in ("train", "val", "test")),
     seed=2026, split_seed=run["split"]["seed"], ntr=len(run["split"]["train"]), nva=len(run["split"]["val"]),
-    nte=len(run["split"]["test"]), e1=cfg["epochs1"], lr1=cfg["lr1"], warm=cfg["warmup_steps1"], b1=cfg["batch_size1"],
+    nte=len(run["split"]["test"]), e1=cfg["epochs1"], lr1=cfg["lr1"], warm=cfg["warmup_steps1"], b1=cfg["batch_size1"], sigma=cfg["label_sigma1"],
     s1best=stages["1"]["best_epoch"], s1acc=stages["1"]["best_val_accuracy"], ncls=2 * (len(run["preset"]["age_bin_edges"]) - 1),
     e2=cfg["epochs2"], lr2=cfg["lr2"], b2=cfg["batch_size2"], s2best=stages["2"]["best_epoch"], s2mae=stages["2"]["best_val_mae"],
     slope=metrics["bias_correction"]["slope"], intercept=metrics["bias_correction"]["intercept"],
