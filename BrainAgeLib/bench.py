@@ -102,7 +102,9 @@ def generated_head(age: float = 60.0, sex: str = "F", seed: int = 0) -> Tuple[Vo
         return Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine), "MNI152 2009a T1 (brain only)"
     except Exception:
         pass
-    return ellipsoid_head(), f"ellipsoid head (no phantom generator: {reason})"
+    from .synth import ellipsoid_head
+
+    return ellipsoid_head(1.0), f"ellipsoid head (no phantom generator: {reason})"
 
 
 def write_generated_head(path: Path) -> str:
@@ -122,18 +124,6 @@ def write_generated_head(path: Path) -> str:
     volume, name = generated_head()  # the child failed (odd environment): generate here instead
     save_volume(volume, path)
     return name
-
-
-def ellipsoid_head(shape: Tuple[int, int, int] = (180, 216, 180)) -> Volume:
-    """Nested ellipsoids at 1 mm, RAS: scalp, skull (dark), CSF, grey and white matter."""
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-    radius = np.sqrt(((grid / np.array([0.85, 0.9, 0.85])[:, None, None, None]) ** 2).sum(0))
-    array = np.zeros(shape, np.float32)
-    for outer, value in ((1.0, 300.0), (0.95, 60.0), (0.9, 150.0), (0.86, 600.0), (0.7, 900.0)):
-        array[radius <= outer] = value
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    affine[:3, 3] = -np.array(shape) / 2
-    return Volume(array, affine)
 
 
 def run_benchmark(

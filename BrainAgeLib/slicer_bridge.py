@@ -271,7 +271,7 @@ def phantom_head(spacing_mm: float = 2.0, use_template: bool = True) -> "Volume"
     (scalp, skull, CSF, grey and white matter, T1-like intensities) on a grid rotated 8 degrees
     about S, 192 x 224 x 192 mm like the phantoms.
     """
-    from .volume import Volume
+    from .synth import ellipsoid_head
 
     if use_template:
         try:
@@ -280,16 +280,4 @@ def phantom_head(spacing_mm: float = 2.0, use_template: bool = True) -> "Volume"
             return make_phantom(age=70.0, sex="F", seed=7, spacing=spacing_mm).volume
         except (ImportError, BrainAgeError):
             pass
-    shape = tuple(int(round(extent / spacing_mm)) for extent in (192.0, 224.0, 192.0))
-    centre = (np.array(shape) - 1) / 2.0
-    grid = np.indices(shape, dtype=np.float32)
-    radius = np.sqrt(sum(((grid[axis] - centre[axis]) / (0.42 * shape[axis])) ** 2 for axis in range(3)))
-    head = np.zeros(shape, np.float32)
-    for limit, intensity in ((1.0, 300.0), (0.92, 60.0), (0.85, 120.0), (0.8, 600.0), (0.55, 800.0)):
-        head[radius < limit] = intensity  # outside-in: scalp, skull, CSF, grey matter, white matter
-    angle = np.radians(8.0)
-    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = rotation * spacing_mm
-    ijk_to_ras[:3, 3] = -rotation @ (centre * spacing_mm)  # the head's centre at RAS (0, 0, 0)
-    return Volume(head, ijk_to_ras)
+    return ellipsoid_head(spacing_mm, rotation_deg=8.0)

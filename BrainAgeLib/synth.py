@@ -673,3 +673,22 @@ def make_cohort(n: int, out_dir: Union[str, Path], seed: int, *,
     writer.writerows(rows)
     write_text_atomic(csv_path, table.getvalue())
     return csv_path
+
+
+def ellipsoid_head(spacing_mm: float = 1.0, rotation_deg: float = 0.0) -> Volume:
+    """A template-free stand-in head (for when the MNI template is not installed): nested
+    ellipsoids of scalp, skull (dark), CSF, grey and white matter with T1-like intensities, on a
+    192 x 224 x 192 mm grid rotated ``rotation_deg`` about S (0: RAS-aligned), centred at RAS 0."""
+    shape = tuple(int(round(extent / spacing_mm)) for extent in (192.0, 224.0, 192.0))
+    centre = (np.array(shape) - 1) / 2.0
+    grid = np.indices(shape, dtype=np.float32)
+    radius = np.sqrt(sum(((grid[axis] - centre[axis]) / (0.42 * shape[axis])) ** 2 for axis in range(3)))
+    head = np.zeros(shape, np.float32)
+    for limit, intensity in ((1.0, 300.0), (0.92, 60.0), (0.85, 120.0), (0.8, 600.0), (0.55, 800.0)):
+        head[radius < limit] = intensity  # outside-in: scalp, skull, CSF, grey matter, white matter
+    angle = np.radians(rotation_deg)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rotation * spacing_mm
+    ijk_to_ras[:3, 3] = -rotation @ (centre * spacing_mm)
+    return Volume(head, ijk_to_ras)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from BrainAgeLib import bench
-from BrainAgeLib.bench import ellipsoid_head, run_benchmark
+from BrainAgeLib.bench import run_benchmark
 from BrainAgeLib.cli import main
 from BrainAgeLib.io import save_volume
 from BrainAgeLib.volume import Volume
@@ -50,15 +50,6 @@ def test_bench_cli_prints_one_json_object(small_head, monkeypatch, capsys):
                 "ratio_end_to_end_over_vit", "end_to_end_s"):
         assert isinstance(data[key], float) and data[key] > 0, key
     assert data["explain_s"] is None and data["head"] == "MNI152 at 3 mm"
-
-
-def test_ellipsoid_head_is_a_ras_head_with_brain_inside_skull():
-    head = ellipsoid_head((60, 72, 60))
-    assert head.shape == (60, 72, 60) and head.orientation == ("R", "A", "S")
-    centre = head.array[30, 36, 30]
-    assert centre == 900.0  # white matter
-    profile = head.array[30, 36, 30:]
-    assert 60.0 in profile and profile[-1] == 0.0  # dark skull between brain and scalp, air outside
 
 
 def test_cohort_benchmark_times_sequential_batch_and_commands_on_the_same_heads(monkeypatch, capsys):

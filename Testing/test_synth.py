@@ -245,3 +245,15 @@ def test_aging_regions_lie_on_their_aal_labels():
         on_target = sensorimotor if name.endswith("central_gyrus") else theirs
         assert np.mean(on_target[ours]) > 0.7, name  # our region lies on the labelled structure
         assert np.mean(ours[theirs]) > 0.45, name  # and covers a good part of it
+
+
+def test_ellipsoid_head_is_a_ras_head_with_brain_inside_skull():
+    """The template-free stand-in head (bench and the Slicer self-test fall back to it)."""
+    from BrainAgeLib.synth import ellipsoid_head
+
+    head = ellipsoid_head(3.0)
+    assert head.shape == (64, 75, 64) and head.orientation == ("R", "A", "S")
+    assert head.array[32, 37, 32] == 800.0                  # white matter in the middle
+    profile = head.array[32, 37, 32:]
+    assert 60.0 in profile and profile[-1] == 0.0          # dark skull between brain and scalp, air outside
+    np.testing.assert_allclose(head.voxel_to_world((np.array(head.shape) - 1) / 2), 0.0, atol=1e-9)
