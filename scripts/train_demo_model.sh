@@ -76,6 +76,18 @@ sample_path = repo / "Resources" / Path(*SAMPLE_FILE)
 sample_path.parent.mkdir(parents=True, exist_ok=True)
 save_volume(Volume(sample.volume.array.astype("int16"), sample.volume.affine), sample_path)
 
+# the held-out test phantoms with the ages this run predicted: Testing/test_demo_model.py
+# regenerates some of them (cohort_specs) and checks the shipped model still predicts these ages
+import csv
+with open("phantoms/cohort.csv", newline="") as handle:
+    cohort = {row["id"]: row for row in csv.DictReader(handle)}
+with open("run/predictions.csv", newline="") as handle:
+    heldout = [{"id": row["id"], "cohort_seed": 2026, "n_phantoms": len(cohort), "age": float(row["age"]),
+                "sex": row["sex"], "spacing_mm": float(cohort[row["id"]]["spacing_mm"]),
+                "has_skull": cohort[row["id"]]["has_skull"] == "1", "predicted_age": float(row["predicted_age"])}
+               for row in csv.DictReader(handle) if row["split"] == "test"]
+(models / "brainage_demo_heldout.json").write_text(json.dumps(heldout, indent=1))
+
 test, base, stages = metrics["test"], metrics["baselines"], run["stages"]
 ci = test.get("mae_ci95") or [float("nan"), float("nan")]
 cfg = run["config"]
