@@ -137,6 +137,10 @@ Cole) fitted on the validation split: slope {slope:+.3f}, intercept {intercept:+
 
 {target_line}
 
+The held-out phantoms (cohort index, age, sex, voxel size, skull) and the age this build predicted for
+each are in `brainage_demo_heldout.json`; `Testing/test_demo_model.py` regenerates some and checks
+that the shipped model still predicts those ages.
+
 RMSE {rmse:.2f} years, mean error {me:+.2f} years, Spearman rho {rho:.3f}, R^2 {r2:.3f};
 after bias correction the mean absolute corrected gap is {cmae:.2f} years.
 
