@@ -464,6 +464,7 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     # seconds summed over subjects: load/prepare (wall, in the workers), cpu (the workers' CPU
     # time), infer (this process), wait (this process idle, waiting for a prepared subject)
     timings = {"load": 0.0, "prepare": 0.0, "cpu": 0.0, "infer": 0.0, "wait": 0.0}
+    restore_threads = _leave_cores_to_workers(target, summary.workers)
     try:
         with PredictionsWriter(csv_path) as writer:
             report(0.0, f"{len(todo)} subjects to predict ({summary.n_skipped} already done)")
@@ -488,10 +489,24 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
                 waited = time.perf_counter()
     finally:
         preparer.close()
+        restore_threads()
     summary.timings = timings
     summary.rows = _finish(out_dir, order, context, csv_path)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _leave_cores_to_workers(device: Any, workers: int) -> Callable[[], None]:
+    """On a CPU with preprocessing workers, run the model on the cores they leave free (at least
+    one thread): torch's idle OpenMP threads spin-wait for work and would take the workers'
+    cores. Returns the function that restores the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if workers <= 0 or getattr(device, "type", str(device)) != "cpu":
+        return lambda: None
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+    return lambda: torch.set_num_threads(before)
 
 
 def _finish(out_dir: Path, order: List[str], context: Any, csv_path: Path) -> List[PredictionRow]:

@@ -12,8 +12,9 @@ returns is a 4x4 RAS -> RAS world matrix.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -151,6 +152,32 @@ def initial_translation(volume: Volume, template: Template, with_skull: bool) ->
     return estimate - brain_centre
 
 
+#: What registration derives from a template alone, per (template, grid spacing, mask margin):
+#: the same for every input, so computed once per process (keyed by the template's identity).
+_TEMPLATE_SIDE: Dict[Tuple[int, float, float], Tuple["weakref.ref", Tuple[Volume, np.ndarray, np.ndarray]]] = {}
+
+
+def _template_side(template: Template, spacing_mm: float, mask_margin_mm: float) -> Tuple[Volume, np.ndarray, np.ndarray]:
+    """(template T1 on the registration grid, its brain mask grown by the margin, brain centre RAS)."""
+    key = (id(template), float(spacing_mm), float(mask_margin_mm))
+    hit = _TEMPLATE_SIDE.get(key)
+    if hit is not None and hit[0]() is template:
+        return hit[1]
+    fixed_volume = resample_to_spacing(template.t1, spacing_mm)
+    mask_volume = resample_to_spacing(Volume(template.brain_mask.array.astype(np.float32),
+                                             template.brain_mask.affine), spacing_mm)
+    margin_voxels = max(1, int(round(mask_margin_mm / spacing_mm)))
+    fixed_mask = ndimage.binary_dilation(mask_volume.array > 0.5, iterations=margin_voxels)
+    brain_centre_ras = _world_points(template.brain_mask.array > 0, template.brain_mask.affine).mean(axis=0)
+    for stale in [k for k, (ref, _) in _TEMPLATE_SIDE.items() if ref() is None]:
+        del _TEMPLATE_SIDE[stale]
+    for array in (fixed_volume.array, fixed_mask, brain_centre_ras):
+        array.setflags(write=False)           # shared by every later registration
+    value = (fixed_volume, fixed_mask, brain_centre_ras)
+    _TEMPLATE_SIDE[key] = (weakref.ref(template), value)
+    return value
+
+
 def register_to_template(
     volume: Volume,
     template: Optional[Template] = None,
@@ -180,11 +207,7 @@ def register_to_template(
         raise ValueError(f"transform must be 'affine' or 'similarity', got {transform!r}")
     if initial_scales is None:
         initial_scales = (1.0,)
-    fixed_volume = resample_to_spacing(template.t1, spacing_mm)
-    mask_volume = resample_to_spacing(Volume(template.brain_mask.array.astype(np.float32),
-                                             template.brain_mask.affine), spacing_mm)
-    margin_voxels = max(1, int(round(mask_margin_mm / spacing_mm)))
-    fixed_mask = ndimage.binary_dilation(mask_volume.array > 0.5, iterations=margin_voxels)
+    fixed_volume, fixed_mask, brain_centre_ras = _template_side(template, spacing_mm, mask_margin_mm)
     moving_volume = resample_to_spacing(volume, spacing_mm)
 
     fixed = volume_to_sitk(fixed_volume)
@@ -193,8 +216,6 @@ def register_to_template(
     mask_image.CopyInformation(fixed)
 
     translation_ras = initial_translation(moving_volume, template, with_skull)
-    brain_centre_ras = _world_points(template.brain_mask.array > 0,
-                                     template.brain_mask.affine).mean(axis=0)
     lps = _RAS_TO_LPS[:3, :3]
 
     def run(initial: sitk.Transform, levels: Sequence[int]) -> tuple:
