@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -137,13 +137,11 @@ def initial_translation(volume: Volume, template: Template, with_skull: bool) ->
     top of the scalp (the neck and face would drag a plain centre of mass down and forward).
     """
     head = _world_points(foreground_mask(volume), volume.affine)
-    brain = _world_points(template.brain_mask.array > 0, template.brain_mask.affine)
-    brain_centre = brain.mean(axis=0)
+    brain_centre, brain_top = _template_brain(template)
     if not with_skull:
         return head.mean(axis=0) - brain_centre
     top = np.percentile(head[:, 2], 99.9)
     upper = head[head[:, 2] > top - 100.0]
-    brain_top = np.percentile(brain[:, 2], 99.9)
     estimate = np.array([
         upper[:, 0].mean(),
         upper[:, 1].mean(),
@@ -152,30 +150,46 @@ def initial_translation(volume: Volume, template: Template, with_skull: bool) ->
     return estimate - brain_centre
 
 
-#: What registration derives from a template alone, per (template, grid spacing, mask margin):
-#: the same for every input, so computed once per process (keyed by the template's identity).
-_TEMPLATE_SIDE: Dict[Tuple[int, float, float], Tuple["weakref.ref", Tuple[Volume, np.ndarray, np.ndarray]]] = {}
+#: What registration derives from a template alone (the same for every input), computed once per
+#: process: (id(template), what, parameters) -> (weak reference to the template, value).
+_TEMPLATE_DERIVED: Dict[tuple, Tuple["weakref.ref", Any]] = {}
 
 
-def _template_side(template: Template, spacing_mm: float, mask_margin_mm: float) -> Tuple[Volume, np.ndarray, np.ndarray]:
-    """(template T1 on the registration grid, its brain mask grown by the margin, brain centre RAS)."""
-    key = (id(template), float(spacing_mm), float(mask_margin_mm))
-    hit = _TEMPLATE_SIDE.get(key)
+def _derived(template: Template, what: str, compute: Callable[[], Any], *parameters: float) -> Any:
+    key = (id(template), what, *parameters)
+    hit = _TEMPLATE_DERIVED.get(key)
     if hit is not None and hit[0]() is template:
         return hit[1]
-    fixed_volume = resample_to_spacing(template.t1, spacing_mm)
-    mask_volume = resample_to_spacing(Volume(template.brain_mask.array.astype(np.float32),
-                                             template.brain_mask.affine), spacing_mm)
-    margin_voxels = max(1, int(round(mask_margin_mm / spacing_mm)))
-    fixed_mask = ndimage.binary_dilation(mask_volume.array > 0.5, iterations=margin_voxels)
-    brain_centre_ras = _world_points(template.brain_mask.array > 0, template.brain_mask.affine).mean(axis=0)
-    for stale in [k for k, (ref, _) in _TEMPLATE_SIDE.items() if ref() is None]:
-        del _TEMPLATE_SIDE[stale]
-    for array in (fixed_volume.array, fixed_mask, brain_centre_ras):
-        array.setflags(write=False)           # shared by every later registration
-    value = (fixed_volume, fixed_mask, brain_centre_ras)
-    _TEMPLATE_SIDE[key] = (weakref.ref(template), value)
+    for stale in [k for k, (ref, _) in _TEMPLATE_DERIVED.items() if ref() is None]:
+        del _TEMPLATE_DERIVED[stale]
+    value = compute()
+    for array in (value if isinstance(value, tuple) else (value,)):
+        if isinstance(array, np.ndarray):
+            array.setflags(write=False)       # shared by every later registration
+    _TEMPLATE_DERIVED[key] = (weakref.ref(template), value)
     return value
+
+
+def _template_brain(template: Template) -> Tuple[np.ndarray, float]:
+    """(centre of the template's brain mask, RAS mm; the 99.9th percentile of its S coordinate)."""
+    def compute():
+        brain = _world_points(template.brain_mask.array > 0, template.brain_mask.affine)
+        return brain.mean(axis=0), float(np.percentile(brain[:, 2], 99.9))
+
+    return _derived(template, "brain", compute)
+
+
+def _template_grid(template: Template, spacing_mm: float, mask_margin_mm: float) -> Tuple[Volume, np.ndarray]:
+    """(template T1 resampled to the registration grid, its brain mask there grown by the margin)."""
+    def compute():
+        fixed_volume = resample_to_spacing(template.t1, spacing_mm)
+        mask_volume = resample_to_spacing(Volume(template.brain_mask.array.astype(np.float32),
+                                                 template.brain_mask.affine), spacing_mm)
+        margin_voxels = max(1, int(round(mask_margin_mm / spacing_mm)))
+        fixed_volume.array.setflags(write=False)
+        return fixed_volume, ndimage.binary_dilation(mask_volume.array > 0.5, iterations=margin_voxels)
+
+    return _derived(template, "grid", compute, float(spacing_mm), float(mask_margin_mm))
 
 
 def register_to_template(
@@ -207,7 +221,8 @@ def register_to_template(
         raise ValueError(f"transform must be 'affine' or 'similarity', got {transform!r}")
     if initial_scales is None:
         initial_scales = (1.0,)
-    fixed_volume, fixed_mask, brain_centre_ras = _template_side(template, spacing_mm, mask_margin_mm)
+    fixed_volume, fixed_mask = _template_grid(template, spacing_mm, mask_margin_mm)
+    brain_centre_ras = _template_brain(template)[0]
     moving_volume = resample_to_spacing(volume, spacing_mm)
 
     fixed = volume_to_sitk(fixed_volume)
