@@ -55,6 +55,13 @@ def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Pat
     return Path(path)
 
 
+def write_json_atomic(path: PathLike, data: object) -> Path:
+    """Write ``data`` as indented JSON (and a final newline) to ``path`` atomically."""
+    import json
+
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
 def _fsync(path: str) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:

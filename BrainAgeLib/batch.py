@@ -28,7 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import BrainAgeError, CohortError
 from .result import DEMO_DISCLAIMER
@@ -218,8 +218,8 @@ def default_workers() -> int:
     """Preprocessing workers when not told: one per core, at most 4.
 
     Preparing a head is mostly single-threaded (SciPy, NumPy and SimpleITK's N4 and
-    registration gain little from a second thread), so on two cores two workers keep both busy
-    while the ViT, which does use every core, fills the gaps.
+    registration gain little from a second thread), so on two cores two workers keep both busy;
+    the model runs in between on the cores they leave free (``_leave_cores_to_workers``).
     """
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -546,12 +546,9 @@ def cohort_statistics(rows: Sequence[PredictionRow], out_dir: Optional[PathLike]
     cohort and the metrics after it) and ``files`` (metrics.json, scatter.png and
     bland_altman.png in ``out_dir/evaluation``).
     """
-    import csv
-    import tempfile
-
     import numpy as np
 
-    from .evaluate import compute_metrics, evaluate_predictions
+    from .evaluate import Predictions, compute_metrics, evaluate_predictions
 
     usable = [r for r in rows if r.ok and r.chronological_age is not None and r.predicted_age is not None]
     if len(usable) < 2:
@@ -574,16 +571,9 @@ def cohort_statistics(rows: Sequence[PredictionRow], out_dir: Optional[PathLike]
     }
     if out_dir is None or len(usable) < 4:
         return statistics
-    handle, table = tempfile.mkstemp(prefix=".evaluated.", suffix=".csv", dir=str(out_dir))
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(["id", "age", "predicted_age", "sex"])
-            writer.writerows([r.id, repr(float(r.chronological_age)), repr(float(r.predicted_age)), r.sex]
-                             for r in usable)
-        report = evaluate_predictions(table, Path(out_dir) / "evaluation", plots=plots)
-    finally:
-        Path(table).unlink(missing_ok=True)
+    table = Predictions([r.id for r in usable], age, predicted, [r.sex for r in usable], [""] * len(usable),
+                        str(Path(out_dir) / FILENAME))
+    report = evaluate_predictions(table, Path(out_dir) / "evaluation", plots=plots)
     statistics["evaluation"] = {"bias_correction": report.bias_correction, "reference": report.reference,
                                 "evaluated": report.evaluated, "corrected": report.corrected,
                                 "gap_age_correlation": report.gap_age_correlation}

@@ -228,7 +228,7 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
     Files: ``cohort_attention_mean.<fmt>``, ``cohort_attention_<decade>.<fmt>``,
     ``cohort_attention.json`` (counts, subjects) and ``cohort_attention.png``.
     """
-    from .atomic_files import write_text_atomic
+    from .atomic_files import write_json_atomic
     from .explain_outputs import FORMATS
     from .io import save_volume
 
@@ -243,7 +243,7 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
         paths[label] = save_volume(volume, out_dir / f"cohort_attention_{label}{ext}")
     summary = {"counts": maps.counts, "subjects": maps.subjects,
                "files": {key: path.name for key, path in paths.items()}}
-    paths["summary"] = write_text_atomic(out_dir / "cohort_attention.json", json.dumps(summary, indent=2) + "\n")
+    paths["summary"] = write_json_atomic(out_dir / "cohort_attention.json", summary)
     paths["figure"] = write_cohort_figure(maps, out_dir / "cohort_attention.png", background=background)
     return paths
 

@@ -23,7 +23,6 @@ plot (``bland_altman.png``), each atomically.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .atomic_files import write_bytes_atomic
+from .atomic_files import write_bytes_atomic, write_json_atomic
 from .errors import CohortError
 
 PathLike = Union[str, Path]
@@ -210,13 +209,14 @@ def choose_reference(predictions: Predictions, fraction: float = 0.3, seed: int 
     return mask
 
 
-def evaluate_predictions(path: PathLike, out_dir: Optional[PathLike] = None, *, reference_fraction: float = 0.3,
-                         seed: int = 0, plots: bool = True) -> EvaluationReport:
-    """Evaluate a predictions table (see the module docstring); with ``out_dir``, write
-    ``metrics.json``, ``scatter.png`` and ``bland_altman.png`` there."""
+def evaluate_predictions(path: Union[PathLike, Predictions], out_dir: Optional[PathLike] = None, *,
+                         reference_fraction: float = 0.3, seed: int = 0, plots: bool = True) -> EvaluationReport:
+    """Evaluate a predictions table (a file, or a :class:`Predictions` already in memory; see the
+    module docstring); with ``out_dir``, write ``metrics.json``, ``scatter.png`` and
+    ``bland_altman.png`` there."""
     from .bias_correction import BiasCorrection
 
-    table = read_predictions(path)
+    table = path if isinstance(path, Predictions) else read_predictions(path)
     reference = choose_reference(table, reference_fraction, seed)
     rest = ~reference if (~reference).any() else np.ones_like(reference)
     age, predicted = table.age, table.predicted
@@ -249,7 +249,7 @@ def evaluate_predictions(path: PathLike, out_dir: Optional[PathLike] = None, *, 
                                                        metrics=all_metrics))
             report.files["bland_altman"] = str(plot_bland_altman(age, predicted, out / "bland_altman.png"))
         report.files["metrics"] = str(out / "metrics.json")
-        write_bytes_atomic(out / "metrics.json", (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+        write_json_atomic(out / "metrics.json", report.to_dict())
     return report
 
 

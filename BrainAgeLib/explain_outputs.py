@@ -17,14 +17,13 @@ Every file is written atomically (temporary file in the same folder, then ``os.r
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from .atomic_files import atomic_path, write_text_atomic
+from .atomic_files import atomic_path, write_json_atomic
 from .errors import BrainAgeError
 from .volume import Volume
 
@@ -111,7 +110,7 @@ def write_sidecar(result: Any, path: PathLike, *, attention_file: str,
         "input_to_template": None if input_to_template is None
         else np.asarray(input_to_template, dtype=float).reshape(4, 4).tolist(),
     }
-    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    return write_json_atomic(path, data)
 
 
 def _float_or_none(value: Any) -> Optional[float]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from .atomic_files import atomic_path
+from .atomic_files import write_bytes_atomic
 from .errors import BrainAgeError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -309,8 +309,6 @@ def check_model_matches(rows: Iterable[PredictionRow], model_name: str, path: Pa
 
 def _atomic_write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".tmp", fsync=True) as temporary:
-        temporary.write_bytes(data)
-    return path
+    return write_bytes_atomic(path, data, fsync=True)
 
 

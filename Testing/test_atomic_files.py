@@ -43,3 +43,15 @@ def test_fsync_flushes_the_complete_temporary_before_the_move(tmp_path, monkeypa
     assert synced == [8] and target.read_bytes() == b"id,path\n"
     write_bytes_atomic(target, b"id\n")  # the default does not fsync
     assert synced == [8] and target.read_bytes() == b"id\n"
+
+
+def test_write_json_atomic_writes_indented_json_with_a_final_newline(tmp_path):
+    import json
+
+    from BrainAgeLib.atomic_files import write_json_atomic
+
+    path = write_json_atomic(tmp_path / "result.json", {"age": 63.9, "files": ["a", "b"]})
+    text = path.read_text()
+    assert json.loads(text) == {"age": 63.9, "files": ["a", "b"]}
+    assert text.endswith("}\n") and '\n  "age": 63.9' in text
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]   # no temporary file left

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from BrainAgeLib.cli import main
-from BrainAgeLib.cli.predict import input_stem
 from BrainAgeLib.model import build_model
 
 RESULT_KEYS = {"predicted_age", "chronological_age", "brain_age_gap", "corrected_brain_age_gap", "sex",
@@ -116,11 +115,3 @@ def test_model_and_preset_are_mutually_exclusive(head_path):
     with pytest.raises(SystemExit) as info:
         main(["predict", str(head_path), "--model", "demo", "--preset", "tiny"])
     assert info.value.code == 2
-
-
-@pytest.mark.parametrize("name, stem", [
-    ("sub-01_T1w.nii.gz", "sub-01_T1w"), ("scan.nii", "scan"), ("head.NRRD", "head"),
-    ("a.b.mha", "a.b"), ("dicom_folder", "dicom_folder"),
-])
-def test_output_names_drop_the_image_extension(name, stem):
-    assert input_stem(Path(name)) == stem

@@ -532,7 +532,8 @@ def test_colin27_loads_in_ras_at_1mm(colin27_path):
 
 
 @pytest.mark.parametrize("name, stem", [
-    ("sub-01_T1w.nii.gz", "sub-01_T1w"), ("scan.NII", "scan"), ("brain.mgz", "brain"), ("a.b.mha", "a.b"),
+    ("sub-01_T1w.nii.gz", "sub-01_T1w"), ("scan.NII", "scan"), ("scan.nii", "scan"), ("head.NRRD", "head"),
+    ("brain.mgz", "brain"), ("a.b.mha", "a.b"),
     ("IM0001.dcm", "IM0001"), ("old.img", "old"), ("dicom_folder", "dicom_folder"), (".nii.gz", ".nii.gz"),
     ("notes.txt", "notes.txt"),
 ])

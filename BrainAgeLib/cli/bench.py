@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run the model stages N times and keep each one's fastest time (default: 1)")
     parser.add_argument("--cohort", type=int, default=None, metavar="N",
-                        help="instead: volumes/minute for N generated heads, sequential predict calls vs "
-                             "batch mode (BrainAgeLib.bench_cohort)")
+                        help="instead: volumes/minute for N generated heads: one `brainage predict` command per "
+                             "head, in-process predict calls and batch mode (BrainAgeLib.bench_cohort)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="with --cohort: batch mode's preprocessing workers (default: as brainage batch)")
     parser.add_argument("--no-cli-baseline", dest="cli_baseline", action="store_false",

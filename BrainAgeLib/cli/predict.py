@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Dict
 
 from ._common import add_model_arguments, load_model_from_args
 
@@ -36,16 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
 
 
-def input_stem(path: Path) -> str:
-    """File name without its image extension(s): sub-01_T1w.nii.gz -> sub-01_T1w."""
-    from ..io import image_stem
-
-    return image_stem(path)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..errors import BrainAgeError, InvalidVolumeError
-    from ..io import load_volume
+    from ..atomic_files import write_json_atomic
+    from ..io import image_stem, load_volume
     from ..sex import parse_sex
 
     sex = parse_sex(args.sex)  # bad input fails before any heavy work
@@ -69,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                                progress=progress, precision=args.precision)
     result.timings = {"load": load_seconds, **result.timings}
 
-    stem = input_stem(source)
+    stem = image_stem(source)
     outputs: Dict[str, str] = {}
     if args.explain:
         from ..explain_outputs import write_explanation_outputs
@@ -79,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     report = {**result.to_dict(), "input": str(source), "model": _model_label(args), "outputs": outputs}
     result_path = out_dir / f"{stem}_brainage.json"
     outputs["result"] = str(result_path)
-    write_json_atomically(result_path, report)
+    write_json_atomic(result_path, report)
 
     if args.json:
         print(json.dumps(report, indent=2))
@@ -114,11 +108,3 @@ class _progress_bar:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def write_json_atomically(path: Path, data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` through a temporary file in the same folder."""
-    from ..atomic_files import write_text_atomic
-
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-    return path

@@ -61,8 +61,6 @@ def soft_class_targets(labels: torch.Tensor, ages: torch.Tensor, age_bin_edges: 
     cdf[:, 0], cdf[:, -1] = 0.0, 1.0
     age_part = (cdf[:, 1:] - cdf[:, :-1]).float()
     sex = torch.div(labels, n_bins, rounding_mode="floor")
-    targets = torch.zeros(len(labels), 2 * n_bins)
-    rows = torch.arange(len(labels))
-    for b in range(n_bins):
-        targets[rows, sex * n_bins + b] = age_part[:, b]
-    return targets
+    targets = torch.zeros(len(labels), 2, n_bins)             # [B, sex, bin]: class = sex * n_bins + bin
+    targets[torch.arange(len(labels)), sex] = age_part
+    return targets.reshape(len(labels), 2 * n_bins)
