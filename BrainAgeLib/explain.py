@@ -18,6 +18,9 @@ on the stack of S sagittal slices the model saw (model space):
    resolution and scaled by its maximum over the whole stack, giving [S, H, W] in [0, 1].
 
 Every step is one batched tensor operation over all slices (no Python loop over slices).
+:func:`explain_components` also returns the two factors of step 3 on their own (the CNN's
+relevance, the ViT's attention), each through step 4, to show which half of the model a
+pattern comes from.
 ``Prepared.to_input_grid`` then maps the [S, H, W] stack back onto the input's voxel grid.
 
 The guided-backprop rule for SiLU. Springenberg et al. defined guided backprop for ReLU: the
@@ -36,7 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -121,6 +125,56 @@ def _as_tensor(array: Any, device: torch.device, dtype=torch.float32) -> torch.T
     return torch.as_tensor(np.asarray(array), device=device, dtype=dtype)
 
 
+def _check_shapes(saliency: Optional[torch.Tensor], patch_tokens: torch.Tensor,
+                  cls_attention: Optional[torch.Tensor], brain_mask: torch.Tensor,
+                  patch_grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """Validate the method's inputs against each other; return the patch grid (rows, cols)."""
+    n_slices, n_patches, dim = patch_tokens.shape
+    if saliency is not None and saliency.shape != (n_slices, dim):
+        raise ValueError(f"saliency {tuple(saliency.shape)} does not match patch tokens {tuple(patch_tokens.shape)}")
+    if cls_attention is not None and cls_attention.shape != (n_slices, n_patches):
+        raise ValueError(f"CLS attention {tuple(cls_attention.shape)} does not match patch tokens {tuple(patch_tokens.shape)}")
+    if brain_mask.ndim != 3 or brain_mask.shape[0] != n_slices:
+        raise ValueError(f"brain mask {tuple(brain_mask.shape)} must be [S={n_slices}, H, W]")
+    if patch_grid is None:
+        side = int(round(n_patches ** 0.5))
+        if side * side != n_patches:
+            raise ValueError(f"{n_patches} patches are not a square grid; pass patch_grid")
+        patch_grid = (side, side)
+    if patch_grid[0] * patch_grid[1] != n_patches:
+        raise ValueError(f"patch grid {patch_grid} does not hold {n_patches} patches")
+    return patch_grid
+
+
+def patch_relevance(saliency: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
+    """Step 2: [S, D] saliency, [S, N, D] patch tokens -> [S, N] relevance, min-max scaled per slice.
+
+    A slice whose patches all get the same relevance is 0 throughout.
+    """
+    relevance = torch.einsum("snd,sd->sn", patch_tokens.float(), saliency.float())
+    low = relevance.amin(dim=1, keepdim=True)
+    span = relevance.amax(dim=1, keepdim=True) - low
+    return torch.where(span > 0, (relevance - low) / span.clamp(min=1e-12), torch.zeros_like(relevance))
+
+
+def patches_to_slices(patch_values: torch.Tensor, brain_mask: torch.Tensor,
+                      patch_grid: Tuple[int, int]) -> torch.Tensor:
+    """Step 4: [S, N] values on the patch grid -> [S, H, W] on the slices, masked to brain and
+    scaled by the stack's maximum (so the result lies in [0, 1]; all 0 if nothing is positive)."""
+    n_slices = patch_values.shape[0]
+    rows, cols = patch_grid
+    height, width = int(brain_mask.shape[1]), int(brain_mask.shape[2])
+    mask = brain_mask.to(dtype=torch.float32).unsqueeze(1)
+    # A patch counts as brain if any of its pixels is; masking on the patch grid first keeps
+    # background patches from bleeding into the brain's edge when upsampling.
+    patch_mask = F.adaptive_max_pool2d(mask, (rows, cols))
+    grid = patch_values.float().reshape(n_slices, 1, rows, cols)
+    upsampled = F.interpolate(grid * patch_mask, size=(height, width), mode="bilinear", align_corners=False)
+    stack = (upsampled * mask).squeeze(1).clamp(min=0)
+    peak = stack.max()
+    return stack / peak if peak > 0 else stack
+
+
 def fuse_slice_attention(saliency: torch.Tensor, patch_tokens: torch.Tensor,
                          cls_attention: torch.Tensor, brain_mask: torch.Tensor,
                          patch_grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -130,54 +184,30 @@ def fuse_slice_attention(saliency: torch.Tensor, patch_tokens: torch.Tensor,
     patches defaults to a square grid. The result lies in [0, 1], is 0 outside the brain mask
     and its maximum over the stack is 1 (unless the whole map is 0).
     """
-    n_slices, n_patches, dim = patch_tokens.shape
-    if saliency.shape != (n_slices, dim):
-        raise ValueError(f"saliency {tuple(saliency.shape)} does not match patch tokens {tuple(patch_tokens.shape)}")
-    if cls_attention.shape != (n_slices, n_patches):
-        raise ValueError(f"CLS attention {tuple(cls_attention.shape)} does not match patch tokens {tuple(patch_tokens.shape)}")
-    if brain_mask.ndim != 3 or brain_mask.shape[0] != n_slices:
-        raise ValueError(f"brain mask {tuple(brain_mask.shape)} must be [S={n_slices}, H, W]")
-    if patch_grid is None:
-        side = int(round(n_patches ** 0.5))
-        if side * side != n_patches:
-            raise ValueError(f"{n_patches} patches are not a square grid; pass patch_grid")
-        patch_grid = (side, side)
-    rows, cols = patch_grid
-    height, width = int(brain_mask.shape[1]), int(brain_mask.shape[2])
-
-    relevance = torch.einsum("snd,sd->sn", patch_tokens.float(), saliency.float())
-    low = relevance.amin(dim=1, keepdim=True)
-    span = relevance.amax(dim=1, keepdim=True) - low
-    relevance = torch.where(span > 0, (relevance - low) / span.clamp(min=1e-12), torch.zeros_like(relevance))
-    fused = (relevance * cls_attention.float()).reshape(n_slices, 1, rows, cols)
-
-    mask = brain_mask.to(dtype=torch.float32).unsqueeze(1)
-    # A patch counts as brain if any of its pixels is; masking on the patch grid first keeps
-    # background patches from bleeding into the brain's edge when upsampling.
-    patch_mask = F.adaptive_max_pool2d(mask, (rows, cols))
-    upsampled = F.interpolate(fused * patch_mask, size=(height, width), mode="bilinear", align_corners=False)
-    stack = (upsampled * mask).squeeze(1).clamp(min=0)
-    peak = stack.max()
-    return stack / peak if peak > 0 else stack
+    patch_grid = _check_shapes(saliency, patch_tokens, cls_attention, brain_mask, patch_grid)
+    fused = patch_relevance(saliency, patch_tokens) * cls_attention.float()
+    return patches_to_slices(fused, brain_mask, patch_grid)
 
 
 ExplainInputs = Union[torch.Tensor, np.ndarray, Sequence[torch.Tensor]]
 
 
-def explain_slices(model: Any, prepared: Any, embeddings: ExplainInputs, sex_value: float, *,
-                   patch_tokens: Optional[torch.Tensor] = None,
-                   cls_attention: Optional[torch.Tensor] = None,
-                   batch_size: Optional[int] = None) -> np.ndarray:
-    """The fused attention map of one subject in model space: float32 [S, H, W] in [0, 1].
+@dataclass(frozen=True)
+class MethodInputs:
+    """What steps 2-4 work on, for one subject, as tensors on the regressor's device."""
 
-    ``model`` is a BrainAgeModel (``.encoder``, ``.regressor``, ``.config``); ``prepared`` the
-    subject's Prepared (``.slices`` [S, H, W], ``.brain_mask`` [S, H, W]). ``embeddings`` is
-    either the [S, D] slice embeddings, or the ``(embeddings, patch_tokens, cls_attention)``
-    triple ``model.embed_explain`` returns. Pass the triple (or the two keywords) when the
-    encoder already ran that way: otherwise the encoder runs again here to get the patch
-    tokens and attention, which doubles the ViT's cost. ``sex_value``: 0 = male, 1 = female,
-    0.5 (or NaN) = unknown. Map the result to the input grid with ``prepared.to_input_grid``.
-    """
+    saliency: torch.Tensor        # [S, D] guided-backprop saliency (step 1)
+    patch_tokens: torch.Tensor    # [S, N, D] last-layer patch tokens
+    cls_attention: torch.Tensor   # [S, N] last-layer CLS->patch attention, mean over heads
+    brain_mask: torch.Tensor      # [S, H, W] bool
+    patch_grid: Tuple[int, int]   # (rows, cols) of the N patches
+
+
+def method_inputs(model: Any, prepared: Any, embeddings: ExplainInputs, sex_value: float, *,
+                  patch_tokens: Optional[torch.Tensor] = None,
+                  cls_attention: Optional[torch.Tensor] = None,
+                  batch_size: Optional[int] = None) -> MethodInputs:
+    """Run step 1 (guided backprop) and gather the ViT's tokens and attention; see explain_slices."""
     if isinstance(embeddings, (tuple, list)):
         if len(embeddings) != 3:
             raise ValueError("embeddings must be [S, D] or the (embeddings, patch_tokens, cls_attention) triple")
@@ -197,11 +227,61 @@ def explain_slices(model: Any, prepared: Any, embeddings: ExplainInputs, sex_val
         side = int(config.image_size) // int(config.patch_size)
         if side * side == patch_tokens.shape[1]:
             patch_grid = (side, side)
-
     saliency = slice_saliency(regressor, embeddings, sex_value)
+    patch_grid = _check_shapes(saliency, patch_tokens, cls_attention, brain_mask, patch_grid)
+    return MethodInputs(saliency, patch_tokens, cls_attention, brain_mask, patch_grid)
+
+
+def explain_slices(model: Any, prepared: Any, embeddings: ExplainInputs, sex_value: float, *,
+                   patch_tokens: Optional[torch.Tensor] = None,
+                   cls_attention: Optional[torch.Tensor] = None,
+                   batch_size: Optional[int] = None) -> np.ndarray:
+    """The fused attention map of one subject in model space: float32 [S, H, W] in [0, 1].
+
+    ``model`` is a BrainAgeModel (``.encoder``, ``.regressor``, ``.config``); ``prepared`` the
+    subject's Prepared (``.slices`` [S, H, W], ``.brain_mask`` [S, H, W]). ``embeddings`` is
+    either the [S, D] slice embeddings, or the ``(embeddings, patch_tokens, cls_attention)``
+    triple ``model.embed_explain`` returns. Pass the triple (or the two keywords) when the
+    encoder already ran that way: otherwise the encoder runs again here to get the patch
+    tokens and attention, which doubles the ViT's cost. ``sex_value``: 0 = male, 1 = female,
+    0.5 (or NaN) = unknown. Map the result to the input grid with ``prepared.to_input_grid``.
+    """
+    return explain_components(model, prepared, embeddings, sex_value, patch_tokens=patch_tokens,
+                              cls_attention=cls_attention, batch_size=batch_size)["fused"]
+
+
+def explain_components(model: Any, prepared: Any, embeddings: ExplainInputs, sex_value: float, *,
+                       patch_tokens: Optional[torch.Tensor] = None,
+                       cls_attention: Optional[torch.Tensor] = None,
+                       batch_size: Optional[int] = None,
+                       parts: Sequence[str] = ("fused",)) -> Dict[str, np.ndarray]:
+    """The fused map and, on request, its two factors, each [S, H, W] float32 in [0, 1].
+
+    ``parts`` from: ``"fused"`` (the paper's map, what explain_slices returns), ``"cnn_relevance"``
+    (step 2 alone: the CNN's per-slice min-max relevance, as if the ViT attended uniformly) and
+    ``"vit_attention"`` (the ViT's last-layer CLS attention alone). Each goes through step 4 the
+    same way, so the three can be compared voxel for voxel; they show which half of the model a
+    map's pattern comes from. Arguments as for explain_slices.
+    """
+    unknown = sorted(set(parts) - set(MAP_PARTS))
+    if unknown:
+        raise ValueError(f"unknown map parts {unknown}; choose from {list(MAP_PARTS)}")
+    inputs = method_inputs(model, prepared, embeddings, sex_value, patch_tokens=patch_tokens,
+                           cls_attention=cls_attention, batch_size=batch_size)
+    maps: Dict[str, np.ndarray] = {}
     with torch.no_grad():
-        stack = fuse_slice_attention(saliency, patch_tokens, cls_attention, brain_mask, patch_grid)
-    return stack.cpu().numpy().astype(np.float32, copy=False)
+        relevance = patch_relevance(inputs.saliency, inputs.patch_tokens)
+        attention = inputs.cls_attention.float()
+        factors = {"fused": lambda: relevance * attention, "cnn_relevance": lambda: relevance,
+                   "vit_attention": lambda: attention}
+        for part in parts:
+            stack = patches_to_slices(factors[part](), inputs.brain_mask, inputs.patch_grid)
+            maps[part] = stack.cpu().numpy().astype(np.float32, copy=False)
+    return maps
+
+
+#: The maps explain_components can return.
+MAP_PARTS = ("fused", "cnn_relevance", "vit_attention")
 
 
 def localisation_ratio(attention: np.ndarray, regions: np.ndarray, brain: np.ndarray) -> float:

@@ -9,7 +9,9 @@ head (1 mm, with skull: the full preprocessing, as a user's scan gets), alternat
 and reports medians; then the same through ``brainage predict`` (which also writes the files).
 Weights do not change the timing, so presets with random weights stand in for trained models.
 ``localisation`` and ``sanity`` use the demo model (default: the bundled one) on held-out
-phantoms, as ``Testing/test_explain.py`` does, but on more heads.
+phantoms, as ``Testing/test_explain.py`` does, but on more heads. ``localisation`` also scores
+the fused map's two factors alone (``explain_components``) and the best map the method's
+resolution allows; ``sanity`` also gives the floor of the CNN-head check for this fusion.
 """
 from __future__ import annotations
 
@@ -98,32 +100,38 @@ def _phantoms(n: int, spacing: float = 2.0):
         yield make_phantom(age, sex, seed=90_000 + i, spacing=spacing, skull=bool(i % 3 == 2), with_tissue=False)
 
 
-def _map(model, prepared, sex: str):
-    from BrainAgeLib.explain import explain_slices
+def _maps(model, prepared, sex: str, parts=("fused",)):
+    from BrainAgeLib.explain import explain_components
 
-    return explain_slices(model, prepared, model.embed_explain(prepared.slices, precision="fp32"),
-                          1.0 if sex == "F" else 0.0)
+    return explain_components(model, prepared, model.embed_explain(prepared.slices, precision="fp32"),
+                              1.0 if sex == "F" else 0.0, parts=parts)
+
+
+def _map(model, prepared, sex: str):
+    return _maps(model, prepared, sex)["fused"]
 
 
 def localisation(args: argparse.Namespace) -> None:
-    from BrainAgeLib.explain import localisation_ratio
+    from BrainAgeLib.explain import MAP_PARTS, localisation_ratio
     from BrainAgeLib.preprocess import prepare
 
     model = _demo_model(args.model)
-    ratios, ceilings = [], []
+    ratios = {part: [] for part in MAP_PARTS + ("oracle",)}
     for phantom in _phantoms(args.n):
         prepared = prepare(phantom.volume, model.config)
-        attention = prepared.to_input_grid(_map(model, prepared, phantom.sex)).array
+        maps = _maps(model, prepared, phantom.sex, MAP_PARTS)
+        maps = {part: prepared.to_input_grid(value).array for part, value in maps.items()}
+        maps["oracle"] = _oracle_map(model, prepared, phantom.aging_map)
         brain = prepared.to_input_grid(prepared.brain_mask.astype(np.float32)).array > 0.5
         regions = phantom.aging_map.array >= AGING_REGION_THRESHOLD
-        ratio = localisation_ratio(attention, regions, brain)
-        ceiling = localisation_ratio(_oracle_map(model, prepared, phantom.aging_map), regions, brain)
-        ratios.append(ratio)
-        ceilings.append(ceiling)
+        for part, value in maps.items():
+            ratios[part].append(localisation_ratio(value, regions, brain))
         print(f"age {phantom.age:.1f} {phantom.sex} skull={phantom.has_skull}: regions {100 * (regions & brain).sum() / brain.sum():.1f}% "
-              f"of brain, localisation ratio {ratio:.2f} (oracle at the map's resolution {ceiling:.2f})")
-    print(f"localisation ratio: mean {np.mean(ratios):.2f}, min {np.min(ratios):.2f}, max {np.max(ratios):.2f} (n={len(ratios)}); "
-          f"oracle mean {np.mean(ceilings):.2f}")
+              f"of brain, localisation ratio {ratios['fused'][-1]:.2f} (CNN relevance alone {ratios['cnn_relevance'][-1]:.2f}, "
+              f"ViT attention alone {ratios['vit_attention'][-1]:.2f}, oracle at the map's resolution {ratios['oracle'][-1]:.2f})")
+    for part, values in ratios.items():
+        label = "localisation ratio" if part == "fused" else f"  {part}"
+        print(f"{label}: mean {np.mean(values):.2f}, min {np.min(values):.2f}, max {np.max(values):.2f} (n={len(values)})")
 
 
 def _oracle_map(model, prepared, aging_map):
@@ -145,14 +153,17 @@ def _oracle_map(model, prepared, aging_map):
 
 
 def sanity(args: argparse.Namespace) -> None:
+    """Adebayo et al.'s randomisation test, plus the floor of its CNN-head half for this fusion:
+    the map made with the head's saliency replaced by Gaussian noise (no head at all)."""
     import torch
     from scipy.stats import spearmanr
 
+    from BrainAgeLib.explain import fuse_slice_attention, method_inputs
     from BrainAgeLib.preprocess import prepare
 
     model = _demo_model(args.model)
     rows = {"same input twice": [], "randomised CNN head": [], "randomised ViT last block": [],
-            "randomised ViT last 2 blocks": []}
+            "randomised ViT last 2 blocks": [], "saliency replaced by Gaussian noise (floor of the head check)": []}
     for phantom in _phantoms(args.n):
         prepared = prepare(phantom.volume, model.config)
         brain = prepared.brain_mask
@@ -169,6 +180,12 @@ def sanity(args: argparse.Namespace) -> None:
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
             rows[label].append(spearmanr(trained[brain], _map(clone, prepared, phantom.sex)[brain]).statistic)
+        inputs = method_inputs(model, prepared, model.embed_explain(prepared.slices, precision="fp32"),
+                               1.0 if phantom.sex == "F" else 0.0)
+        noise = torch.randn(inputs.saliency.shape, generator=torch.Generator().manual_seed(99))
+        floor = fuse_slice_attention(noise, inputs.patch_tokens, inputs.cls_attention, inputs.brain_mask, inputs.patch_grid)
+        rows["saliency replaced by Gaussian noise (floor of the head check)"].append(
+            spearmanr(trained[brain], floor.numpy()[brain]).statistic)
     for label, values in rows.items():
         print(f"Spearman(trained map, {label}): mean {np.mean(values):.3f} (range {np.min(values):.3f}-{np.max(values):.3f}, n={len(values)})")
 
