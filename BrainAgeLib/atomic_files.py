@@ -6,6 +6,7 @@ is removed and an existing destination is left untouched.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -56,10 +57,25 @@ def write_text_atomic(path: PathLike, text: str, encoding: str = "utf-8") -> Pat
 
 
 def write_json_atomic(path: PathLike, data: object) -> Path:
-    """Write ``data`` as indented JSON (and a final newline) to ``path`` atomically."""
+    """Write ``data`` as indented JSON (and a final newline) to ``path`` atomically.
+
+    Non-finite floats (NaN, +-Infinity), which JSON has no words for, are written as null, so
+    every reader can parse the file.
+    """
     import json
 
-    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    return write_text_atomic(path, json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def _json_safe(value: object) -> object:
+    """``value`` with every non-finite float inside dicts, lists and tuples replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def _fsync(path: str) -> None:

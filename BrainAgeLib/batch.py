@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .errors import BrainAgeError, CohortError
+from .errors import BrainAgeError, CohortError, message_naming
 from .result import DEMO_DISCLAIMER
 from .predictions_csv import (
     FILENAME, PredictionRow, PredictionsWriter, check_model_matches, finished_ids, latest_rows,
@@ -206,7 +206,7 @@ def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool) -> P
                                timings={"load": loaded - started, "prepare": done - loaded,
                                         "cpu": time.process_time() - cpu})
     except BrainAgeError as error:
-        return PreparedSubject(index, error=str(error))
+        return PreparedSubject(index, error=message_naming(error, path))
     except MemoryError:
         return PreparedSubject(index, error=f"{path}: out of memory while preprocessing")
     except Exception as error:  # an unforeseen failure is this subject's, not the cohort's
@@ -380,7 +380,7 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
                 input_to_template=getattr(item.prepared, "input_to_template", None))
             row.attention_map = str(paths["attention"].relative_to(out_dir))
     except BrainAgeError as error:
-        row.error = f"{subject.path}: {error}" if str(subject.path) not in str(error) else str(error)
+        row.error = message_naming(error, subject.path)
         return row
     except Exception as error:  # e.g. CUDA out of memory: this subject's failure, not the cohort's
         logger.warning("inference of %s failed", subject.id, exc_info=True)

@@ -61,7 +61,7 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
         if not torch.cuda.is_available():
             built = torch.version.cuda
             why = "this torch build has no CUDA support" if built is None else (
-                f"this torch is built for CUDA {built}, but no CUDA GPU or driver is visible")
+                f"no CUDA GPU or driver is visible (this torch is built for CUDA {built})")
             raise DeviceUnavailableError(f"device {name!r} was requested, but {why}; use 'auto' or 'cpu'")
         result = torch.device(name)
         if result.index is not None and result.index >= torch.cuda.device_count():

@@ -33,3 +33,9 @@ class CheckpointError(BrainAgeError, ValueError):
 
 class CohortError(BrainAgeError, ValueError):
     """A cohort table (CSV/TSV/BIDS) is missing columns or holds unusable rows."""
+
+
+def message_naming(error: BaseException, path: Union[str, Path]) -> str:
+    """``str(error)``, prefixed with ``path`` unless the message names that file already."""
+    message = str(error)
+    return message if str(path) in message else f"{path}: {message}"

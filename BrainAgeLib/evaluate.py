@@ -141,7 +141,7 @@ class Predictions:
 
 def read_predictions(path: PathLike) -> Predictions:
     """Read ``age``, ``predicted_age``, ``sex`` and optional ``split``/``id`` columns (CSV/TSV)."""
-    from .cohort import _first, _read_rows, parse_cohort_sex
+    from .cohort import MAX_AGE_YEARS, _first, _read_rows, parse_cohort_sex
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -162,6 +162,8 @@ def read_predictions(path: PathLike) -> Predictions:
                               f"{row[predicted_column]!r} must both be numbers of years") from None
         if not (math.isfinite(age) and math.isfinite(guess)):
             raise CohortError(f"{where}: ages must be finite numbers")
+        if not 0.0 <= age <= MAX_AGE_YEARS:
+            raise CohortError(f"{where}: {age_column} {row[age_column]!r} is outside 0-{MAX_AGE_YEARS:g} years")
         try:
             sexes.append(parse_cohort_sex(row.get("sex")))
         except ValueError as error:

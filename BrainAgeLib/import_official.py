@@ -506,9 +506,9 @@ def find_official_files(folder: PathLike) -> Tuple[Path, Path]:
             f" It holds the 7z archive {archives[0]}: extract it first (7z x {archives[0]})."
             if archives else ""
         )
-        missing = " and ".join(
-            what for what, found in (("a ViT .pth", vits), ("a CNN .pkl", cnns)) if not found
-        )
+        missing = " or ".join(
+            what for what, found in (("ViT .pth", vits), ("CNN .pkl", cnns)) if not found
+        ) + " file"
         raise CheckpointError(
             f"holds no {missing} (expected {OFFICIAL_VIT_FILENAME} and {OFFICIAL_CNN_FILENAME}).{hint}",
             folder,

@@ -65,6 +65,9 @@ PresetLike = Union[str, ModelConfig, PreprocessConfig]
 # Plausible brain volumes after skull stripping (ml): a newborn's is ~400, an adult's 1000-1900.
 MIN_BRAIN_ML = 250.0
 MAX_BRAIN_ML = 3000.0
+#: Inside a brain, neighbouring voxels' intensities correlate (1 mm MRI ~0.95, one voxel in four
+#: of it ~0.6); in noise they do not (~0). Below this along any axis: not an image of a brain.
+MIN_NEIGHBOUR_CORRELATION = 0.2
 # Mutual information with the template below which the input is not a head at all (noise gives
 # ~0.01, a uniform ball ~0.25, T1 heads 0.6 (Colin27) to 1.2 (synthetic phantoms)).
 MIN_MUTUAL_INFORMATION = 0.15
@@ -160,6 +163,37 @@ def skull_strip(
         )
     stripped = np.where(result.brain_mask, volume.array, 0.0).astype(np.float32)
     return Volume(stripped, volume.affine), result.brain_mask, result.registration.input_to_template
+
+
+def neighbour_correlation(array: np.ndarray, mask: np.ndarray) -> float:
+    """The smallest, over the three axes, Pearson correlation of each voxel inside ``mask``
+    (eroded by one voxel) with its next neighbour along that axis; 0 for constant intensities."""
+    inner = ndimage.binary_erosion(mask, iterations=1)
+    lowest = 1.0
+    for axis in range(3):
+        a, m = np.moveaxis(array, axis, 0), np.moveaxis(inner, axis, 0)
+        both = m[:-1] & m[1:]
+        x, y = a[:-1][both].astype(np.float64), a[1:][both].astype(np.float64)
+        if x.size < 2 or x.std() == 0 or y.std() == 0:
+            return 0.0
+        lowest = min(lowest, float(np.corrcoef(x, y)[0, 1]))
+    return lowest
+
+
+def check_stripped_brain(volume: Volume, brain: np.ndarray) -> None:
+    """Refuse an input taken as skull-stripped already that cannot be a brain: one that is too
+    small, or whose intensities have no spatial structure (noise, a uniform blob). Without a
+    skull there is no registration to the template, whose mutual information checks other inputs."""
+    brain_ml = float(np.count_nonzero(brain)) * float(np.prod(volume.spacing)) / 1000.0
+    if brain_ml < MIN_BRAIN_ML:
+        raise InvalidVolumeError(
+            f"the image's foreground is {brain_ml:.0f} ml, too small for a brain (at least {MIN_BRAIN_ML:.0f} ml); "
+            "is the voxel size in the header right, and is this a T1-weighted brain MRI?")
+    correlation = neighbour_correlation(np.asarray(volume.array), brain)
+    if correlation < MIN_NEIGHBOUR_CORRELATION:
+        raise InvalidVolumeError(
+            f"the image has no anatomy-like structure inside its foreground (neighbouring voxels correlate "
+            f"{correlation:.2f}; an MRI of a brain gives 0.6-0.98): is this a T1-weighted brain MRI?")
 
 
 def minmax(array: np.ndarray) -> np.ndarray:
@@ -419,6 +453,7 @@ def prepare(
         is_stripped, strip_now = _decide_skull_stripped(ras, config, skull_stripped)
         if is_stripped:
             brain = ndimage.binary_fill_holes(ras.array > ras.array.min())
+            check_stripped_brain(ras, brain)
 
     input_to_template = None
     if strip_now:

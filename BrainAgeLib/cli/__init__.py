@@ -3,7 +3,8 @@
 Each sub-command lives in its own module in this package and provides ``COMMAND`` (its name),
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules keep heavy
 imports (torch, SimpleITK) inside ``run`` so ``brainage --help`` stays fast.
-Errors BrainAge raises on purpose (``BrainAgeError``) become one line on stderr and exit code 2.
+Errors BrainAge raises on purpose (``BrainAgeError``) become one line on stderr and exit code 2;
+an operating-system error (``OSError``: disk full, permission denied) one line and exit code 1.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .. import __version__
 from ..errors import BrainAgeError
 
 EXIT_BAD_INPUT = 2
+EXIT_SYSTEM_ERROR = 1
 
 
 def _command_modules():
@@ -51,6 +53,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrainAgeError as error:
         print(f"brainage {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as error:
+        # the system refused a read or write we did not foresee (a full disk, a file that
+        # vanished, permissions): one line naming the file, not a traceback
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"brainage {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_SYSTEM_ERROR
     except KeyboardInterrupt:
         print(f"brainage {args.command}: interrupted", file=sys.stderr)
         return 130

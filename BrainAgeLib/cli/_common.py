@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,3 +33,33 @@ def load_model_from_args(args: argparse.Namespace):
     from ..checkpoint import load_model
 
     return load_model(args.model or "demo")
+
+
+def writable_folder(path, option: str = "--out") -> Path:
+    """Create the output folder ``path`` (with its parents) and check a file can be written in it.
+
+    Called before any slow work, so a read-only or mistyped destination fails at once with a
+    BrainAgeError naming the folder, not with a traceback after minutes of computing.
+    """
+    from ..errors import BrainAgeError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise BrainAgeError(f"{folder}: {option} must be a folder, not a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BrainAgeError(f"{folder}: cannot create the {option} folder ({error.strerror or error})") from None
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise BrainAgeError(f"{folder}: cannot write in the {option} folder ({error.strerror or error})") from None
+    return folder
+
+
+def check_device(device: str) -> None:
+    """Fail now, with a clear message, if ``device`` (e.g. "cuda") is not usable here."""
+    from ..devices import resolve_device
+
+    resolve_device(device)

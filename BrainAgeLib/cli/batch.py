@@ -15,7 +15,11 @@ import sys
 from typing import Any, Dict, Optional
 
 from ..result import DEMO_DISCLAIMER
-from ._common import add_model_arguments, load_model_from_args
+from ._common import add_model_arguments, check_device, load_model_from_args, writable_folder
+
+#: Exit code when the run finished but no subject got an age (every row of predictions.csv is
+#: an error). A run where only some subjects failed exits 0: their rows say why.
+EXIT_ALL_FAILED = 3
 
 COMMAND = "batch"
 HELP = "estimate the brain age of every subject of a cohort (CSV/TSV, BIDS or image folder), resumable"
@@ -40,12 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on a resumed run, try the subjects whose row is an error again")
     parser.add_argument("--no-plots", action="store_true", help="skip the evaluation plots")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.epilog = ("exit status: 0 when the run finished and at least one subject has an age (subjects "
+                     "that failed have a row whose error column says why; rerun with --retry-failed); "
+                     f"{EXIT_ALL_FAILED} when every subject failed; 2 for bad arguments or an unreadable cohort "
+                     "or output folder; 130 when interrupted")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..batch import cohort_statistics, cohort_subjects, run_batch
 
     subjects = cohort_subjects(args.cohort)  # a bad table fails before the model loads
+    check_device(args.device)
+    writable_folder(args.out)
     model = load_model_from_args(args)
     with _progress_bar(len(subjects)) as progress:
         summary = run_batch(subjects, args.out, model=model, explain=args.explain, device=args.device,
@@ -58,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**summary.to_dict(), "statistics": statistics}, indent=2))
     else:
         print(_text(summary, statistics))
-    return 0
+    return EXIT_ALL_FAILED if summary.n_failed_total and not summary.n_succeeded_total else 0
 
 
 def _text(summary: Any, statistics: Optional[Dict[str, Any]]) -> str:

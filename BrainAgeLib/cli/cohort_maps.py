@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import writable_folder
+
 COMMAND = "cohort-maps"
 HELP = "average the attention maps of a batch run in MNI152 space, overall and by age decade"
 
@@ -27,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cohort_maps import cohort_attention_maps, read_batch_explanations, write_cohort_maps
 
+    writable_folder(args.out)
     subjects = read_batch_explanations(args.folders)
     to_register = sum(s.input_to_template is None for s in subjects) if not args.assume_template_space else 0
     if to_register:
@@ -34,9 +37,7 @@ def run(args: argparse.Namespace) -> int:
               "registering them to MNI152 now", file=sys.stderr)
     maps = cohort_attention_maps(subjects, decade_width=args.decade_width,
                                  assume_template_space=args.assume_template_space)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = write_cohort_maps(maps, out, fmt=args.format)
+    paths = write_cohort_maps(maps, Path(args.out), fmt=args.format)
     groups = ", ".join(f"{label}: {n}" for label, n in maps.counts.items() if label != "all")
     print(f"averaged {maps.counts['all']} subjects" + (f" ({groups})" if groups else ""))
     for key, path in paths.items():

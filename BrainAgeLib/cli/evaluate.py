@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import writable_folder
+
 COMMAND = "evaluate"
 HELP = "metrics (MAE with bootstrap CI, RMSE, r, rho, R^2, per decade/sex), bias correction and plots"
 
@@ -34,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluate import evaluate_predictions
 
+    if args.out:
+        writable_folder(args.out)
     report = evaluate_predictions(args.predictions, args.out, reference_fraction=args.reference_fraction,
                                   seed=args.seed)
     if args.json:

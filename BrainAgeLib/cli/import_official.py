@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ._common import writable_folder
 
 COMMAND = "import-official"
 HELP = "convert the authors' published BrainRotViT checkpoints (.pth ViT + .pkl CNN) into a BrainAge .safetensors model"
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         vit, cnn = args.vit, args.cnn
     else:
         raise CheckpointError("give the folder of the extracted archive, or both --vit VIT.pth and --cnn CNN.pkl")
+    writable_folder(Path(args.out).resolve().parent, "--out file's")
     labels = [label.strip() for label in args.class_labels.split(",")] if args.class_labels else None
     print(f"ViT: {vit}\nCNN: {cnn}")
     out = import_official(

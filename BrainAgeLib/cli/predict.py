@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-from ._common import add_model_arguments, load_model_from_args
+from ._common import add_model_arguments, check_device, load_model_from_args, writable_folder
 
 COMMAND = "predict"
 HELP = "estimate the brain age of one T1-weighted MRI"
@@ -42,13 +42,15 @@ def run(args: argparse.Namespace) -> int:
     from ..io import image_stem, load_volume
     from ..sex import parse_sex
 
+    from ..model.brain_age_model import check_age
+
     sex = parse_sex(args.sex)  # bad input fails before any heavy work
+    check_age(args.age)
     source = Path(args.input)
     if not source.exists():
         raise InvalidVolumeError("file not found", source)
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BrainAgeError(f"{out_dir}: --out must be a folder")
+    check_device(args.device)
+    out_dir = writable_folder(args.out)
     model = load_model_from_args(args)
 
     import time
@@ -56,11 +58,15 @@ def run(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     volume = load_volume(source)
     load_seconds = time.perf_counter() - tic
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     with _progress_bar() as progress:
-        result = model.predict(volume, sex, age=args.age, explain=args.explain, device=args.device,
-                               progress=progress, precision=args.precision)
+        try:
+            result = model.predict(volume, sex, age=args.age, explain=args.explain, device=args.device,
+                                   progress=progress, precision=args.precision)
+        except InvalidVolumeError as error:  # preprocessing found the image unusable: name the file
+            if error.path is None:
+                raise InvalidVolumeError(error.problem, source) from None
+            raise
     result.timings = {"load": load_seconds, **result.timings}
 
     stem = image_stem(source)

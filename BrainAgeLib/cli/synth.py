@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import writable_folder
+
 COMMAND = "synth"
 HELP = "make synthetic T1 heads of known age and sex from the MNI152 template (cohort.csv + NIfTI)"
 
@@ -29,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.spacing) not in (1, 2):
         raise SynthError("--spacing takes one value or a LOW HIGH range (mm)")
     spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+    writable_folder(args.out)
     path = make_cohort(args.n, args.out, args.seed, age_range=tuple(args.age_range), spacing=spacing,
                        skull_fraction=args.skull_fraction, workers=args.workers, progress=not args.no_progress)
     print(f"wrote {args.n} phantoms; cohort table: {path}")

@@ -9,6 +9,10 @@ interrupted one stopped. For several processes or GPUs::
 from __future__ import annotations
 
 import argparse
+import os
+
+from ..presets import PRESETS
+from ._common import check_device, writable_folder
 
 COMMAND = "train"
 HELP = "train the two-stage model (ViT classifier, then residual CNN) on a labelled cohort"
@@ -17,7 +21,7 @@ HELP = "train the two-stage model (ViT classifier, then residual CNN) on a label
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cohort", help="cohort CSV or BIDS participants.tsv (path, age, sex[, id, site])")
     parser.add_argument("--out", required=True, help="run folder (created; reused to resume)")
-    parser.add_argument("--preset", default="paper", help="model preset (paper, demo, tiny, ...)")
+    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model preset (default paper)")
     parser.add_argument("--stage", default="all", choices=["1", "embed", "2", "all"],
                         help="run one stage alone, or all (skipping finished ones); default all")
     parser.add_argument("--dora", action="store_true", help="stage 1 with DoRA adapters (r=8, alpha=16) instead of full fine-tuning")
@@ -49,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import BrainAgeError
     from ..train.config import TrainConfig
     from ..train.pipeline import run_training
 
@@ -57,12 +62,19 @@ def run(args: argparse.Namespace) -> int:
         "batch_size2": args.batch_size2, "lr1": args.lr1, "lr2": args.lr2, "warmup_steps1": args.warmup1,
         "schedule1": args.schedule1, "label_sigma1": args.label_sigma1, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
     }
-    config = TrainConfig(
-        preset=args.preset, seed=args.seed, dora=args.dora, augment1=args.augment1, device=args.device, workers=args.workers,
-        threads=args.threads,
-        cache_dir=args.cache, init_encoder=args.init_encoder,
-        **{k: v for k, v in overrides.items() if v is not None},
-    )
+    try:
+        config = TrainConfig(
+            preset=args.preset, seed=args.seed, dora=args.dora, augment1=args.augment1, device=args.device,
+            workers=args.workers, threads=args.threads, cache_dir=args.cache, init_encoder=args.init_encoder,
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
+    except ValueError as error:
+        raise BrainAgeError(f"invalid training options: {error}") from None
+    if "LOCAL_RANK" not in os.environ:  # under torchrun each rank gets its own device later
+        check_device(args.device)
+    writable_folder(args.out)
+    if args.cache:
+        writable_folder(args.cache, "--cache")
     metadata = {}
     if args.name:
         metadata["name"] = args.name

@@ -254,7 +254,7 @@ class BrainAgeModel(nn.Module):
         """
         report = progress or (lambda fraction, message: None)
         sex_parsed = parse_sex(sex)
-        chronological = _check_age(age)
+        chronological = check_age(age)
         timings: Dict[str, float] = {}
         started = time.perf_counter()
 
@@ -313,7 +313,7 @@ class BrainAgeModel(nn.Module):
         """
         report = progress or (lambda fraction, message: None)
         sex_parsed = parse_sex(sex)
-        chronological = _check_age(age)
+        chronological = check_age(age)
         timings = dict(timings or {})
         warnings: List[str] = []
         started = time.perf_counter() if started is None else started
@@ -431,7 +431,8 @@ def build_model(preset: Union[str, ModelConfig], pretrained_encoder: bool = Fals
         return BrainAgeModel(config, pretrained_encoder=pretrained_encoder)
 
 
-def _check_age(age: Optional[float]) -> Optional[float]:
+def check_age(age: Optional[float]) -> Optional[float]:
+    """``age`` as a float of years (None stays None); BrainAgeError unless it is 0-130."""
     if age is None:
         return None
     try:

@@ -106,10 +106,13 @@ def initial_encoder_weights(source: "str | os.PathLike") -> Dict[str, torch.Tens
         if not path.exists():
             raise BrainAgeError(f"{source}: no finished stage 1 in this run folder")
     if path.is_file():
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-            if keys and all(k.startswith("vit.") for k in keys):
-                return {k: handle.get_tensor(k) for k in keys}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+                if keys and all(k.startswith("vit.") for k in keys):
+                    return {k: handle.get_tensor(k) for k in keys}
+        except Exception:  # noqa: BLE001 - not a safetensors file: load_model says what is wrong with it
+            pass
     from ..checkpoint import load_model
 
     return load_model(source).encoder.state_dict()
@@ -146,6 +149,8 @@ def run_training(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % (2 ** 32))
     preset = get_preset(config.preset)
+    # read before any slow work, so a wrong file fails in seconds, not after preparing slices
+    initial_encoder = initial_encoder_weights(config.init_encoder) if config.init_encoder else None
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = SliceCache(Path(config.cache_dir) if config.cache_dir else run_dir / "cache", preset)
@@ -196,8 +201,12 @@ def run_training(
     from ..model import build_model
 
     model = build_model(preset, seed=config.seed)
-    if config.init_encoder:
-        model.encoder.load_state_dict(initial_encoder_weights(config.init_encoder))
+    if initial_encoder is not None:
+        try:
+            model.encoder.load_state_dict(initial_encoder)
+        except RuntimeError as error:
+            raise BrainAgeError(f"{config.init_encoder}: its encoder does not fit the {preset.name} preset ({error})") from None
+        del initial_encoder
         log(f"stage 1 starts from the encoder of {config.init_encoder}")
     encoder_file = run_dir / "stage1" / "encoder.safetensors"
 
