@@ -55,3 +55,17 @@ def test_write_json_atomic_writes_indented_json_with_a_final_newline(tmp_path):
     assert json.loads(text) == {"age": 63.9, "files": ["a", "b"]}
     assert text.endswith("}\n") and '\n  "age": 63.9' in text
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]   # no temporary file left
+
+
+def test_write_json_atomic_writes_null_for_numbers_json_cannot_hold(tmp_path):
+    """NaN and Infinity are not JSON; strict readers (jq, JavaScript, Go) reject files holding them."""
+    import json
+
+    from BrainAgeLib.atomic_files import write_json_atomic
+
+    data = {"rmse": float("inf"), "r2": float("-inf"), "r": float("nan"), "mae": 2.5,
+            "per_decade": [{"mae": float("nan")}, (1.0, float("inf"))], "n": 3, "name": "NaN"}
+    text = write_json_atomic(tmp_path / "metrics.json", data).read_text()
+    assert "Infinity" not in text and "NaN," not in text
+    assert json.loads(text) == {"rmse": None, "r2": None, "r": None, "mae": 2.5,
+                                "per_decade": [{"mae": None}, [1.0, None]], "n": 3, "name": "NaN"}

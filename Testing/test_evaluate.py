@@ -152,3 +152,7 @@ def test_bad_prediction_tables(tmp_path, capsys):
         read_predictions(bad)
     assert main(["evaluate", str(bad)]) == 2
     assert "line 3" in capsys.readouterr().err
+    negative = tmp_path / "n.csv"
+    negative.write_text("age,predicted_age,sex\n30,31,F\n-30,40,M\n")
+    with pytest.raises(CohortError, match=r"n\.csv, line 3: age '-30' is outside 0-130 years"):
+        read_predictions(negative)
