@@ -252,11 +252,11 @@ def _check_container(path: Path) -> None:
     if head[:4] == _ZIP_MAGIC:
         raise CheckpointError(
             "a PyTorch zip checkpoint (torch.save), which holds pickled code; BrainAge never unpickles model "
-            "files. Convert it to BrainAge's safetensors format with the import tool", path)
+            "files. If it is one of the authors' BrainRotViT checkpoints, convert it with 'brainage import-official'", path)
     if head[:1] and head[0] == _PICKLE_PROTOCOL_BYTE:
         raise CheckpointError(
-            "a Python pickle; BrainAge never unpickles model files. Convert it to BrainAge's safetensors "
-            "format with the import tool", path)
+            "a Python pickle; BrainAge never unpickles model files. If it is one of the authors' BrainRotViT "
+            "checkpoints, convert it with 'brainage import-official'", path)
     if size < 8:
         raise CheckpointError(f"truncated: {size} bytes, too short for a safetensors file", path)
     (header_length,) = struct.unpack("<Q", head)

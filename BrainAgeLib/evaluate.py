@@ -137,11 +137,18 @@ class Predictions:
     sex: List[str]
     split: List[str]
     source: str = ""
+    #: rows left out, as "id: why" (a batch run's failed subjects, subjects without an age)
+    skipped: List[str] = field(default_factory=list)
 
 
 def read_predictions(path: PathLike) -> Predictions:
-    """Read ``age``, ``predicted_age``, ``sex`` and optional ``split``/``id`` columns (CSV/TSV)."""
-    from .cohort import MAX_AGE_YEARS, _first, _read_rows, parse_cohort_sex
+    """Read ``age``, ``predicted_age``, ``sex`` and optional ``split``/``id`` columns (CSV/TSV).
+
+    A ``brainage batch`` table reads as it is: rows with an ``error`` (failed subjects) and rows
+    whose age is blank or "n/a" (subjects without a chronological age) are left out and listed
+    in ``Predictions.skipped``; any other unreadable value is an error naming its line.
+    """
+    from .cohort import MAX_AGE_YEARS, MISSING, _first, _read_rows, parse_cohort_sex
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -151,9 +158,16 @@ def read_predictions(path: PathLike) -> Predictions:
     for column, names in ((age_column, AGE_COLUMNS), (predicted_column, PREDICTED_COLUMNS)):
         if column is None:
             raise CohortError(f"{path}: no {' / '.join(names)} column (columns: {', '.join(header)})")
-    ids, ages, predicted, sexes, splits = [], [], [], [], []
+    ids, ages, predicted, sexes, splits, skipped = [], [], [], [], [], []
     for line, row in rows:
         where = f"{path}, line {line}"
+        row_id = row.get("id") or row.get("subject") or row.get("participant_id") or f"row{line}"
+        if (row.get("error") or "").strip():
+            skipped.append(f"{row_id}: failed ({row['error'].strip()})")
+            continue
+        if (row[age_column] or "").strip().lower() in MISSING:
+            skipped.append(f"{row_id}: no chronological age")
+            continue
         try:
             age = float(row[age_column])
             guess = float(row[predicted_column])
@@ -168,13 +182,16 @@ def read_predictions(path: PathLike) -> Predictions:
             sexes.append(parse_cohort_sex(row.get("sex")))
         except ValueError as error:
             raise CohortError(f"{where}: {error}") from None
-        ids.append(row.get("id") or row.get("subject") or row.get("participant_id") or f"row{line}")
+        ids.append(row_id)
         ages.append(age)
         predicted.append(guess)
         splits.append((row.get("split") or "").lower())
     if not rows:
         raise CohortError(f"{path}: the table has a header but no rows")
-    return Predictions(ids, np.array(ages), np.array(predicted), sexes, splits, str(path))
+    if not ids:
+        raise CohortError(f"{path}: no row has both an age and a prediction ({len(skipped)} left out, "
+                          f"e.g. {skipped[0]})")
+    return Predictions(ids, np.array(ages), np.array(predicted), sexes, splits, str(path), skipped)
 
 
 @dataclass
@@ -188,11 +205,13 @@ class EvaluationReport:
     reference: Dict[str, Any]
     gap_age_correlation: Dict[str, Optional[float]]
     files: Dict[str, str] = field(default_factory=dict)
+    skipped: List[str] = field(default_factory=list)  # rows of the table left out, "id: why"
 
     def to_dict(self) -> Dict[str, Any]:
         return {"all": self.all, "evaluated": self.evaluated, "corrected": self.corrected,
                 "bias_correction": self.bias_correction, "reference": self.reference,
-                "gap_age_correlation": self.gap_age_correlation, "files": self.files}
+                "gap_age_correlation": self.gap_age_correlation, "files": self.files,
+                "skipped": self.skipped}
 
 
 def choose_reference(predictions: Predictions, fraction: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -242,7 +261,7 @@ def evaluate_predictions(path: Union[PathLike, Predictions], out_dir: Optional[P
         all=all_metrics, evaluated=evaluated, corrected=corrected,
         bias_correction=correction.to_dict() if correction else None,
         reference={"n": int(reference.sum()), "chosen_by": source, **({"note": note} if note else {})},
-        gap_age_correlation=correlation)
+        gap_age_correlation=correlation, skipped=list(table.skipped))
     if out_dir is not None:
         out = Path(out_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ PART_GLOB = "predictions.part-*.csv"
 #: Columns of predictions.csv, in order, with what each holds (README "Batch mode" lists them).
 COLUMN_DOCS: Dict[str, str] = {
     "id": "subject id (from the cohort; unique)",
-    "path": "the input image (file or DICOM folder) as given in the cohort",
+    "path": "the input image (file or DICOM folder), as an absolute path",
     "sex": "F, M or unknown, as the model used it",
     "chronological_age": "age in years from the cohort (empty when not given)",
     "predicted_age": "predicted brain age in years (empty on error)",

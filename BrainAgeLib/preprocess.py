@@ -41,6 +41,7 @@ comes into model space (``to_model_space``).
 """
 from __future__ import annotations
 
+import os
 import time
 import tracemalloc
 from contextlib import contextmanager
@@ -562,9 +563,11 @@ def _profile_here(volume: Volume, preset: PresetLike) -> PrepareProfile:
     )
 
 
-def _profile_child(array: np.ndarray, affine: np.ndarray, preset: PresetLike, queue) -> None:
+def _profile_child(volume_file: str, preset: PresetLike, queue) -> None:
     try:
-        queue.put(("ok", _profile_here(Volume(array, affine), preset)))
+        with np.load(volume_file) as stored:
+            volume = Volume(stored["array"], stored["affine"])
+        queue.put(("ok", _profile_here(volume, preset)))
     except BaseException as error:  # reported to the parent, which raises it
         queue.put(("error", f"{type(error).__name__}: {error}"))
 
@@ -580,14 +583,29 @@ def profile_prepare(volume: Volume, preset: PresetLike = "paper", isolate: bool 
     if not isolate:
         return _profile_here(volume, preset)
     import multiprocessing
+    import queue as queues
+    import tempfile
 
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_profile_child,
-                            args=(np.asarray(volume.array), volume.affine, preset, queue))
-    child.start()
-    status, payload = queue.get()
-    child.join()
+    with tempfile.TemporaryDirectory(prefix="brainage-profile-") as folder:
+        # The volume goes through a file, not the process arguments: a child that dies while
+        # starting would leave the parent blocked for ever writing a large argument to it.
+        volume_file = os.path.join(folder, "volume.npz")
+        np.savez(volume_file, array=np.asarray(volume.array), affine=volume.affine)
+        child = context.Process(target=_profile_child, args=(volume_file, preset, queue))
+        child.start()
+        while True:
+            try:
+                status, payload = queue.get(timeout=1.0)
+                break
+            except queues.Empty:
+                if not child.is_alive():   # died before reporting: never wait for it for ever
+                    raise RuntimeError(
+                        f"the profiling child process exited (code {child.exitcode}) without a result; a "
+                        "script read from stdin or an interactive session cannot be re-imported by a "
+                        "'spawn' child: run it from a file, or pass isolate=False") from None
+        child.join()
     if status != "ok":
         raise RuntimeError(f"profiling prepare failed in the child process: {payload}")
     return payload

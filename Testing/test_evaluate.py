@@ -156,3 +156,28 @@ def test_bad_prediction_tables(tmp_path, capsys):
     negative.write_text("age,predicted_age,sex\n30,31,F\n-30,40,M\n")
     with pytest.raises(CohortError, match=r"n\.csv, line 3: age '-30' is outside 0-130 years"):
         read_predictions(negative)
+
+
+def test_a_batch_table_with_failed_subjects_and_missing_ages_is_evaluated_on_the_rest(tmp_path, capsys):
+    """`brainage batch` writes error rows and rows without an age; evaluate reads the file as it is."""
+    from BrainAgeLib.cli import main
+
+    table = tmp_path / "predictions.csv"
+    table.write_text(
+        "id,path,sex,chronological_age,predicted_age,brain_age_gap,error\n"
+        "a,/d/a.nii.gz,F,30,33,3,\n"
+        "b,/d/b.nii.gz,M,50,47,-3,\n"
+        "c,/d/c.nii.gz,F,40,,,/d/c.nii.gz: truncated file\n"
+        "d,/d/d.nii.gz,M,,61,,\n"
+        "e,/d/e.nii.gz,F,70,72,2,\n")
+    predictions = read_predictions(table)
+    assert predictions.ids == ["a", "b", "e"]
+    assert predictions.skipped == ["c: failed (/d/c.nii.gz: truncated file)", "d: no chronological age"]
+    assert main(["evaluate", str(table), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["all"]["n"] == 3 and report["all"]["mae"] == pytest.approx((3 + 3 + 2) / 3)
+    assert len(report["skipped"]) == 2
+    only_failures = tmp_path / "failed.csv"
+    only_failures.write_text("id,chronological_age,predicted_age,error\nc,40,,broken\n")
+    with pytest.raises(CohortError, match="no row has both an age and a prediction"):
+        read_predictions(only_failures)

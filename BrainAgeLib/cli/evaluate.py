@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
+    if report.skipped:
+        print(f"left out {len(report.skipped)} row(s): " + "; ".join(report.skipped[:5])
+              + (" ..." if len(report.skipped) > 5 else ""))
     print(_line("all rows", report.all))
     print(f"reference split: {report.reference['n']} rows ({report.reference['chosen_by']})"
           + (f"; {report.reference['note']}" if "note" in report.reference else ""))
