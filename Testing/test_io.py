@@ -541,3 +541,19 @@ def test_image_stem_drops_only_a_known_image_extension(name, stem):
     from BrainAgeLib.io import image_stem
 
     assert image_stem(Path("/data") / name) == stem
+
+
+def test_a_nifti_without_voxel_size_or_orientation_is_refused(tmp_path):
+    """nibabel would take 1 mm for a pixdim of 0; the brain's size would then be a guess."""
+    image = nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 40)).astype(np.float32), None)
+    image.header["pixdim"][1:4] = [1.0, 2.0, 2.0]
+    nib.save(image, tmp_path / "no_size.nii")
+    raw = bytearray((tmp_path / "no_size.nii").read_bytes())   # nibabel will not write a 0
+    raw[80:84] = np.float32(0.0).tobytes()                       # pixdim[1] (header offset 76 + 4)
+    (tmp_path / "no_size.nii").write_bytes(bytes(raw))
+    with pytest.raises(InvalidVolumeError, match=r"no_size\.nii: the header gives no voxel size \(pixdim 0, 2, 2\)"):
+        load_volume(tmp_path / "no_size.nii")
+    # the same voxel sizes with an sform are fine (the sform says the size)
+    ok = nib.Nifti1Image(np.asarray(image.dataobj), np.diag([2.0, 2.0, 2.0, 1.0]))
+    nib.save(ok, tmp_path / "with_sform.nii")
+    assert load_volume(tmp_path / "with_sform.nii").spacing == pytest.approx((2.0, 2.0, 2.0))

@@ -35,6 +35,17 @@ def load_model_from_args(args: argparse.Namespace):
     return load_model(args.model or "demo")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def writable_folder(path, option: str = "--out") -> Path:
     """Create the output folder ``path`` (with its parents) and check a file can be written in it.
 

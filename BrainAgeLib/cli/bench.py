@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from ._common import positive_int
+
 COMMAND = "bench"
 HELP = "time each stage of a prediction (random weights, generated head) against the bare ViT"
 
@@ -19,9 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-explain", dest="explain", action="store_false", help="skip the explanation stage")
     parser.add_argument("--head", default=None, metavar="PATH",
                         help="time this T1 file instead of a generated head")
-    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+    parser.add_argument("--repeat", type=positive_int, default=1, metavar="N",
                         help="run the model stages N times and keep each one's fastest time (default: 1)")
-    parser.add_argument("--cohort", type=int, default=None, metavar="N",
+    parser.add_argument("--cohort", type=positive_int, default=None, metavar="N",
                         help="instead: volumes/minute for N generated heads: one `brainage predict` command per "
                              "head, in-process predict calls and batch mode (BrainAgeLib.bench_cohort)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
