@@ -153,41 +153,43 @@ def _oracle_map(model, prepared, aging_map):
 
 
 def sanity(args: argparse.Namespace) -> None:
-    """Adebayo et al.'s randomisation test, plus the floor of its CNN-head half for this fusion:
-    the map made with the head's saliency replaced by Gaussian noise (no head at all)."""
+    """Adebayo et al.'s randomisation test on the fused map and on each of its two factors, plus
+    the floor of the CNN-head check for this fusion: the map made with the head's saliency
+    replaced by Gaussian noise (no head at all)."""
     import torch
     from scipy.stats import spearmanr
 
-    from BrainAgeLib.explain import fuse_slice_attention, method_inputs
+    from BrainAgeLib.explain import MAP_PARTS, fuse_slice_attention, method_inputs
     from BrainAgeLib.preprocess import prepare
 
     model = _demo_model(args.model)
-    rows = {"same input twice": [], "randomised CNN head": [], "randomised ViT last block": [],
-            "randomised ViT last 2 blocks": [], "saliency replaced by Gaussian noise (floor of the head check)": []}
+    randomisations = (("randomised CNN head", lambda m: list(m.regressor.modules())),
+                      ("randomised ViT last block", lambda m: list(m.encoder.vit.blocks[-1].modules()) + [m.encoder.vit.norm]),
+                      ("randomised ViT last 2 blocks", lambda m: list(m.encoder.vit.blocks[-2:].modules()) + [m.encoder.vit.norm]))
+    rows = {}
+    floor_label = "fused map from a Gaussian-noise saliency (floor of the head check)"
     for phantom in _phantoms(args.n):
         prepared = prepare(phantom.volume, model.config)
         brain = prepared.brain_mask
-        trained = _map(model, prepared, phantom.sex)
-        rows["same input twice"].append(spearmanr(trained[brain], _map(model, prepared, phantom.sex)[brain]).statistic)
-        for label, modules in (("randomised CNN head", lambda m: list(m.regressor.modules())),
-                               ("randomised ViT last block",
-                                lambda m: list(m.encoder.vit.blocks[-1].modules()) + [m.encoder.vit.norm]),
-                               ("randomised ViT last 2 blocks",
-                                lambda m: list(m.encoder.vit.blocks[-2:].modules()) + [m.encoder.vit.norm])):
+        rho = lambda a, b: spearmanr(a[brain], b[brain]).statistic  # noqa: E731
+        trained = _maps(model, prepared, phantom.sex, MAP_PARTS)
+        rows.setdefault("same input twice (fused)", []).append(rho(trained["fused"], _map(model, prepared, phantom.sex)))
+        for label, modules in randomisations:
             clone = copy.deepcopy(model)
             torch.manual_seed(99)
             for module in modules(clone):
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-            rows[label].append(spearmanr(trained[brain], _map(clone, prepared, phantom.sex)[brain]).statistic)
+            changed = _maps(clone, prepared, phantom.sex, MAP_PARTS)
+            for part in MAP_PARTS:
+                rows.setdefault(f"{label}: {part}", []).append(rho(trained[part], changed[part]))
         inputs = method_inputs(model, prepared, model.embed_explain(prepared.slices, precision="fp32"),
                                1.0 if phantom.sex == "F" else 0.0)
         noise = torch.randn(inputs.saliency.shape, generator=torch.Generator().manual_seed(99))
         floor = fuse_slice_attention(noise, inputs.patch_tokens, inputs.cls_attention, inputs.brain_mask, inputs.patch_grid)
-        rows["saliency replaced by Gaussian noise (floor of the head check)"].append(
-            spearmanr(trained[brain], floor.numpy()[brain]).statistic)
+        rows.setdefault(floor_label, []).append(rho(trained["fused"], floor.numpy()))
     for label, values in rows.items():
-        print(f"Spearman(trained map, {label}): mean {np.mean(values):.3f} (range {np.min(values):.3f}-{np.max(values):.3f}, n={len(values)})")
+        print(f"Spearman(trained, {label}): mean {np.mean(values):.3f} (range {np.min(values):.3f}-{np.max(values):.3f}, n={len(values)})")
 
 
 def main() -> None:
