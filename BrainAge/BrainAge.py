@@ -321,7 +321,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
 
     def updateVolumeNode(self, volumeNode, volume, referenceNode):
         """Fill volumeNode with a Volume's voxels and geometry, under referenceNode's transform."""
-        from BrainAgeLib.slicer_bridge import kji_from_volume, phantom_head
+        from BrainAgeLib.slicer_bridge import kji_from_volume
 
         arrayKji, ijkToRas = kji_from_volume(volume)
         slicer.util.updateVolumeFromArray(volumeNode, arrayKji)

@@ -181,7 +181,10 @@ def _init_worker(threads: int) -> None:
 
 def _warm_up() -> None:
     """Import what preparing needs, so the first subject does not pay for it."""
-    from . import io, preprocess  # noqa: F401
+    import importlib
+
+    for module in ("io", "preprocess"):
+        importlib.import_module(f"{__package__}.{module}")
 
 
 def _exit_with_parent(sentinel: int) -> None:

@@ -125,14 +125,14 @@ def _as_tensor(array: Any, device: torch.device, dtype=torch.float32) -> torch.T
     return torch.as_tensor(np.asarray(array), device=device, dtype=dtype)
 
 
-def _check_shapes(saliency: Optional[torch.Tensor], patch_tokens: torch.Tensor,
-                  cls_attention: Optional[torch.Tensor], brain_mask: torch.Tensor,
+def _check_shapes(saliency: torch.Tensor, patch_tokens: torch.Tensor,
+                  cls_attention: torch.Tensor, brain_mask: torch.Tensor,
                   patch_grid: Optional[Tuple[int, int]]) -> Tuple[int, int]:
     """Validate the method's inputs against each other; return the patch grid (rows, cols)."""
     n_slices, n_patches, dim = patch_tokens.shape
-    if saliency is not None and saliency.shape != (n_slices, dim):
+    if saliency.shape != (n_slices, dim):
         raise ValueError(f"saliency {tuple(saliency.shape)} does not match patch tokens {tuple(patch_tokens.shape)}")
-    if cls_attention is not None and cls_attention.shape != (n_slices, n_patches):
+    if cls_attention.shape != (n_slices, n_patches):
         raise ValueError(f"CLS attention {tuple(cls_attention.shape)} does not match patch tokens {tuple(patch_tokens.shape)}")
     if brain_mask.ndim != 3 or brain_mask.shape[0] != n_slices:
         raise ValueError(f"brain mask {tuple(brain_mask.shape)} must be [S={n_slices}, H, W]")

@@ -15,6 +15,7 @@ Failures name the file and line to fix.
 from __future__ import annotations
 
 import ast
+import io
 import json
 import py_compile
 import re
@@ -142,6 +143,19 @@ def test_module_compiles_and_stays_readable(tmp_path, tree, source_lines):
     text = MODULE.read_text()
     assert 'self.parent.title = "Brain Age"' in text
     assert "2511.15188" in text, "the acknowledgement must cite BrainRotViT (arXiv 2511.15188)"
+
+
+def test_no_undefined_or_unused_names_in_the_module_library_scripts_or_tests():
+    """pyflakes over every Python file: an undefined name in BrainAge.py would only show inside
+    Slicer, which CI cannot run; unused imports and variables are dead code."""
+    api = pytest.importorskip("pyflakes.api")
+    from pyflakes.reporter import Reporter
+
+    out, err = io.StringIO(), io.StringIO()
+    files = [MODULE, *sorted((REPO / "BrainAgeLib").rglob("*.py")), *sorted((REPO / "scripts").glob("*.py")),
+             *sorted((REPO / "Testing").glob("*.py"))]
+    problems = sum(api.checkPath(str(path), Reporter(out, err)) for path in files)
+    assert problems == 0, out.getvalue() + err.getvalue()
 
 
 def test_api_copies_match_the_shared_lists():

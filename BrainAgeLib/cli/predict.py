@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import BrainAgeError, InvalidVolumeError
+    from ..errors import InvalidVolumeError
     from ..atomic_files import write_json_atomic
     from ..io import image_stem, load_volume
     from ..sex import parse_sex

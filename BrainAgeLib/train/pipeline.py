@@ -21,12 +21,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -38,7 +36,7 @@ from ..presets import get_preset
 from .config import TrainConfig
 from .distributed import DistributedContext, init_distributed
 from .resume import RunState
-from .slice_cache import CacheEntry, SliceCache, atomic_write_text
+from .slice_cache import SliceCache, atomic_write_text
 from .split import SPLITS, SubjectSplit, split_subjects
 
 STAGES = ("1", "embed", "2", "all")
@@ -273,7 +271,7 @@ def run_training(
         log("all stages already finished; nothing to do (name a --stage to rerun it)")
         metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
         return TrainResult(run_dir, run_dir / "model.safetensors", metrics.get("test"), metrics.get("baselines"), timings)
-    from .stage2 import EmbeddingSet, predict_ages, train_stage2
+    from .stage2 import predict_ages, train_stage2
 
     sets = {name: _embedding_set(groups[name], entries, cache, key) for name in SPLITS}
     tic = time.perf_counter()
