@@ -15,6 +15,7 @@ import importlib.metadata
 import logging
 import os
 import sys
+import time
 import urllib.parse
 
 import qt
@@ -34,6 +35,12 @@ if not os.path.isdir(os.path.join(_moduleDir, "BrainAgeLib")):
     sys.path.insert(0, os.path.dirname(_moduleDir))
 
 SEX_CODES = ("F", "M", "unknown")  # the order of the sex combo box items
+# Slicer's PythonQt keeps the GIL in the GUI thread while Qt's event loop runs, so a Python worker
+# thread only runs while the GUI thread runs Python. The poll timer therefore fires often and
+# sleeps a little each time (releasing the GIL) so the estimate proceeds at nearly full speed,
+# while the GUI still handles its events between ticks.
+POLL_INTERVAL_MS = 20
+POLL_YIELD_S = 0.012
 ATTENTION_LEVELS = 10
 COLOR_TABLE_NAME = "BrainAgeAttention"
 PYTORCH_EXTENSION_MISSING = (
@@ -80,11 +87,13 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.logic.logCallback = self.showStatus
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.job = None  # (future, relay, inputs) while an estimate runs in the background
+        self.starting = False  # True while onEstimate installs packages/loads the model
         self.pollTimer = qt.QTimer()
-        self.pollTimer.setInterval(200)
+        self.pollTimer.setInterval(POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollJob)
 
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateEstimateButton)
+        for selector in (self.ui.inputVolumeSelector, self.ui.outputAttentionSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateEstimateButton)
         for comboBox in (self.ui.sexComboBox, self.ui.modelSourceComboBox, self.ui.deviceComboBox):
             comboBox.connect("currentIndexChanged(int)", self.updateEstimateButton)
         self.ui.chronologicalAgeSpinBox.connect("valueChanged(double)", self.updateEstimateButton)
@@ -119,10 +128,12 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.ui.modelLocationLineEdit.enabled = self.ui.modelSourceComboBox.currentIndex != 0
         node = inputs["inputVolumeNode"]
         imageData = node.GetImageData() if node else None
+        attentionNode = self.ui.outputAttentionSelector.currentNode()
         problems = check_inputs(
             imageData.GetDimensions() if imageData else None, inputs["sex"], inputs["chronologicalAge"],
-            inputs["model"], inputs["device"], self.logic.cudaAvailable())
-        self.ui.estimateButton.enabled = not problems and self.job is None
+            inputs["model"], inputs["device"], self.logic.cudaAvailable(),
+            attention_output_is_input=node is not None and attentionNode is not None and attentionNode.GetID() == node.GetID())
+        self.ui.estimateButton.enabled = not problems and self.job is None and not self.starting
         self.ui.estimateButton.toolTip = "\n".join(problems) or "Estimate the brain age of the selected volume."
         if self.job is None:
             self.showStatus(" ".join(problems))
@@ -140,18 +151,26 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
     def onEstimate(self):
         from BrainAgeLib.slicer_bridge import ProgressRelay
 
+        if self.starting or self.job is not None:
+            return  # pip output processes events while installing: a second click lands here
         self.ui.resultsTextBrowser.setHtml("")
-        with slicer.util.tryWithErrorDisplay("Could not start the brain age estimate.", waitCursor=True):
-            self.logic.setupPythonRequirements()
-            inputs = self.inputs()
-            volume = self.logic.volumeFromNode(inputs["inputVolumeNode"])
-            model = self.logic.loadModel(inputs["model"])
-            relay = ProgressRelay()
-            future = self.executor.submit(
-                self.logic.estimate, model, volume, inputs["sex"], inputs["chronologicalAge"], inputs["device"], relay)
-            self.job = (future, relay, inputs)
-            self.setRunning(True)
-            self.pollTimer.start()
+        self.starting = True
+        self.ui.estimateButton.enabled = False
+        try:
+            with slicer.util.tryWithErrorDisplay("Could not start the brain age estimate.", waitCursor=True):
+                self.logic.setupPythonRequirements()
+                inputs = self.inputs()
+                volume = self.logic.volumeFromNode(inputs["inputVolumeNode"])
+                model = self.logic.loadModel(inputs["model"])
+                relay = ProgressRelay()
+                future = self.executor.submit(
+                    self.logic.estimate, model, volume, inputs["sex"], inputs["chronologicalAge"], inputs["device"], relay)
+                self.job = (future, relay, inputs)
+                self.setRunning(True)
+                self.pollTimer.start()
+        finally:
+            self.starting = False
+            self.updateEstimateButton()
 
     def onCancel(self):
         if self.job:
@@ -160,9 +179,10 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
             self.showStatus("Cancelling...")
 
     def onPollJob(self):
-        """Runs every 200 ms on the GUI thread while the worker thread estimates."""
+        """Runs every POLL_INTERVAL_MS on the GUI thread while the worker thread estimates."""
         from BrainAgeLib.slicer_bridge import EstimationCancelled, result_text
 
+        time.sleep(POLL_YIELD_S)  # lets the worker thread run (see POLL_INTERVAL_MS)
         future, relay, inputs = self.job
         fraction, message = relay.snapshot()
         self.ui.progressBar.value = int(round(100 * fraction))
@@ -175,6 +195,9 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.setRunning(False)
         if isinstance(future.exception(), EstimationCancelled):
             self.showStatus("Cancelled.")
+            return
+        if not slicer.mrmlScene.IsNodePresent(inputs["inputVolumeNode"]):
+            self.showStatus("The input volume was removed while the estimate ran; nothing to show.")
             return
         with slicer.util.tryWithErrorDisplay("Brain age estimation failed."):
             result = future.result()
@@ -208,9 +231,9 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         rest pinned through pip (BrainAgeLib.slicer_bridge.PIP_REQUIREMENTS)."""
         if self._requirementsReady:
             return
-        from BrainAgeLib.slicer_bridge import TORCH_REQUIREMENT, missing_requirements
+        from BrainAgeLib.slicer_bridge import TORCH_REQUIREMENT, missing_requirements, torch_missing
 
-        needTorch = _installedVersion("torch") is None
+        needTorch = torch_missing(_installedVersion)
         missing = missing_requirements(_installedVersion)
         if needTorch or missing:
             if needTorch:
@@ -218,7 +241,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
                     import PyTorchUtils
                 except ModuleNotFoundError:
                     raise RuntimeError(PYTORCH_EXTENSION_MISSING)
-            packages = (["torch (through the PyTorch extension)"] if needTorch else []) + missing
+            packages = (["torch and torchvision (through the PyTorch extension)"] if needTorch else []) + missing
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                     "BrainAge needs these Python packages, which will be downloaded and installed now "
                     "(this can take several minutes):\n\n" + "\n".join(packages), "BrainAge: install packages"):
@@ -261,13 +284,23 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         return self._models[model]
 
     def volumeFromNode(self, volumeNode):
-        """The node's voxels and IJKToRAS as a validated BrainAgeLib Volume (a copy)."""
+        """The node's voxels as a validated BrainAgeLib Volume (a copy), where Slicer shows them:
+        a linear parent transform is applied to its IJKToRAS; a non-linear one must be hardened."""
         from BrainAgeLib.io import validate_volume
         from BrainAgeLib.slicer_bridge import volume_from_kji
 
         ijkToRas = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRas)
-        volume = volume_from_kji(slicer.util.arrayFromVolume(volumeNode), slicer.util.arrayFromVTKMatrix(ijkToRas))
+        parent = volumeNode.GetParentTransformNode()
+        parentToWorld = None
+        if parent is not None:
+            try:
+                parentToWorld = slicer.util.arrayFromTransformMatrix(parent, toWorld=True)
+            except Exception:
+                raise ValueError(f"{volumeNode.GetName()} is under the non-linear transform {parent.GetName()}: "
+                                 "harden the transform (Data module, right-click > Harden transform) first")
+        volume = volume_from_kji(slicer.util.arrayFromVolume(volumeNode), slicer.util.arrayFromVTKMatrix(ijkToRas),
+                                 parentToWorld)
         return validate_volume(volume, path=volumeNode.GetName())
 
     def estimate(self, model, volume, sex, chronologicalAge=None, device="auto", progress=None):
@@ -320,12 +353,17 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         return outputLabelmapNode
 
     def updateVolumeNode(self, volumeNode, volume, referenceNode):
-        """Fill volumeNode with a Volume's voxels and geometry, under referenceNode's transform."""
+        """Fill volumeNode with the voxels of a Volume on referenceNode's grid, with that node's
+        geometry and under its parent transform, so the two overlap wherever the reference is."""
         from BrainAgeLib.slicer_bridge import kji_from_volume
 
-        arrayKji, ijkToRas = kji_from_volume(volume)
+        arrayKji, _ = kji_from_volume(volume)
+        if tuple(arrayKji.shape) != tuple(slicer.util.arrayFromVolume(referenceNode).shape):
+            raise ValueError(f"the map's grid {arrayKji.shape} is not the grid of {referenceNode.GetName()}")
+        ijkToRas = vtk.vtkMatrix4x4()
+        referenceNode.GetIJKToRASMatrix(ijkToRas)
         slicer.util.updateVolumeFromArray(volumeNode, arrayKji)
-        volumeNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRas))
+        volumeNode.SetIJKToRASMatrix(ijkToRas)
         parentTransform = referenceNode.GetParentTransformNode()
         volumeNode.SetAndObserveTransformNodeID(parentTransform.GetID() if parentTransform else None)
         volumeNode.CreateDefaultDisplayNodes()

@@ -58,19 +58,27 @@ TORCH_REQUIREMENT = ">=2.1"
 
 # --- geometry -------------------------------------------------------------------------------
 
-def volume_from_kji(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> "Volume":
+def volume_from_kji(array_kji: np.ndarray, ijk_to_ras: np.ndarray,
+                    parent_to_world: Optional[np.ndarray] = None) -> "Volume":
     """A :class:`Volume` from ``slicer.util.arrayFromVolume`` output and the node's IJKToRAS.
 
     ``array_kji`` [K, J, I] is copied (the Volume never shares the node's memory), ``ijk_to_ras``
     is the 4x4 voxel index -> RAS (mm) matrix. Voxel (i, j, k) of the Volume is
     ``array_kji[k, j, i]`` and lies at ``ijk_to_ras @ (i, j, k, 1)`` in both.
+    ``parent_to_world``: the 4x4 matrix of a linear transform the node sits under
+    (``slicer.util.arrayFromTransformMatrix(parent, toWorld=True)``); the Volume is then where
+    Slicer shows the node, ``parent_to_world @ ijk_to_ras`` (a user who fixed a scan's
+    orientation with a transform gets the model to see the fixed scan).
     """
     from .volume import Volume
 
     array_kji = np.asarray(array_kji)
     if array_kji.ndim != 3:
         raise ValueError(f"expected a 3D [K,J,I] voxel array, got shape {array_kji.shape}")
-    return Volume(np.ascontiguousarray(array_kji.transpose(2, 1, 0)), checked_ijk_to_ras(ijk_to_ras))
+    affine = checked_ijk_to_ras(ijk_to_ras)
+    if parent_to_world is not None:
+        affine = checked_ijk_to_ras(np.asarray(parent_to_world, dtype=np.float64) @ affine)
+    return Volume(np.ascontiguousarray(array_kji.transpose(2, 1, 0)), affine)
 
 
 def kji_from_volume(volume: "Volume") -> Tuple[np.ndarray, np.ndarray]:
@@ -174,14 +182,20 @@ def check_inputs(
     model: str,
     device: str,
     cuda_available: Optional[bool] = None,
+    attention_output_is_input: bool = False,
 ) -> List[str]:
     """Problems with the module's inputs, one sentence each; empty when Estimate may run.
 
     ``volume_shape``: the selected volume's voxel dimensions (None when nothing is selected).
     ``chronological_age``: years, or None when not given. ``model``: "demo", an http(s) URL or
     the path of a model file. ``cuda_available``: None when unknown (torch not imported yet).
+    ``attention_output_is_input``: the volume chosen to receive the scalar attention map is the
+    input itself (writing the map would replace the scan's voxels).
     """
     problems = []
+    if attention_output_is_input:
+        problems.append("The attention volume output is the input volume: choose another volume or "
+                        "'Create new volume', or the scan would be overwritten.")
     if volume_shape is None:
         problems.append("Select an input volume.")
     elif len(volume_shape) != 3 or min(int(n) for n in volume_shape) < 2:
@@ -210,6 +224,13 @@ def check_inputs(
 
 
 # --- first-run dependencies -----------------------------------------------------------------
+
+def torch_missing(installed_version: Callable[[str], Optional[str]]) -> bool:
+    """True when torch or torchvision is not installed: then PyTorchUtils installs both, as a
+    matching pair. (timm needs torchvision; left to pip, installing it could pull a torch that
+    replaces the one PyTorchUtils chose for this computer's GPU.)"""
+    return any(installed_version(name) is None for name in ("torch", "torchvision"))
+
 
 def missing_requirements(installed_version: Callable[[str], Optional[str]]) -> List[str]:
     """Pinned pip specs (``name==version``) of the ``PIP_REQUIREMENTS`` not installed yet.

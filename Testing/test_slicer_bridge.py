@@ -24,6 +24,7 @@ from BrainAgeLib.slicer_bridge import (
     missing_requirements,
     result_text,
     same_grid,
+    torch_missing,
     volume_from_kji,
 )
 
@@ -192,6 +193,36 @@ def test_check_inputs_names_each_problem(args, problem):
 
 def test_cuda_is_not_rejected_while_its_availability_is_unknown():
     assert check_inputs((64, 64, 64), "F", None, "demo", "cuda", None) == []
+
+
+def test_a_node_under_a_linear_transform_is_read_where_slicer_shows_it():
+    """A scan whose orientation was fixed with a (not hardened) transform: the model must see
+    the fixed scan, i.e. the voxels at parent_to_world @ IJKToRAS."""
+    ijk_to_ras = oblique_flipped_ijk_to_ras()
+    array_kji = np.random.default_rng(2).random((7, 9, 11)).astype(np.float32)
+    turn = np.radians(90.0)
+    parent_to_world = np.array([[np.cos(turn), -np.sin(turn), 0, 10.0],
+                                [np.sin(turn), np.cos(turn), 0, -5.0],
+                                [0, 0, 1, 2.5],
+                                [0, 0, 0, 1]])
+    volume = volume_from_kji(array_kji, ijk_to_ras, parent_to_world)
+    np.testing.assert_allclose(volume.affine, parent_to_world @ ijk_to_ras)
+    marker = np.array([3, 5, 2, 1.0])
+    np.testing.assert_allclose(volume.voxel_to_world(marker[:3]), (parent_to_world @ ijk_to_ras @ marker)[:3])
+    np.testing.assert_array_equal(volume.array, volume_from_kji(array_kji, ijk_to_ras).array)
+    with pytest.raises(ValueError):
+        volume_from_kji(array_kji, ijk_to_ras, np.zeros((4, 4)))  # a singular transform
+
+
+def test_torch_and_torchvision_come_together_from_the_pytorch_extension():
+    assert torch_missing({"torchvision": "0.29.1"}.get)
+    assert torch_missing({"torch": "2.14.1"}.get)  # timm would pull torchvision (and maybe a torch) from pip
+    assert not torch_missing({"torch": "2.14.1", "torchvision": "0.29.1"}.get)
+
+
+def test_the_attention_output_may_not_be_the_input_volume():
+    problems = check_inputs((64, 64, 64), "F", None, "demo", "cpu", attention_output_is_input=True)
+    assert len(problems) == 1 and "would be overwritten" in problems[0]
 
 
 def test_missing_requirements_are_pinned_and_installed_ones_left_alone():

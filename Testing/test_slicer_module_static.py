@@ -38,7 +38,7 @@ SHARED_API = REPO.parent / "shared" / "slicer-api"
 COPIED_API = REPO / "Testing" / "slicer-api"
 API_FILES = ("slicer_util_functions.txt", "scripted_loadable_module_methods.txt",
              "mrml_methods.txt", "pytorchutils_logic.txt")
-MAX_MODULE_LINES = 400
+MAX_MODULE_LINES = 450  # four classes, everything computable lives in BrainAgeLib
 #: CamelCase methods BrainAge.py calls on VTK objects that are not MRML nodes, and on what.
 NON_MRML_METHODS = {
     "GetDimensions": "vtkImageData, from volumeNode.GetImageData()",
