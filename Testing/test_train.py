@@ -294,3 +294,88 @@ def test_dora_adapts_query_and_value_only_and_merges_into_a_plain_vit(tmp_path):
     assert not torch.equal(after["vit.head.weight"], before["vit.head.weight"])  # classifier trained
     assert len(result.history) == 2
     assert not any(p.requires_grad for p in model.encoder.parameters())  # frozen afterwards
+
+
+# ---------------------------------------------------------------------------- resuming exactly
+def test_a_resumed_stage_2_with_dropout_equals_an_uninterrupted_one(tmp_path):
+    """Dropout draws from torch's global generator; each epoch reseeds it (seed, stage, epoch,
+    rank), so stopping after epoch 2 and resuming gives the weights of a run that never stopped."""
+    import dataclasses
+
+    from BrainAgeLib.model import build_model
+    from BrainAgeLib.presets import get_preset
+    from BrainAgeLib.train.distributed import init_distributed
+    from BrainAgeLib.train.stage2 import EmbeddingSet, train_stage2
+
+    preset = dataclasses.replace(get_preset("tiny"), dropout=0.3)
+    generator = torch.Generator().manual_seed(1)
+    ages = torch.linspace(20, 90, 12)
+    embeddings = torch.randn(12, 16, 32, generator=generator) + ((ages - 55) / 20)[:, None, None]
+    data = EmbeddingSet([str(i) for i in range(12)], embeddings, (torch.arange(12) % 2).float(), ages)
+    train = EmbeddingSet(data.ids[:8], data.embeddings[:8], data.sex[:8], data.age[:8])
+    val = EmbeddingSet(data.ids[8:], data.embeddings[8:], data.sex[8:], data.age[8:])
+    context = init_distributed("cpu")
+
+    def trained(folder: Path, epochs: int):
+        regressor = build_model(preset, seed=0).regressor
+        torch.manual_seed(123)   # whatever the global generator holds before, epochs reseed it
+        train_stage2(regressor, train, val, _config(epochs2=epochs, batch_size2=4), folder, context,
+                     log=lambda m: None, progress=False)
+        return regressor.state_dict()
+
+    trained(tmp_path / "stopped", 2)                   # "interrupted" after its second epoch
+    torch.rand(1000)                                   # the process that resumes is in another state
+    resumed = trained(tmp_path / "stopped", 5)         # picks up at epoch 3
+    straight = trained(tmp_path / "straight", 5)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in build_model(preset, seed=0).regressor.modules())
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def _checkpoint_tensors(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    first, second = _checkpoint_tensors(a), _checkpoint_tensors(b)
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_changed_settings_retrain_the_stages_they_affect(tiny_cohort, tmp_path):
+    """A run folder reused with other settings never resumes from, or keeps, weights trained
+    with the old ones: the result equals a fresh run with the new settings."""
+    from BrainAgeLib.train.pipeline import run_training
+
+    run_dir = tmp_path / "run"
+    run_training(tiny_cohort, run_dir, _config(), progress=False, log=lambda m: None)
+
+    # another seed: another split, so every stage starts again (old states would leak test subjects)
+    messages: list = []
+    reused = run_training(tiny_cohort, run_dir, _config(seed=4), progress=False, log=messages.append)
+    fresh = run_training(tiny_cohort, tmp_path / "fresh_seed", _config(seed=4), progress=False, log=lambda m: None)
+    assert any("splitting again" in m for m in messages) and not any("resuming" in m for m in messages), messages
+    assert _same_weights(reused.checkpoint, fresh.checkpoint)
+
+    # a stage-2 option: stage 2 alone is trained again
+    messages = []
+    reused = run_training(tiny_cohort, run_dir, _config(seed=4, lr2=1e-3), progress=False, log=messages.append)
+    assert any("stage 2 of this run folder was trained with other settings (lr2 changed)" in m for m in messages), messages
+    assert not any("stage 1 epoch" in m or "nothing to do" in m for m in messages), messages
+    fresh = run_training(tiny_cohort, tmp_path / "fresh_lr2", _config(seed=4, lr2=1e-3), progress=False, log=lambda m: None)
+    assert _same_weights(reused.checkpoint, fresh.checkpoint)
+
+    # stage 1 named again with a new option, then the rest: stage 2 must not resume its old state
+    changed = _config(seed=4, lr2=1e-3, lr1=3e-3)
+    run_training(tiny_cohort, run_dir, changed, stage="1", progress=False, log=lambda m: None)
+    messages = []
+    reused = run_training(tiny_cohort, run_dir, changed, progress=False, log=messages.append)
+    assert not any("stage 2: resuming" in m for m in messages), messages
+    fresh = run_training(tiny_cohort, tmp_path / "fresh_lr1", changed, progress=False, log=lambda m: None)
+    assert _same_weights(reused.checkpoint, fresh.checkpoint)
+
+    # an execution option changes nothing
+    messages = []
+    run_training(tiny_cohort, run_dir, _config(seed=4, lr2=1e-3, lr1=3e-3, workers=2), progress=False, log=messages.append)
+    assert any("nothing to do" in m for m in messages), messages

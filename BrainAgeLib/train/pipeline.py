@@ -19,12 +19,13 @@ rank 0 writes the run files.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from ..errors import BrainAgeError, CohortError
 from ..presets import get_preset
 from .config import TrainConfig
 from .distributed import DistributedContext, init_distributed
-from .resume import RunState
+from .resume import RunState, stage_settings
 from .slice_cache import SliceCache, atomic_write_text
 from .split import SPLITS, SubjectSplit, split_subjects
 
@@ -160,13 +161,17 @@ def run_training(
     for s in subjects:
         by_id.setdefault(s.person, []).append(s)
     state = RunState(run_dir)
-    split = None
+    settings = {name: stage_settings(config, name, cohort_digest(subjects)) for name in ("1", "2")}
+    split, restart = None, ()
     if "split" in state.data:
         split = SubjectSplit.from_dict(state.data["split"])
         if set(split.train + split.val + split.test) != set(by_id) or split.seed != config.seed:
             log("cohort or seed changed since this run folder was made: splitting again and restarting all stages")
-            split = None
-            state.data["stages"] = {}
+            split, restart = None, RESTART_FROM["1"]
+    restart = restart or _stages_to_restart(state, settings, log)
+    if context.is_main and restart:
+        _discard_training_states(run_dir, restart)
+        state.reset(*restart)
     if split is None:
         split = split_subjects([s.person for s in subjects], [s.age for s in subjects], config.seed,
                                config.val_fraction, config.test_fraction)
@@ -211,10 +216,11 @@ def run_training(
     # ---------------------------------------------------------------- stage 1
     run_stage1 = stage == "1" or (stage == "all" and not state.is_done("1"))
     if run_stage1:
-        if stage == "1" and state.is_done("1"):
-            _restart_stage(run_dir / "stage1", context)
         if context.is_main:
-            state.reset("1", "embed", "2")
+            # a finished stage 1 named again starts over; a later stage never outlives it
+            _discard_training_states(run_dir, ("1", "2") if state.is_done("1") else ("2",))
+            state.reset(*RESTART_FROM["1"])
+            state.start("1", settings["1"])
         context.barrier()
         tic = time.perf_counter()
         result1 = _stage1(model, groups, entries, config, run_dir, context, log, progress)
@@ -265,8 +271,9 @@ def run_training(
                             f"(e.g. {missing[0]!r}); run --stage embed first")
 
     # ---------------------------------------------------------------- stage 2
-    if stage == "2" and state.is_done("2"):
-        _restart_stage(run_dir / "stage2", context)
+    if stage == "2" and state.is_done("2") and context.is_main:
+        _discard_training_states(run_dir, ("2",))
+    context.barrier()
     if stage == "all" and state.is_done("2") and (run_dir / "model.safetensors").exists():
         log("all stages already finished; nothing to do (name a --stage to rerun it)")
         metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
@@ -274,6 +281,8 @@ def run_training(
     from .stage2 import predict_ages, train_stage2
 
     sets = {name: _embedding_set(groups[name], entries, cache, key) for name in SPLITS}
+    if context.is_main:
+        state.start("2", settings["2"])
     tic = time.perf_counter()
     torch.manual_seed(config.seed + 2)
     result2 = train_stage2(model.regressor, sets["train"], sets["val"], config, run_dir / "stage2",
@@ -290,10 +299,36 @@ def run_training(
     return TrainResult(run_dir, checkpoint, metrics, baselines, timings)
 
 
-def _restart_stage(stage_dir: Path, context: DistributedContext) -> None:
-    if context.is_main and (stage_dir / "training_state.pt").exists():
-        (stage_dir / "training_state.pt").unlink()
-    context.barrier()
+#: The stages that start again when a stage's settings change: a new encoder invalidates the
+#: embeddings and the regressor trained on them.
+RESTART_FROM = {"1": ("1", "embed", "2"), "2": ("2",)}
+
+
+def cohort_digest(subjects: Sequence[TrainingSubject]) -> str:
+    """SHA-256 of what a run learns from the cohort: each scan's id, person, file, age and sex."""
+    rows = sorted((s.subject_id, s.person, str(s.path), float(s.age), s.sex) for s in subjects)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def _stages_to_restart(state: RunState, settings: Dict[str, Dict[str, Any]],
+                       log: Callable[[str], None]) -> Sequence[str]:
+    """The stages to train again because their recorded settings differ from this command's."""
+    for stage in ("1", "2"):
+        recorded = state.settings(stage)
+        if recorded is not None and recorded != settings[stage]:
+            changed = sorted(k for k in set(recorded) | set(settings[stage]) if recorded.get(k) != settings[stage].get(k))
+            log(f"stage {stage} of this run folder was trained with other settings ({', '.join(changed)} changed): "
+                f"stage {stage} and what follows it start again")
+            return RESTART_FROM[stage]
+    return ()
+
+
+def _discard_training_states(run_dir: Path, stages: Sequence[str]) -> None:
+    """Delete the per-epoch resume state of the given stages ("1", "2"; others are ignored)."""
+    for stage in stages:
+        path = run_dir / f"stage{stage}" / "training_state.pt"
+        if stage in ("1", "2") and path.exists():
+            path.unlink()
 
 
 def _stage1(model, groups, entries, config, run_dir, context, log, progress):

@@ -34,6 +34,31 @@ def load_training_state(path: "str | os.PathLike") -> Optional[Dict[str, Any]]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def seed_epoch(seed: int, stage: int, epoch: int, rank: int = 0) -> None:
+    """Seed torch's global generator (dropout draws from it) from the run's seed, the stage,
+    the epoch and the rank, so that an epoch draws the same numbers whether the run went
+    through without a stop or resumed before it."""
+    torch.manual_seed(((int(seed) * 1_000_003 + int(stage) * 10_007 + int(epoch)) * 131 + int(rank)) % (2 ** 63))
+
+
+#: TrainConfig fields that change what each stage learns (execution fields such as device,
+#: workers or threads do not). Stage 1 also depends on the split, so on the seed and fractions.
+STAGE_SETTINGS = {
+    "1": ("preset", "seed", "val_fraction", "test_fraction", "epochs1", "batch_size1", "lr1", "weight_decay1",
+          "warmup_steps1", "schedule1", "augment1", "label_sigma1", "dora", "dora_r", "dora_alpha",
+          "dora_dropout", "init_encoder"),
+    "2": ("seed", "epochs2", "batch_size2", "lr2"),
+}
+
+
+def stage_settings(config: Any, stage: str, cohort_digest: str) -> Dict[str, Any]:
+    """What stage ``stage`` ("1" or "2") of a run trains with: its TrainConfig fields and a
+    digest of the cohort (scans, ages, sexes), as plain JSON values."""
+    settings = {name: getattr(config, name) for name in STAGE_SETTINGS[stage]}
+    settings["cohort"] = cohort_digest
+    return json.loads(json.dumps(settings))
+
+
 class RunState:
     """``run.json`` of a run folder: which stages are finished, plus free-form facts about them."""
 
@@ -49,8 +74,18 @@ class RunState:
         return bool(self.data["stages"].get(stage, {}).get("done"))
 
     def mark_done(self, stage: str, **facts: Any) -> None:
-        self.data["stages"][stage] = {"done": True, **facts}
+        settings = self.data["stages"].get(stage, {}).get("settings")
+        self.data["stages"][stage] = {"done": True, **({"settings": settings} if settings else {}), **facts}
         self.save()
+
+    def start(self, stage: str, settings: Dict[str, Any]) -> None:
+        """Record that ``stage`` is being trained with ``settings`` (kept when it is marked done)."""
+        self.data["stages"][stage] = {"done": False, "settings": settings}
+        self.save()
+
+    def settings(self, stage: str) -> Optional[Dict[str, Any]]:
+        """The settings ``stage`` was (or is being) trained with; None if never recorded."""
+        return self.data["stages"].get(stage, {}).get("settings")
 
     def reset(self, *stages: str) -> None:
         for stage in stages:

@@ -40,7 +40,7 @@ from torch.utils.data.distributed import DistributedSampler
 from .augment import augment_slices, soft_class_targets
 from .config import TrainConfig
 from .distributed import DistributedContext, wrap_for_training
-from .resume import load_training_state, save_training_state
+from .resume import load_training_state, save_training_state, seed_epoch
 
 
 def training_slice_indices(n_slices: int, n_train_slices: int) -> np.ndarray:
@@ -220,6 +220,7 @@ def train_stage1(
     for epoch in range(start_epoch, config.epochs1):
         ddp.train()
         sampler.set_epoch(epoch)
+        seed_epoch(config.seed, 1, epoch, context.rank)
         loss_sum, batches, epoch_started = 0.0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"stage 1 epoch {epoch + 1}/{config.epochs1}", disable=not (progress and context.is_main),
                    mininterval=2.0, leave=False)

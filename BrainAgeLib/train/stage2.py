@@ -25,7 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .config import TrainConfig
 from .distributed import DistributedContext, wrap_for_training
-from .resume import load_training_state, save_training_state
+from .resume import load_training_state, save_training_state, seed_epoch
 
 
 @dataclass
@@ -118,6 +118,7 @@ def train_stage2(
     for epoch in epochs:
         model.train()
         sampler.set_epoch(epoch)
+        seed_epoch(config.seed, 2, epoch, context.rank)
         loss_sum, batches = 0.0, 0
         for emb, sex, age in loader:
             target = (age.to(device) - shift) / scale
