@@ -380,7 +380,7 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
             maps_dir.mkdir(exist_ok=True)
             paths = write_explanation_outputs(
                 result, maps_dir, _stem(row.id), explain_format, volume=item.volume,
-                input_to_template=getattr(item.prepared, "input_to_template", None))
+                input_to_template=getattr(item.prepared, "input_to_template", None), input_path=subject.path)
             row.attention_map = str(paths["attention"].relative_to(out_dir))
     except BrainAgeError as error:
         row.error = message_naming(error, subject.path)

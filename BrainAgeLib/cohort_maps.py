@@ -15,6 +15,7 @@ Maps are accumulated one subject at a time, so a cohort of any size fits in memo
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .volume import Volume
 
 PathLike = Union[str, Path]
 SIDECAR_SUFFIX = "_attention.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +41,7 @@ class CohortSubject:
     predicted_age: Optional[float] = None       # years
     input_to_template: Optional[np.ndarray] = None  # 4x4, input RAS mm -> template RAS mm
     input_path: Optional[Path] = None           # the input T1, to register when no transform is stored
+    model_name: str = ""                        # the model that made the map
 
 
 @dataclass
@@ -64,8 +67,10 @@ def decade_label(age: float, width: int = 10) -> str:
 def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> List[CohortSubject]:
     """Every subject explanation under ``folders`` (searched recursively for ``*_attention.json``).
 
-    Raises ``CohortError`` if there is none, or if a sidecar is unreadable or names a map that
-    does not exist.
+    An input image found twice (the same run given twice, or a copy of it) counts once, with a
+    logged warning. Raises ``CohortError`` if there is none, if a sidecar is unreadable or names
+    a map that does not exist, or if the maps come from different models (averaging them would
+    mean nothing).
     """
     if isinstance(folders, (str, Path)):
         folders = [folders]
@@ -87,7 +92,21 @@ def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> Lis
     for subject in subjects:
         if subject.input_path is None:
             subject.input_path = inputs.get(subject.attention_path.resolve())
-    return subjects
+    models = sorted({subject.model_name for subject in subjects if subject.model_name})
+    if len(models) > 1:
+        raise CohortError(f"the explanations come from {len(models)} models ({'; '.join(models)}); "
+                          "make cohort maps of one model at a time")
+    unique: Dict[Path, CohortSubject] = {}
+    kept: List[CohortSubject] = []
+    for subject in subjects:
+        key = Path(subject.input_path).resolve() if subject.input_path is not None else subject.attention_path.resolve()
+        if key in unique:
+            logger.warning("%s: the explanation of %s is there already (%s); counted once",
+                           subject.attention_path, key, unique[key].attention_path)
+            continue
+        unique[key] = subject
+        kept.append(subject)
+    return kept
 
 
 def _inputs_of_batch_table(table: Path) -> Dict[Path, Path]:
@@ -111,6 +130,7 @@ def _read_sidecar(path: Path) -> CohortSubject:
         age = data.get("chronological_age")
         predicted = data.get("predicted_age")
         input_file = data.get("input_file")
+        model_name = str(data.get("model_name") or "")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CohortError(f"{path}: unreadable explanation sidecar ({type(error).__name__}: {error})") from None
     if not attention_path.exists():
@@ -122,6 +142,7 @@ def _read_sidecar(path: Path) -> CohortSubject:
         predicted_age=None if predicted is None else float(predicted),
         input_to_template=transform,
         input_path=None if not input_file else path.parent / str(input_file),
+        model_name=model_name,
     )
 
 
@@ -151,11 +172,12 @@ def register_subject(subject: CohortSubject) -> np.ndarray:
     from .skull_strip import detect_skull_stripped
 
     if subject.input_path is None or not Path(subject.input_path).exists():
-        where = "" if subject.input_path is None else f" ({subject.input_path} is missing)"
+        what = ("its input image is not known" if subject.input_path is None
+                else f"its input image {subject.input_path} is missing")
         raise CohortError(
             f"{subject.attention_path}: no input -> template transform was stored for this subject and "
-            f"its input image is not known{where}; pass assume_template_space only if the inputs are "
-            "already registered to MNI152")
+            f"{what}; only if the inputs are already registered to MNI152, say so "
+            "(--assume-template-space; assume_template_space=True in Python)")
     volume = load_volume(subject.input_path)
     result = register_to_template(volume, with_skull=not detect_skull_stripped(volume))
     return np.asarray(result.input_to_template, dtype=np.float64)
@@ -226,7 +248,8 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
     """Write the cohort maps, a summary JSON and a PNG figure (rows: all, then each decade).
 
     Files: ``cohort_attention_mean.<fmt>``, ``cohort_attention_<decade>.<fmt>``,
-    ``cohort_attention.json`` (counts, subjects) and ``cohort_attention.png``.
+    ``cohort_maps.json`` (counts, subjects; not named ``*_attention.json``, so a folder holding
+    these maps can be searched for subjects again) and ``cohort_attention.png``.
     """
     from .atomic_files import write_json_atomic
     from .explain_outputs import FORMATS
@@ -243,7 +266,7 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
         paths[label] = save_volume(volume, out_dir / f"cohort_attention_{label}{ext}")
     summary = {"counts": maps.counts, "subjects": maps.subjects,
                "files": {key: path.name for key, path in paths.items()}}
-    paths["summary"] = write_json_atomic(out_dir / "cohort_attention.json", summary)
+    paths["summary"] = write_json_atomic(out_dir / "cohort_maps.json", summary)
     paths["figure"] = write_cohort_figure(maps, out_dir / "cohort_attention.png", background=background)
     return paths
 

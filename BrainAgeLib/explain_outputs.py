@@ -54,13 +54,16 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
                               volume: Optional[Volume] = None,
                               input_to_template: Optional[np.ndarray] = None,
                               levels: Optional[int] = None,
-                              write_map: bool = True) -> Dict[str, Path]:
+                              write_map: bool = True,
+                              input_path: Optional[PathLike] = None) -> Dict[str, Path]:
     """Write the explanation files of one ``Result`` (see the module docstring); returns their paths.
 
     ``volume`` is the input image the map lies on (the montage's background; without it the
     montage shows the map alone). ``input_to_template`` is ``Prepared.input_to_template`` (4x4,
     input RAS mm -> template RAS mm), stored in the sidecar so cohort maps can be made later.
     ``write_map=False`` skips the float map when the caller already wrote it at the same path.
+    ``input_path``: the input image's file, stored (absolute) in the sidecar so that cohort maps
+    can register a subject whose preprocessing did not (a skull-stripped input).
     Raises ``BrainAgeError`` when the result has no attention map or the folder is missing.
     """
     attention = getattr(result, "attention", None)
@@ -86,7 +89,7 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
     if input_to_template is None:
         input_to_template = getattr(result, "input_to_template", None)
     write_sidecar(result, paths["sidecar"], attention_file=paths["attention"].name,
-                  input_to_template=input_to_template)
+                  input_to_template=input_to_template, input_path=input_path)
     return {key: path for key, path in paths.items()}
 
 
@@ -96,10 +99,12 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
 
 
 def write_sidecar(result: Any, path: PathLike, *, attention_file: str,
-                  input_to_template: Optional[np.ndarray] = None) -> Path:
-    """A small JSON file beside the map: ages (years), sex, model, map file, input -> template."""
+                  input_to_template: Optional[np.ndarray] = None, input_path: Optional[PathLike] = None) -> Path:
+    """A small JSON file beside the map: ages (years), sex, model, map file, input file and
+    input -> template transform."""
     data = {
         "attention_file": attention_file,
+        "input_file": None if input_path is None else str(Path(input_path).expanduser().resolve()),
         "predicted_age": _float_or_none(getattr(result, "predicted_age", None)),
         "chronological_age": _float_or_none(getattr(result, "chronological_age", None)),
         "brain_age_gap": _float_or_none(getattr(result, "brain_age_gap", None)),

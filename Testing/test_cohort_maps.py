@@ -204,3 +204,53 @@ def test_skull_stripped_inputs_without_stored_registration_are_registered_from_t
     assert subjects[0].input_path == tmp_path / "sub-09_T1w.nii.gz"
     maps = cohort_attention_maps(subjects, TEMPLATE)
     assert np.linalg.norm(peak_ras(maps.by_decade["20-29"]) - YOUNG_SPOT) <= 4.0 * np.sqrt(3) + 3.0
+
+
+def test_a_sidecar_naming_its_input_file_is_enough_to_register_it(tmp_path):
+    """`brainage predict --explain` leaves no predictions.csv: the sidecar names the input image."""
+    from BrainAgeLib.template import load_template
+
+    template = load_template().t1
+    truth = rigid(-12, 1, [4, 6, -5])
+    grid = Volume(np.zeros((64, 76, 64), np.float32),
+                  np.array([[2.5, 0, 0, -80], [0, 2.5, 0, -110], [0, 0, 2.5, -70], [0, 0, 0, 1]]))
+    save_volume(grid.with_array(attention_in_template_space(template, np.linalg.inv(truth), grid)),
+                tmp_path / "scan.nii.gz")
+    attention = subject_map(OLD_SPOT, truth, "RAS", 3.0)
+    out = tmp_path / "predict_out"
+    out.mkdir()
+    save_volume(attention, out / "scan_attention.nii.gz")
+    write_sidecar(Result(predicted_age=70.0, chronological_age=66.0, attention=attention), out / "scan_attention.json",
+                  attention_file="scan_attention.nii.gz", input_path=tmp_path / "scan.nii.gz")
+    assert json.loads((out / "scan_attention.json").read_text())["input_file"] == str((tmp_path / "scan.nii.gz").resolve())
+    subjects = read_batch_explanations(out)
+    assert subjects[0].input_path == (tmp_path / "scan.nii.gz").resolve()
+    maps = cohort_attention_maps(subjects, TEMPLATE)
+    assert np.linalg.norm(peak_ras(maps.mean) - OLD_SPOT) <= 4.0 * np.sqrt(3) + 3.0
+
+
+def test_maps_kept_inside_the_run_folder_and_copies_of_a_run_are_not_counted_again(batch_folder, tmp_path, capsys):
+    import shutil
+
+    out = batch_folder / "cohort"   # as README's example invites
+    assert main(["cohort-maps", str(batch_folder), "--out", str(out)]) == 0
+    assert (out / "cohort_maps.json").exists() and not list(out.glob("*_attention.json"))
+    assert main(["cohort-maps", str(batch_folder), "--out", str(out)]) == 0   # searched again: same subjects
+    assert capsys.readouterr().out.count("averaged 4 subjects") == 2
+    # the same run twice (a copy): each map counted once, as long as its input file is known
+    for sidecar in batch_folder.rglob("*_attention.json"):
+        data = json.loads(sidecar.read_text())
+        data["input_file"] = f"/data/{sidecar.name.split('_')[0]}_T1w.nii.gz"
+        sidecar.write_text(json.dumps(data))
+    shutil.copytree(batch_folder, tmp_path / "copy")
+    subjects = read_batch_explanations([batch_folder, tmp_path / "copy"])
+    assert sorted(s.name for s in subjects) == ["sub-01", "sub-02", "sub-03", "sub-04"]
+
+
+def test_maps_of_different_models_are_not_averaged(batch_folder):
+    for n, sidecar in enumerate(sorted(batch_folder.rglob("*_attention.json"))):
+        data = json.loads(sidecar.read_text())
+        data["model_name"] = "another model" if n == 0 else "BrainAge demo"
+        sidecar.write_text(json.dumps(data))
+    with pytest.raises(CohortError, match="come from 2 models"):
+        read_batch_explanations(batch_folder)

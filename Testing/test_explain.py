@@ -518,3 +518,6 @@ def test_predict_command_writes_the_explanation(old_phantom, tmp_path, capsys):
     assert attention.shape == old_phantom.volume.shape and 0 < attention.array.max() <= 1.0
     report = json.loads((out / "sub-02_T1w_brainage.json").read_text())
     assert report["outputs"]["labelmap"].endswith("sub-02_T1w_attention_label.nrrd")
+    # the sidecar names the input, so cohort maps can register an input preprocessing did not
+    sidecar = json.loads((out / "sub-02_T1w_attention.json").read_text())
+    assert sidecar["input_file"] == str((tmp_path / "sub-02_T1w.nii.gz").resolve())

@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cohort_maps import cohort_attention_maps, read_batch_explanations, write_cohort_maps
 
-    writable_folder(args.out)
     subjects = read_batch_explanations(args.folders)
+    writable_folder(args.out)
     to_register = sum(s.input_to_template is None for s in subjects) if not args.assume_template_space else 0
     if to_register:
         print(f"{to_register} of {len(subjects)} subjects have no stored registration (skull-stripped inputs): "

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--explain", action="store_true",
                         help="also compute and write the 3D attention map (on the input's grid)")
-    parser.add_argument("--explain-format", default="nii.gz", choices=("nii.gz", "nrrd"),
+    parser.add_argument("--explain-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd"),
                         help="file format of the attention map and its labelmap (default nii.gz)")
     parser.add_argument("--out", default=".", metavar="DIR", help="folder for the output files (default: .)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if args.explain:
         from ..explain_outputs import write_explanation_outputs
 
-        written = write_explanation_outputs(result, out_dir, stem, args.explain_format, volume=volume)
+        written = write_explanation_outputs(result, out_dir, stem, args.explain_format, volume=volume,
+                                            input_path=source)
         outputs.update({key: str(path) for key, path in written.items()})
     report = {**result.to_dict(), "input": str(source), "model": _model_label(args), "outputs": outputs}
     result_path = out_dir / f"{stem}_brainage.json"
