@@ -45,17 +45,35 @@ def one_error_line(captured, command: str) -> str:
     return lines[0]
 
 
+def explanation_folder(folder: Path) -> Path:
+    """One subject's map and sidecar, as `brainage predict --explain` leaves them."""
+    import numpy as np
+
+    from BrainAgeLib.explain_outputs import write_sidecar
+    from BrainAgeLib.io import save_volume
+    from BrainAgeLib.result import Result
+    from BrainAgeLib.volume import Volume
+
+    folder.mkdir(parents=True, exist_ok=True)
+    attention = Volume(np.random.default_rng(0).random((20, 24, 20)).astype(np.float32), np.diag([4.0, 4.0, 4.0, 1.0]))
+    save_volume(attention, folder / "s_attention.nii.gz")
+    write_sidecar(Result(predicted_age=40.0, chronological_age=38.0, attention=attention), folder / "s_attention.json",
+                  attention_file="s_attention.nii.gz")
+    return folder
+
+
 def commands_writing_to(out: Path, heads, predictions_csv: Path, tmp_path: Path):
     """(command name, argv) for each command that writes a folder, all aimed at ``out``."""
     cohort = write_cohort_csv(tmp_path / "cohort.csv", [(f"s{i}", p, a, s) for i, (p, a, s) in enumerate(heads)])
     head = str(heads[0][0])
+    explained = explanation_folder(tmp_path / "explained")
     return [
         ("predict", ["predict", head, "--preset", "tiny", "--out", str(out)]),
         ("batch", ["batch", str(cohort), "--preset", "tiny", "--workers", "0", "--out", str(out)]),
         ("evaluate", ["evaluate", str(predictions_csv), "--out", str(out)]),
         ("synth", ["synth", "--n", "1", "--seed", "1", "--out", str(out)]),
         ("train", ["train", str(cohort), "--preset", "tiny", "--out", str(out)]),
-        ("cohort-maps", ["cohort-maps", str(tmp_path), "--out", str(out)]),
+        ("cohort-maps", ["cohort-maps", str(explained), "--out", str(out), "--assume-template-space"]),
     ]
 
 
