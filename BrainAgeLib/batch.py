@@ -162,6 +162,7 @@ class PreparedSubject:
     volume: Any = None                    # the input Volume (kept only when explaining)
     error: str = ""
     timings: Dict[str, float] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)  # what loading repaired (e.g. NaN voxels set to 0)
 
 
 def _init_worker(threads: int) -> None:
@@ -201,13 +202,14 @@ def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool) -> P
         from .io import load_volume
         from .preprocess import prepare
 
-        volume = load_volume(path)
+        notes: List[str] = []
+        volume = load_volume(path, notes=notes)
         loaded = time.perf_counter()
         prepared = prepare(volume, preset)
         done = time.perf_counter()
         return PreparedSubject(index, prepared, volume if keep_volume else None,
                                timings={"load": loaded - started, "prepare": done - loaded,
-                                        "cpu": time.process_time() - cpu})
+                                        "cpu": time.process_time() - cpu}, notes=notes)
     except BrainAgeError as error:
         return PreparedSubject(index, error=message_naming(error, path))
     except MemoryError:
@@ -393,7 +395,7 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
     row.brain_age_gap = result.brain_age_gap
     row.corrected_brain_age_gap = result.corrected_brain_age_gap
     row.sex = result.sex
-    row.warnings = list(result.warnings)
+    row.warnings = list(item.notes) + list(result.warnings)
     return row
 
 

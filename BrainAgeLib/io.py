@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import nibabel as nib
 import numpy as np
@@ -76,7 +76,7 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # --------------------------------------------------------------------------------------------
 
 
-def load_volume(path: PathLike, *, series_uid: Optional[str] = None) -> Volume:
+def load_volume(path: PathLike, *, series_uid: Optional[str] = None, notes: Optional[List[str]] = None) -> Volume:
     """Read a 3D image file (or DICOM series folder) as a validated RAS :class:`Volume`.
 
     ``path`` is a .nii/.nii.gz/.mgz/.mgh/.nrrd/.nhdr/.mha/.mhd file, a folder with one DICOM
@@ -84,6 +84,7 @@ def load_volume(path: PathLike, *, series_uid: Optional[str] = None) -> Volume:
     folder holds several series, ``series_uid`` picks one (the error lists them).
     The array is float32 [I, J, K]; the affine maps voxel indices to RAS mm.
     Raises :class:`InvalidVolumeError` for anything that is not a usable 3D head image.
+    ``notes``, when given, receives what was repaired on the way (see :func:`validate_volume`).
     """
     path = Path(path)
     if not path.exists():
@@ -104,7 +105,7 @@ def load_volume(path: PathLike, *, series_uid: Optional[str] = None) -> Volume:
             raise InvalidVolumeError(
                 f"unsupported file type {ext or '(no extension)'!r}; BrainAge reads "
                 f"{', '.join(READ_EXTENSIONS)} files and DICOM series folders", path)
-    return validate_volume(Volume(array, affine), path)
+    return validate_volume(Volume(array, affine), path, notes=notes)
 
 
 def image_stem(path: PathLike) -> str:
@@ -343,14 +344,15 @@ def _quiet_itk():
 # --------------------------------------------------------------------------------------------
 
 
-def validate_volume(volume: Volume, path: Optional[PathLike] = None) -> Volume:
+def validate_volume(volume: Volume, path: Optional[PathLike] = None, *, notes: Optional[List[str]] = None) -> Volume:
     """Check that ``volume`` can be a head MRI; return it as float32, NaN/Inf cleaned.
 
     ``path`` only names the source in error messages (an MRML node name works too).
     Raises :class:`InvalidVolumeError` for a singleton (2D) axis, too few voxels or too small a
     field of view (< 16 voxels or < 50 mm along an axis), a non-finite or singular affine,
     spacing outside 0.2-8 mm, more than 1% NaN/Inf voxels, all-zero or constant intensities.
-    Up to 1% NaN/Inf voxels are set to 0 with a logged warning. The input is never modified.
+    Up to 1% NaN/Inf voxels are set to 0 with a logged warning, also appended to ``notes`` when
+    given (so a result can carry it). The input is never modified.
     """
     array = np.asarray(volume.array)
     affine = np.asarray(volume.affine, dtype=np.float64)
@@ -392,7 +394,10 @@ def validate_volume(volume: Volume, path: Optional[PathLike] = None) -> Volume:
                 f"has {bad} NaN/Inf voxels ({100 * fraction:.3g}% of {finite.size}); at most "
                 f"{100 * MAX_NONFINITE_FRACTION:g}% are cleaned to 0", path)
         data = np.where(finite, data, np.float32(0))
-        log.warning("%s: set %d NaN/Inf voxels (%.3g%% of the volume) to 0", path or "volume", bad, 100 * fraction)
+        note = f"{path or 'volume'}: set {bad} NaN/Inf voxels ({100 * fraction:.3g}% of the volume) to 0"
+        log.warning("%s", note)
+        if notes is not None:
+            notes.append(note)
     low, high = float(data.min()), float(data.max())
     if low == high == 0.0:
         raise InvalidVolumeError("is empty: every voxel is zero", path)

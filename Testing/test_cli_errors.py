@@ -176,3 +176,21 @@ def test_a_preprocessing_error_names_the_input_file(tmp_path, capsys):
     assert main(["predict", str(path), "--preset", "demo", "--out", str(tmp_path / "out")]) == 2
     line = one_error_line(capsys.readouterr(), "predict")
     assert str(path) in line and "no anatomy-like structure" in line
+
+
+def test_nan_voxels_cleaned_at_load_are_listed_in_the_result_warnings(heads, tmp_path, capsys):
+    """A few NaN voxels are repaired (set to 0), and the result says so, not only the log."""
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(heads[0][0])
+    data = np.asarray(image.dataobj, dtype=np.float32).copy()
+    data[10:12, 10:12, 10:12] = np.nan
+    speckled = tmp_path / "speckled.nii.gz"
+    nib.save(nib.Nifti1Image(data, image.affine), speckled)
+    assert main(["predict", str(speckled), "--preset", "tiny", "--json", "--out", str(tmp_path / "p")]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert any("set 8 NaN/Inf voxels" in w and "speckled.nii.gz" in w for w in warnings), warnings
+    cohort = write_cohort_csv(tmp_path / "c.csv", [("s", speckled, 34.0, "F")])
+    assert main(["batch", str(cohort), "--preset", "tiny", "--workers", "0", "--no-plots", "--out", str(tmp_path / "b")]) == 0
+    assert "set 8 NaN/Inf voxels" in (tmp_path / "b" / "predictions.csv").read_text()

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     tic = time.perf_counter()
-    volume = load_volume(source)
+    notes: list = []
+    volume = load_volume(source, notes=notes)
     load_seconds = time.perf_counter() - tic
 
     with _progress_bar() as progress:
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 raise InvalidVolumeError(error.problem, source) from None
             raise
     result.timings = {"load": load_seconds, **result.timings}
+    result.warnings = notes + list(result.warnings)
 
     stem = image_stem(source)
     outputs: Dict[str, str] = {}
