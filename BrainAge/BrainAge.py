@@ -38,7 +38,7 @@ SEX_CODES = ("F", "M", "unknown")  # the order of the sex combo box items
 # Slicer's PythonQt keeps the GIL in the GUI thread while Qt's event loop runs, so a Python worker
 # thread only runs while the GUI thread runs Python. The poll timer therefore fires often and
 # sleeps a little each time (releasing the GIL) so the estimate proceeds at nearly full speed,
-# while the GUI still handles its events between ticks.
+# while the GUI still handles its events between ticks (as SlicerSimpleFilters does).
 POLL_INTERVAL_MS = 20
 POLL_YIELD_S = 0.012
 ATTENTION_LEVELS = 10
