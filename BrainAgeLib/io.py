@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
@@ -96,7 +96,7 @@ def load_volume(path: PathLike, *, series_uid: Optional[str] = None, notes: Opti
     else:
         ext = _extension(path)
         if ext in NIBABEL_EXTENSIONS:
-            array, affine = _read_with_nibabel(path)
+            array, affine = _read_with_nibabel(path, notes)
         elif ext in SITK_EXTENSIONS:
             array, affine = _read_with_simpleitk(path)
         elif ext in DICOM_EXTENSIONS:
@@ -128,7 +128,7 @@ def _extension(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _read_with_nibabel(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+def _read_with_nibabel(path: Path, notes: Optional[List[str]] = None) -> Tuple[np.ndarray, np.ndarray]:
     try:
         image = _open_with_nibabel(path)
     except InvalidVolumeError:
@@ -160,7 +160,25 @@ def _read_with_nibabel(path: Path) -> Tuple[np.ndarray, np.ndarray]:
             raise InvalidVolumeError(
                 f"the header gives no voxel size (pixdim {', '.join(f'{v:g}' for v in pixdim)}) and no "
                 "orientation (qform and sform codes are 0); fix the header, e.g. by re-exporting the image", path)
+    if isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)) and header["qform_code"] and header["sform_code"]:
+        _note_qform_sform_conflict(image, path, notes)
     return array, np.asarray(image.affine, dtype=np.float64)
+
+
+def _note_qform_sform_conflict(image, path: Path, notes: Optional[List[str]]) -> None:
+    """Say so when a NIfTI's sform and qform place the image differently: BrainAge (like nibabel
+    and FSL) uses the sform, while ITK-based tools such as 3D Slicer may use the qform."""
+    sform, qform = image.get_sform(), image.get_qform()
+    corners = np.array([[i, j, k, 1.0] for i in (0, image.shape[0] - 1) for j in (0, image.shape[1] - 1)
+                        for k in (0, image.shape[2] - 1)]).T
+    apart = float(np.max(np.linalg.norm((sform @ corners - qform @ corners)[:3], axis=0)))
+    if apart > 1.0:
+        note = (f"{path}: the NIfTI header's sform and qform disagree (the image's corners up to {apart:.1f} mm "
+                "apart); BrainAge uses the sform, as nibabel and FSL do; ITK-based tools such as 3D Slicer may "
+                "place the image by its qform")
+        log.warning("%s", note)
+        if notes is not None:
+            notes.append(note)
 
 
 def _open_with_nibabel(path: Path):
@@ -221,7 +239,9 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> T
         own = _dicom_series_of_file(path)
         if own is None or own not in series:
             raise InvalidVolumeError("not a readable DICOM image file", path)
-        series_uid = series_uid or own
+        if series_uid is not None and series_uid != own:
+            raise InvalidVolumeError(f"belongs to DICOM series {own!r}, not to the requested {series_uid!r}", path)
+        series_uid = own
     if not series:
         raise InvalidVolumeError("no DICOM series found in this folder", path)
     if series_uid is None:
@@ -234,6 +254,7 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> T
     elif series_uid not in series:
         raise InvalidVolumeError(f"no DICOM series {series_uid!r} here (found: {', '.join(series)})", path)
     files = reader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    _check_slice_spacing(files, path)
     reader.SetFileNames(files)
     try:
         with _quiet_itk():
@@ -241,6 +262,45 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> T
     except RuntimeError as error:
         raise InvalidVolumeError(f"the DICOM series could not be read ({_itk_reason(error)})", path) from None
     return _from_sitk(image, path)
+
+
+#: Largest departure of a DICOM slice gap from the median gap (as a fraction of it) that is
+#: taken for rounding; more means a missing or extra slice, which ITK would silently stretch over.
+MAX_SLICE_GAP_DEVIATION = 0.1
+
+
+def _check_slice_spacing(files: Sequence[str], path: Path) -> None:
+    """Refuse a series whose slices are not evenly spaced along their normal (a missing slice:
+    ITK's reader would spread the others evenly and misplace every slice after the gap)."""
+    import SimpleITK as sitk
+
+    if len(files) < 3:
+        return
+    positions = []
+    normal = None
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        try:
+            with _quiet_itk():
+                header.ReadImageInformation()
+            position = [float(v) for v in header.GetMetaData("0020|0032").split("\\")]
+            if normal is None:
+                row_col = [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
+                normal = np.cross(row_col[:3], row_col[3:])
+        except (RuntimeError, ValueError):
+            return  # no usable geometry tags: nothing to check here (ITK decides)
+        positions.append(float(np.dot(position, normal)))
+    gaps = np.abs(np.diff(np.sort(positions)))
+    median = float(np.median(gaps))
+    if median <= 0:
+        raise InvalidVolumeError("two or more DICOM slices of the series lie at the same position", path)
+    worst = float(np.max(np.abs(gaps - median)))
+    if worst > MAX_SLICE_GAP_DEVIATION * median:
+        where = int(np.argmax(np.abs(gaps - median)))
+        raise InvalidVolumeError(
+            f"the DICOM slices are not evenly spaced: gap {gaps[where]:.2f} mm after slice {where + 1} of "
+            f"{len(files)}, where the others are {median:.2f} mm; is a slice missing?", path)
 
 
 def _dicom_series_of_file(path: Path) -> Optional[str]:

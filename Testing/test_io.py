@@ -166,6 +166,30 @@ def test_dicom_folder_with_two_series_asks_which_one(tmp_path, rng):
     assert load_volume(folder / "a", series_uid="1.2.3.2").shape == (20, 20, 18)
 
 
+def test_a_dicom_series_with_a_missing_slice_is_refused(tmp_path, rng):
+    """ITK would spread the remaining slices evenly and misplace every slice after the gap."""
+    folder = tmp_path / "series"
+    write_dicom_series(folder, rng.integers(0, 100, (20, 20, 20)), (3.0, 3.0, 3.0), (0.0, 0.0, 0.0),
+                       (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert load_volume(folder).shape == (20, 20, 20)
+    (folder / "slice009.dcm").unlink()
+    with pytest.raises(InvalidVolumeError, match=r"not evenly spaced: gap 6\.00 mm after slice 9 of 19.*3\.00 mm"):
+        load_volume(folder)
+
+
+def test_one_dicom_file_and_another_series_uid_is_an_error(tmp_path, rng):
+    folder = tmp_path / "study"
+    for uid in ("1.2.3.1", "1.2.3.2"):
+        write_dicom_series(folder / uid, rng.integers(0, 100, (18, 20, 20)), (3.0, 3.0, 3.0), (0.0, 0.0, 0.0),
+                           (1, 0, 0, 0, 1, 0, 0, 0, 1), series_uid=uid)
+    for item in (folder / "1.2.3.2").iterdir():
+        os.replace(item, folder / "1.2.3.1" / f"b_{item.name}")
+    one_file = folder / "1.2.3.1" / "slice000.dcm"
+    assert load_volume(one_file).shape == (20, 20, 18)
+    with pytest.raises(InvalidVolumeError, match=r"slice000\.dcm: belongs to DICOM series '1\.2\.3\.1', not to the requested '1\.2\.3\.2'"):
+        load_volume(one_file, series_uid="1.2.3.2")
+
+
 # ----------------------------------------------------------------------------------------------
 # LPS / RAS correctness against sources other than our own writer
 # ----------------------------------------------------------------------------------------------
@@ -557,3 +581,26 @@ def test_a_nifti_without_voxel_size_or_orientation_is_refused(tmp_path):
     ok = nib.Nifti1Image(np.asarray(image.dataobj), np.diag([2.0, 2.0, 2.0, 1.0]))
     nib.save(ok, tmp_path / "with_sform.nii")
     assert load_volume(tmp_path / "with_sform.nii").spacing == pytest.approx((2.0, 2.0, 2.0))
+
+
+def test_a_nifti_whose_sform_and_qform_disagree_is_read_by_its_sform_and_said_so(tmp_path, caplog):
+    data = np.random.default_rng(0).random((40, 40, 40)).astype(np.float32)
+    sform = np.diag([2.0, 2.0, 2.0, 1.0])
+    sform[:3, 3] = [-40, -40, -40]
+    qform = sform.copy()
+    qform[:3, 3] += [30, 5, 0]
+    image = nib.Nifti1Image(data, sform)
+    image.set_qform(qform, code=1)
+    image.set_sform(sform, code=2)
+    nib.save(image, tmp_path / "both.nii.gz")
+    notes: list = []
+    with caplog.at_level(logging.WARNING):
+        volume = load_volume(tmp_path / "both.nii.gz", notes=notes)
+    np.testing.assert_allclose(volume.affine, sform)
+    assert len(notes) == 1 and "sform and qform disagree" in notes[0] and "30.4 mm" in notes[0]
+    assert "both.nii.gz" in caplog.text
+    image.set_qform(sform, code=1)   # agreeing headers: nothing to say
+    nib.save(image, tmp_path / "agree.nii.gz")
+    notes = []
+    load_volume(tmp_path / "agree.nii.gz", notes=notes)
+    assert notes == []
