@@ -65,6 +65,8 @@ PresetLike = Union[str, ModelConfig, PreprocessConfig]
 
 # Plausible brain volumes after skull stripping (ml): a newborn's is ~400, an adult's 1000-1900.
 MIN_BRAIN_ML = 250.0
+#: Voxel size (mm) of the whole-head bias correction tried when registration fails at first.
+BIAS_RETRY_GRID_MM = 8.0
 MAX_BRAIN_ML = 3000.0
 #: Inside a brain, neighbouring voxels' intensities correlate (1 mm MRI ~0.95, one voxel in four
 #: of it ~0.6); in noise they do not (~0). Below this along any axis: not an image of a brain.
@@ -147,13 +149,24 @@ def n4_bias_correction(
 def skull_strip(
     volume: Volume, registration_spacing_mm: float = 3.0
 ) -> Tuple[Volume, np.ndarray, np.ndarray]:
-    """Brain only: (stripped volume with 0 outside the brain, brain mask, input->template 4x4)."""
+    """Brain only: (stripped volume with 0 outside the brain, brain mask, input->template 4x4).
+
+    A strong intensity bias (a surface coil, 7 T) can keep the registration from matching the
+    template; then the registration is tried once more on a bias-corrected copy of the head (N4
+    over the whole head on an ~8 mm grid). Only the mask and transform come from that copy: the
+    intensities kept are the input's, corrected later on the brain alone as usual.
+    """
     result = _skull_strip_mask(volume, registration_spacing_mm=registration_spacing_mm)
+    if result.registration.metric > -MIN_MUTUAL_INFORMATION:
+        shrink = max(1, int(round(BIAS_RETRY_GRID_MM / float(min(volume.spacing)))))
+        retry = _skull_strip_mask(n4_bias_correction(volume, shrink), registration_spacing_mm=registration_spacing_mm)
+        if retry.registration.metric < result.registration.metric:
+            result = retry
     if result.registration.metric > -MIN_MUTUAL_INFORMATION:
         raise InvalidVolumeError(
             f"the volume does not match the MNI152 brain template (mutual information "
-            f"{-result.registration.metric:.2f}, a T1-weighted head gives 0.5-1.2): is this a "
-            "T1-weighted head MRI?"
+            f"{-result.registration.metric:.2f}, a T1-weighted head gives 0.5-1.2, also after bias "
+            "correction): is this a T1-weighted head MRI?"
         )
     brain_ml = float(np.count_nonzero(result.brain_mask)) * float(np.prod(volume.spacing)) / 1000.0
     if not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
