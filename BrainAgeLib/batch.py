@@ -138,7 +138,8 @@ def cohort_subjects(cohort: Union[PathLike, Sequence[Any]]) -> List[Any]:
     for index, subject in enumerate(subjects):
         key = str(subject.id)
         if key in seen:
-            raise CohortError(f"subject id {key!r} appears twice (entries {seen[key] + 1} and {index + 1}); ids must be unique")
+            raise CohortError(f"subject id {key!r} appears twice (entries {seen[key] + 1} and {index + 1}: "
+                              f"{subjects[seen[key]].path} and {subject.path}); ids must be unique")
         seen[key] = index
     return subjects
 
@@ -577,7 +578,7 @@ def cohort_statistics(rows: Sequence[PredictionRow], out_dir: Optional[PathLike]
     if out_dir is None or len(usable) < 4:
         return statistics
     table = Predictions([r.id for r in usable], age, predicted, [r.sex for r in usable], [""] * len(usable),
-                        str(Path(out_dir) / FILENAME))
+                        str(Path(out_dir) / FILENAME), models=sorted({r.model for r in usable if r.model}))
     report = evaluate_predictions(table, Path(out_dir) / "evaluation", plots=plots)
     statistics["evaluation"] = {"bias_correction": report.bias_correction, "reference": report.reference,
                                 "evaluated": report.evaluated, "corrected": report.corrected,

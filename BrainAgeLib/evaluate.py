@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from .atomic_files import write_bytes_atomic, write_json_atomic
-from .errors import CohortError
+from .errors import BrainAgeError, CohortError
 
 PathLike = Union[str, Path]
 
@@ -139,6 +139,7 @@ class Predictions:
     source: str = ""
     #: rows left out, as "id: why" (a batch run's failed subjects, subjects without an age)
     skipped: List[str] = field(default_factory=list)
+    models: List[str] = field(default_factory=list)   # names in a "model" column (batch tables have one)
 
 
 def read_predictions(path: PathLike) -> Predictions:
@@ -158,7 +159,7 @@ def read_predictions(path: PathLike) -> Predictions:
     for column, names in ((age_column, AGE_COLUMNS), (predicted_column, PREDICTED_COLUMNS)):
         if column is None:
             raise CohortError(f"{path}: no {' / '.join(names)} column (columns: {', '.join(header)})")
-    ids, ages, predicted, sexes, splits, skipped = [], [], [], [], [], []
+    ids, ages, predicted, sexes, splits, skipped, models = [], [], [], [], [], [], set()
     for line, row in rows:
         where = f"{path}, line {line}"
         row_id = row.get("id") or row.get("subject") or row.get("participant_id") or f"row{line}"
@@ -183,6 +184,8 @@ def read_predictions(path: PathLike) -> Predictions:
         except ValueError as error:
             raise CohortError(f"{where}: {error}") from None
         ids.append(row_id)
+        if (row.get("model") or "").strip():
+            models.add(row["model"].strip())
         ages.append(age)
         predicted.append(guess)
         splits.append((row.get("split") or "").lower())
@@ -191,7 +194,7 @@ def read_predictions(path: PathLike) -> Predictions:
     if not ids:
         raise CohortError(f"{path}: no row has both an age and a prediction ({len(skipped)} left out, "
                           f"e.g. {skipped[0]})")
-    return Predictions(ids, np.array(ages), np.array(predicted), sexes, splits, str(path), skipped)
+    return Predictions(ids, np.array(ages), np.array(predicted), sexes, splits, str(path), skipped, sorted(models))
 
 
 @dataclass
@@ -206,12 +209,41 @@ class EvaluationReport:
     gap_age_correlation: Dict[str, Optional[float]]
     files: Dict[str, str] = field(default_factory=dict)
     skipped: List[str] = field(default_factory=list)  # rows of the table left out, "id: why"
+    models: List[str] = field(default_factory=list)   # the models that made the predictions, when named
+    notes: List[str] = field(default_factory=list)    # what the reader must know (demo model, few rows)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"all": self.all, "evaluated": self.evaluated, "corrected": self.corrected,
                 "bias_correction": self.bias_correction, "reference": self.reference,
                 "gap_age_correlation": self.gap_age_correlation, "files": self.files,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "models": self.models, "notes": self.notes}
+
+
+#: Fewer evaluated rows than this and the report says its figures are unreliable.
+FEW_ROWS = 10
+
+
+def demo_model_names() -> List[str]:
+    """The name of the bundled demo model, whose predictions must always carry its disclaimer."""
+    from .checkpoint import read_metadata
+    from .resources import resource_path
+
+    try:
+        return [str(read_metadata(resource_path("Models", "brainage_demo.safetensors"))["name"])]
+    except (BrainAgeError, KeyError, OSError):
+        return []
+
+
+def report_notes(models: Sequence[str], n_evaluated: int) -> List[str]:
+    """The disclaimer when a demo model made the predictions, and a warning for few rows."""
+    from .result import DEMO_DISCLAIMER
+
+    notes = []
+    if set(models) & set(demo_model_names()):
+        notes.append(DEMO_DISCLAIMER)
+    if n_evaluated < FEW_ROWS:
+        notes.append(f"only {n_evaluated} rows were evaluated: these figures and their intervals are unreliable")
+    return notes
 
 
 def choose_reference(predictions: Predictions, fraction: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -261,14 +293,16 @@ def evaluate_predictions(path: Union[PathLike, Predictions], out_dir: Optional[P
         all=all_metrics, evaluated=evaluated, corrected=corrected,
         bias_correction=correction.to_dict() if correction else None,
         reference={"n": int(reference.sum()), "chosen_by": source, **({"note": note} if note else {})},
-        gap_age_correlation=correlation, skipped=list(table.skipped))
+        gap_age_correlation=correlation, skipped=list(table.skipped), models=list(table.models),
+        notes=report_notes(table.models, int(rest.sum())))
     if out_dir is not None:
         out = Path(out_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         if plots:
+            note = "  ".join(report.notes)
             report.files["scatter"] = str(plot_scatter(age, predicted, table.sex, out / "scatter.png",
-                                                       metrics=all_metrics))
-            report.files["bland_altman"] = str(plot_bland_altman(age, predicted, out / "bland_altman.png"))
+                                                       metrics=all_metrics, note=note))
+            report.files["bland_altman"] = str(plot_bland_altman(age, predicted, out / "bland_altman.png", note=note))
         report.files["metrics"] = str(out / "metrics.json")
         write_json_atomic(out / "metrics.json", report.to_dict())
     return report
@@ -281,12 +315,16 @@ def evaluate_predictions(path: Union[PathLike, Predictions], out_dir: Optional[P
 
 
 
-def _save_figure(figure, path: Path) -> Path:
+def _save_figure(figure, path: Path, note: str = "") -> Path:
+    """The figure as a PNG, atomically; ``note`` (e.g. the demo disclaimer) in red along the bottom."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)
+    if note:
+        figure.tight_layout(rect=(0, 0.12, 1, 1))
+        figure.text(0.5, 0.01, note, ha="center", va="bottom", color="red", fontsize=6.5, wrap=True)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     return write_bytes_atomic(path, buffer.getvalue())
@@ -296,7 +334,7 @@ _SEX_STYLE = {"F": ("tab:red", "female"), "M": ("tab:blue", "male"), "unknown": 
 
 
 def plot_scatter(age: Sequence[float], predicted: Sequence[float], sex: Optional[Sequence[str]], path: PathLike,
-                 metrics: Optional[Dict[str, Any]] = None) -> Path:
+                 metrics: Optional[Dict[str, Any]] = None, note: str = "") -> Path:
     """PNG: predicted vs chronological age (years), one colour per sex, with the identity line."""
     from matplotlib.figure import Figure
 
@@ -322,10 +360,10 @@ def plot_scatter(age: Sequence[float], predicted: Sequence[float], sex: Optional
                        + f", n = {metrics['n']}")
     axes.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
-    return _save_figure(figure, Path(path))
+    return _save_figure(figure, Path(path), note)
 
 
-def plot_bland_altman(age: Sequence[float], predicted: Sequence[float], path: PathLike) -> Path:
+def plot_bland_altman(age: Sequence[float], predicted: Sequence[float], path: PathLike, note: str = "") -> Path:
     """PNG: Bland-Altman plot, difference (predicted - age) against the mean of the two,
     with the mean difference and its 95% limits of agreement (mean +- 1.96 SD)."""
     from matplotlib.figure import Figure
@@ -345,4 +383,4 @@ def plot_bland_altman(age: Sequence[float], predicted: Sequence[float], path: Pa
     axes.set_ylabel("predicted - chronological age (years)")
     axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
-    return _save_figure(figure, Path(path))
+    return _save_figure(figure, Path(path), note)

@@ -181,3 +181,25 @@ def test_a_batch_table_with_failed_subjects_and_missing_ages_is_evaluated_on_the
     only_failures.write_text("id,chronological_age,predicted_age,error\nc,40,,broken\n")
     with pytest.raises(CohortError, match="no row has both an age and a prediction"):
         read_predictions(only_failures)
+
+
+def test_predictions_of_the_demo_model_carry_its_disclaimer_and_few_rows_are_flagged(tmp_path, capsys):
+    from BrainAgeLib.cli import main
+    from BrainAgeLib.evaluate import FEW_ROWS, demo_model_names
+    from BrainAgeLib.result import DEMO_DISCLAIMER
+
+    names = demo_model_names()
+    assert names and "synthetic" in names[0]
+    rows = [f"s{i},{20 + 5 * i},{22 + 5 * i},{'FM'[i % 2]},{names[0]}" for i in range(6)]
+    table = tmp_path / "predictions.csv"
+    table.write_text("id,age,predicted_age,sex,model\n" + "\n".join(rows) + "\n")
+    assert main(["evaluate", str(table), "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert f"NOTE: {DEMO_DISCLAIMER}" in printed and "rows were evaluated: these figures" in printed
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["models"] == names and DEMO_DISCLAIMER in metrics["notes"]
+    # another model's table, large enough: no notes
+    rows = [f"s{i},{20 + i},{21 + i},F,my model" for i in range(FEW_ROWS * 2)]
+    table.write_text("id,age,predicted_age,sex,model\n" + "\n".join(rows) + "\n")
+    assert main(["evaluate", str(table), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []

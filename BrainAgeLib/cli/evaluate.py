@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
+    for note in report.notes:
+        print(f"NOTE: {note}")
     if report.skipped:
         print(f"left out {len(report.skipped)} row(s): " + "; ".join(report.skipped[:5])
               + (" ..." if len(report.skipped) > 5 else ""))

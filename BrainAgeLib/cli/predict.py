@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Results: {result_path}")
         if args.explain:
             print(f"Attention map: {outputs['attention']}")
+            print(f"Labelmap and colour table: {outputs['labelmap']}, {outputs['color_table']}")
+            print(f"Montage: {outputs['montage']}")
     return 0
 
 
