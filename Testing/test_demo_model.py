@@ -55,15 +55,22 @@ def test_demo_model_metadata_says_synthetic_demo_and_beats_the_baselines(demo_mo
     assert correction is not None and correction.n_reference == data["n_val"]
 
 
-def test_demo_model_meets_the_issue_targets(demo_model):
-    test = demo_model.metadata["metrics"]["test"]
-    if test["mae"] > TARGET_MAE or test["pearson_r"] < TARGET_R:
-        pytest.xfail(f"held-out MAE {test['mae']:.2f} years, Pearson r {test['pearson_r']:.3f}: the issue's "
-                     f"targets (MAE <= {TARGET_MAE}, r >= {TARGET_R}) are not met yet (see the model card)")
-    assert test["mae"] <= TARGET_MAE and test["pearson_r"] >= TARGET_R
-
-
 HELDOUT = resource_path("Models", "brainage_demo_heldout.json")
+
+
+def test_demo_model_meets_the_issue_targets(demo_model):
+    """The targets on the held-out phantoms, computed here from the ages the build predicted
+    (brainage_demo_heldout.json), which must also be what the checkpoint and the card report."""
+    heldout = json.loads(HELDOUT.read_text())
+    age = np.array([row["age"] for row in heldout])
+    predicted = np.array([row["predicted_age"] for row in heldout])
+    mae = float(np.mean(np.abs(predicted - age)))
+    r = float(np.corrcoef(age, predicted)[0, 1])
+    test = demo_model.metadata["metrics"]["test"]
+    assert test["n"] == len(heldout)
+    assert test["mae"] == pytest.approx(mae, abs=1e-3) and test["pearson_r"] == pytest.approx(r, abs=1e-3)
+    assert f"{mae:.2f}" in CARD.read_text()
+    assert mae <= TARGET_MAE and r >= TARGET_R
 
 
 def test_shipped_model_reproduces_its_heldout_predictions(demo_model, tmp_path):

@@ -260,8 +260,11 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, monkeypatch):
     logits_one, ages_one = _outputs(single / "weights.safetensors", tmp_path)
     logits_two, ages_two = _outputs(double / "weights.safetensors", tmp_path)
     torch.testing.assert_close(logits_two, logits_one, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(ages_two, ages_one, rtol=1e-4, atol=1e-2)
-    assert float((ages_one - ages_one.mean()).abs().max()) > 0.01  # the regressor is not constant
+    spread = float(ages_one.max() - ages_one.min())
+    difference = float((ages_two - ages_one).abs().max())
+    print(f"ages spread {spread:.4f}, largest one-vs-two-process difference {difference:.2e}")
+    assert spread > 0.1                    # the regressor is not constant ...
+    assert difference < 1e-3 * spread      # ... and the two runs agree on it to 0.1% of its range
 
 
 def test_dora_adapts_query_and_value_only_and_merges_into_a_plain_vit(tmp_path):
