@@ -148,20 +148,21 @@ def _read_with_nibabel(path: Path, notes: Optional[List[str]] = None) -> Tuple[n
             f"truncated or corrupt file: the voxel data could not be read ({_short(error)})", path) from None
     array = _to_3d(array, path, time_axis_first=False)
     header = image.header
-    if isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)) and not (header["qform_code"] or header["sform_code"]):
-        # No orientation in the header: nibabel builds the affine from pixdim, and silently
-        # takes 1 mm for a pixdim of 0 (it fixes the header as it loads it, so the stored one is
-        # read again); a guessed voxel size would give a wrong brain size.
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rb") as stream:
-            stored = type(header).from_fileobj(stream, check=False)
-        pixdim = np.asarray(stored["pixdim"][1:4], dtype=np.float64)
-        if not np.all(np.isfinite(pixdim) & (pixdim > 0)):
-            raise InvalidVolumeError(
-                f"the header gives no voxel size (pixdim {', '.join(f'{v:g}' for v in pixdim)}) and no "
-                "orientation (qform and sform codes are 0); fix the header, e.g. by re-exporting the image", path)
-    if isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)) and header["qform_code"] and header["sform_code"]:
-        _note_qform_sform_conflict(image, path, notes)
+    if isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        if not (header["qform_code"] or header["sform_code"]):
+            # No orientation in the header: nibabel builds the affine from pixdim, and silently
+            # takes 1 mm for a pixdim of 0 (it fixes the header as it loads it, so the stored one
+            # is read again); a guessed voxel size would give a wrong brain size.
+            opener = gzip.open if path.name.lower().endswith(".gz") else open
+            with opener(path, "rb") as stream:
+                stored = type(header).from_fileobj(stream, check=False)
+            pixdim = np.asarray(stored["pixdim"][1:4], dtype=np.float64)
+            if not np.all(np.isfinite(pixdim) & (pixdim > 0)):
+                raise InvalidVolumeError(
+                    f"the header gives no voxel size (pixdim {', '.join(f'{v:g}' for v in pixdim)}) and no "
+                    "orientation (qform and sform codes are 0); fix the header, e.g. by re-exporting the image", path)
+        elif header["qform_code"] and header["sform_code"]:
+            _note_qform_sform_conflict(image, path, notes)
     return array, np.asarray(image.affine, dtype=np.float64)
 
 

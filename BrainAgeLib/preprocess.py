@@ -97,8 +97,18 @@ def n4_shrink_for(config: PreprocessConfig, spacing: Sequence[float]) -> int:
     """N4's shrink factor for an input of ``spacing`` (mm): ``n4_shrink_factor`` voxels, or, with
     ``n4_grid_mm``, the factor that brings the finest axis closest to that voxel size."""
     if config.n4_grid_mm:
-        return max(1, int(round(float(config.n4_grid_mm) / float(min(spacing)))))
+        return _shrink_to_grid(config.n4_grid_mm, spacing)
     return max(1, int(config.n4_shrink_factor))
+
+
+def _shrink_to_grid(grid_mm: float, spacing: Sequence[float]) -> int:
+    """The shrink factor that brings the finest axis of ``spacing`` closest to ``grid_mm``."""
+    return max(1, int(round(float(grid_mm) / float(min(spacing)))))
+
+
+def _volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """Volume of a boolean mask on a grid of ``spacing`` (mm), in millilitres."""
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
 
 
 def n4_bias_correction(
@@ -158,8 +168,8 @@ def skull_strip(
     """
     result = _skull_strip_mask(volume, registration_spacing_mm=registration_spacing_mm)
     if result.registration.metric > -MIN_MUTUAL_INFORMATION:
-        shrink = max(1, int(round(BIAS_RETRY_GRID_MM / float(min(volume.spacing)))))
-        retry = _skull_strip_mask(n4_bias_correction(volume, shrink), registration_spacing_mm=registration_spacing_mm)
+        corrected = n4_bias_correction(volume, _shrink_to_grid(BIAS_RETRY_GRID_MM, volume.spacing))
+        retry = _skull_strip_mask(corrected, registration_spacing_mm=registration_spacing_mm)
         if retry.registration.metric < result.registration.metric:
             result = retry
     if result.registration.metric > -MIN_MUTUAL_INFORMATION:
@@ -168,7 +178,7 @@ def skull_strip(
             f"{-result.registration.metric:.2f}, a T1-weighted head gives 0.5-1.2, also after bias "
             "correction): is this a T1-weighted head MRI?"
         )
-    brain_ml = float(np.count_nonzero(result.brain_mask)) * float(np.prod(volume.spacing)) / 1000.0
+    brain_ml = _volume_ml(result.brain_mask, volume.spacing)
     if not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
         raise InvalidVolumeError(
             f"skull stripping found a brain of {brain_ml:.0f} ml (expected {MIN_BRAIN_ML:.0f}-"
@@ -198,7 +208,7 @@ def check_stripped_brain(volume: Volume, brain: np.ndarray) -> None:
     """Refuse an input taken as skull-stripped already that cannot be a brain: one that is too
     small, or whose intensities have no spatial structure (noise, a uniform blob). Without a
     skull there is no registration to the template, whose mutual information checks other inputs."""
-    brain_ml = float(np.count_nonzero(brain)) * float(np.prod(volume.spacing)) / 1000.0
+    brain_ml = _volume_ml(brain, volume.spacing)
     if brain_ml < MIN_BRAIN_ML:
         raise InvalidVolumeError(
             f"the image's foreground is {brain_ml:.0f} ml, too small for a brain (at least {MIN_BRAIN_ML:.0f} ml); "
