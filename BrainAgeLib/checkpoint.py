@@ -225,8 +225,10 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", ve
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise CheckpointError(f"tensor {key!r} has dtype {tensor.dtype}, expected floating point", path)
-        if tensor.dtype != torch.float32:
-            tensors[key] = tensor.float()
+        # A fresh copy: tensors read from the file sit at offsets set by the header's length, not
+        # aligned to 64 bytes, and CPU kernels then take other code paths (other rounding); a
+        # copy from torch's allocator is aligned, so the loaded model computes what the saved did.
+        tensors[key] = tensor.to(torch.float32, copy=True).contiguous()
     if verify_digest and card.get("weights_sha256"):
         actual = weights_digest(tensors)
         if actual != card["weights_sha256"]:
