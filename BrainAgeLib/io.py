@@ -43,7 +43,7 @@ from .errors import InvalidVolumeError
 from .volume import Volume
 
 __all__ = [
-    "Volume", "load_volume", "save_volume", "validate_volume", "image_stem",
+    "Volume", "load_volume", "check_image_path", "save_volume", "validate_volume", "image_stem",
     "READ_EXTENSIONS", "WRITE_EXTENSIONS",
     "MIN_SPACING_MM", "MAX_SPACING_MM", "MIN_EXTENT_MM", "MIN_VOXELS_PER_AXIS", "MAX_NONFINITE_FRACTION",
 ]
@@ -86,11 +86,7 @@ def load_volume(path: PathLike, *, series_uid: Optional[str] = None, notes: Opti
     Raises :class:`InvalidVolumeError` for anything that is not a usable 3D head image.
     ``notes``, when given, receives what was repaired on the way (see :func:`validate_volume`).
     """
-    path = Path(path)
-    if not path.exists():
-        raise InvalidVolumeError("file not found", path)
-    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
-        raise InvalidVolumeError("permission denied: the file cannot be read by this user", path)
+    path = check_image_path(path)
     if path.is_dir():
         array, affine = _read_dicom_series(path, path, series_uid)
     else:
@@ -99,13 +95,32 @@ def load_volume(path: PathLike, *, series_uid: Optional[str] = None, notes: Opti
             array, affine = _read_with_nibabel(path, notes)
         elif ext in SITK_EXTENSIONS:
             array, affine = _read_with_simpleitk(path)
-        elif ext in DICOM_EXTENSIONS:
-            array, affine = _read_dicom_series(path.parent, path, series_uid)
         else:
-            raise InvalidVolumeError(
-                f"unsupported file type {ext or '(no extension)'!r}; BrainAge reads "
-                f"{', '.join(READ_EXTENSIONS)} files and DICOM series folders", path)
+            array, affine = _read_dicom_series(path.parent, path, series_uid)
     return validate_volume(Volume(array, affine), path, notes=notes)
+
+
+def check_image_path(path: PathLike) -> Path:
+    """``path`` as a Path if it can be an image :func:`load_volume` reads, checked without
+    reading it: it exists, this user may read it, it is a folder or a file of a supported type,
+    and a file is not empty. Cheap (a few system calls), so a command can run it before any slow
+    import. Raises :class:`InvalidVolumeError` naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InvalidVolumeError("file not found", path)
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise InvalidVolumeError("permission denied: the file cannot be read by this user", path)
+    if path.is_dir():
+        return path
+    ext = _extension(path)
+    if ext not in READ_EXTENSIONS:
+        raise InvalidVolumeError(
+            f"unsupported file type {ext or '(no extension)'!r}; BrainAge reads "
+            f"{', '.join(READ_EXTENSIONS)} files and DICOM series folders", path)
+    if path.stat().st_size == 0:
+        raise InvalidVolumeError("the file is empty (0 bytes)", path)
+    return path
 
 
 def image_stem(path: PathLike) -> str:
@@ -244,6 +259,14 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> T
             raise InvalidVolumeError(f"belongs to DICOM series {own!r}, not to the requested {series_uid!r}", path)
         series_uid = own
     if not series:
+        images = sorted(item.name for item in folder.iterdir()
+                        if item.is_file() and _extension(item) in NIBABEL_EXTENSIONS + SITK_EXTENSIONS)
+        if images:
+            shown = ", ".join(images[:3]) + (", ..." if len(images) > 3 else "")
+            raise InvalidVolumeError(
+                f"no DICOM series found in this folder, which holds {len(images)} image file"
+                f"{'s' if len(images) > 1 else ''} ({shown}); give one image file, or run "
+                "`brainage batch FOLDER` for a folder of images", path)
         raise InvalidVolumeError("no DICOM series found in this folder", path)
     if series_uid is None:
         if len(series) > 1:

@@ -51,8 +51,9 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray = RAS_AFFINE) 
 
 
 def write_dicom_series(folder: Path, array_kji: np.ndarray, spacing, origin, direction,
-                       series_uid: str = "1.2.826.0.1.3680043.2.1125.7.1") -> sitk.Image:
-    """One MR slice per file with the tags a DICOM reader needs to stack them (LPS geometry)."""
+                       series_uid: str = "1.2.826.0.1.3680043.2.1125.7.1", extra_tags=None) -> sitk.Image:
+    """One MR slice per file with the tags a DICOM reader needs to stack them (LPS geometry),
+    plus ``extra_tags`` ({"0010|1010": "039Y", ...}) in every file."""
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(array_kji.astype(np.int16))
     image.SetSpacing(spacing)
@@ -72,6 +73,7 @@ def write_dicom_series(folder: Path, array_kji: np.ndarray, spacing, origin, dir
             "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
             "0020|0032": "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
             "0018|0050": str(spacing[2]),
+            **(extra_tags or {}),
         }
         for tag, value in tags.items():
             slice_k.SetMetaData(tag, value)
@@ -383,6 +385,25 @@ def test_unknown_extension_and_empty_folder(tmp_path, phantom):
     assert_rejected(tmp_path / "empty", "no DICOM series")
     with pytest.raises(InvalidVolumeError, match=r"scan\.png.*cannot write '\.png'"):
         save_volume(phantom, tmp_path / "scan.png")
+
+
+@pytest.mark.parametrize("name", ["empty.nii.gz", "empty.nii", "empty.mgz", "empty.nrrd", "empty.mha", "empty.dcm"])
+def test_an_empty_file_is_reported_as_empty(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"")
+    error = assert_rejected(path, "empty", "0 bytes")
+    assert "gzip" not in error.problem and "not a readable" not in error.problem
+
+
+def test_a_folder_of_images_is_not_taken_for_a_dicom_folder(tmp_path, phantom):
+    """predict on a folder of NIfTI files: the message says what the folder holds and where
+    a folder of images goes (batch), not only that it has no DICOM series."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz"):
+        save_volume(phantom, folder / name)
+    error = assert_rejected(folder, "2 image files", "sub-01_T1w.nii.gz", "brainage batch")
+    assert "DICOM" in error.problem
 
 
 def test_2d_images(tmp_path, rng):
