@@ -17,6 +17,7 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) the cohort is sharded: see :mod:`BrainAg
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import multiprocessing
@@ -30,11 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from .atomic_files import write_bytes_atomic
 from .errors import BrainAgeError, CohortError, message_naming
 from .result import DEMO_DISCLAIMER
 from .predictions_csv import (
-    FILENAME, PredictionRow, PredictionsWriter, check_model_matches, finished_ids, latest_rows,
-    merge_predictions, part_path, read_all_predictions,
+    FILENAME, PredictionRow, PredictionsFileError, PredictionsWriter, check_model_matches, finished_ids,
+    latest_rows, merge_predictions, part_path, read_all_predictions,
 )
 
 logger = logging.getLogger(__name__)
@@ -454,6 +456,8 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     preparer = _Preparer([(index, str(s.path)) for index, s in todo], explain, n_workers)
     try:
         model, target = _resolve_model(model, context.device_for(device))
+        identity = model_identity(model)
+        check_run_record(out_dir, earlier, identity)
         check_model_matches(earlier, model.name, out_dir / FILENAME)
     except BaseException:
         preparer.close()
@@ -472,6 +476,8 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     timings = {"load": 0.0, "prepare": 0.0, "cpu": 0.0, "infer": 0.0, "wait": 0.0}
     restore_threads = _leave_cores_to_workers(target, summary.workers)
     try:
+        # before the first row, flushed to disk as the rows are: rows never outlive their record
+        write_bytes_atomic(out_dir / RUN_RECORD, (json.dumps(identity, indent=2) + "\n").encode(), fsync=True)
         with PredictionsWriter(csv_path) as writer:
             report(0.0, f"{len(todo)} subjects to predict ({summary.n_skipped} already done)")
             waited = time.perf_counter()
@@ -500,6 +506,61 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     summary.rows = _finish(out_dir, order, context, csv_path)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Which model made predictions.csv (resume checks)
+# --------------------------------------------------------------------------------------------
+
+#: Beside predictions.csv: the model whose predictions it holds (name, weights digest,
+#: preprocessing), written before the first row; a resumed run must match it.
+RUN_RECORD = "predictions.model.json"
+
+
+def model_identity(model: Any) -> Dict[str, Any]:
+    """What makes a model's predictions comparable: its name, the SHA-256 of its weights (as in
+    a checkpoint card's ``weights_sha256``, computed from the weights in memory) and its
+    preprocessing settings."""
+    from .checkpoint import weights_digest
+
+    return {"model": model.name, "weights_sha256": weights_digest(model.state_dict()),
+            "preprocessing": model.config.preprocess.to_dict()}
+
+
+def check_run_record(out_dir: Path, earlier: Sequence[PredictionRow], ours: Dict[str, Any]) -> None:
+    """Refuse to resume predictions made by other weights or with other preprocessing than
+    those of ``ours`` (a :func:`model_identity`).
+
+    Only a file that holds predictions is checked (error rows carry none). A file of
+    predictions without the record cannot be tied to any weights, and is refused too.
+    """
+    if not any(row.ok for row in earlier):
+        return
+    csv_path, record_path = out_dir / FILENAME, out_dir / RUN_RECORD
+    try:
+        theirs = json.loads(record_path.read_text(encoding="utf-8"))
+        if not isinstance(theirs, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise PredictionsFileError(
+            f"{csv_path}: holds predictions but {record_path.name} (which weights made them) is missing, "
+            f"so resuming with model {ours['model']!r} (weights sha256 {ours['weights_sha256']}) cannot be "
+            "checked; choose another output folder") from None
+    except (OSError, ValueError) as error:
+        raise PredictionsFileError(f"{record_path}: unreadable ({error}); choose another output folder") from None
+    if theirs.get("weights_sha256") != ours["weights_sha256"]:
+        raise PredictionsFileError(
+            f"{csv_path}: holds predictions of model {theirs.get('model')!r} with weights sha256 "
+            f"{theirs.get('weights_sha256')}, but this run's model {ours['model']!r} has weights sha256 "
+            f"{ours['weights_sha256']}; resume with the same checkpoint or choose another output folder")
+    before, now = theirs.get("preprocessing") or {}, ours["preprocessing"]
+    changed = [f"{key} {before.get(key)!r} there, {now.get(key)!r} now"
+               for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+    if changed:
+        raise PredictionsFileError(
+            f"{csv_path}: holds predictions made with other preprocessing settings ({'; '.join(changed)}) "
+            f"by the same weights (sha256 {ours['weights_sha256']}); resume with the same settings or "
+            "choose another output folder")
 
 
 def _leave_cores_to_workers(device: Any, workers: int) -> Callable[[], None]:

@@ -261,3 +261,57 @@ def test_a_demo_model_batch_says_it_is_synthetic_in_the_summary(cohort_files, tm
     tiny = run_batch(cohort, tmp_path / "tiny", model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
     assert not tiny.model_is_demo and "disclaimer" not in tiny.to_dict()
     assert DEMO_DISCLAIMER not in _text(tiny, None)
+
+
+def test_resume_refuses_other_weights_or_preprocessing_under_the_same_name(cohort_files, tmp_path):
+    """A different checkpoint saved under the model's name, or the same weights with other
+    preprocessing, must not add its predictions to the file (issue 20, item 4)."""
+    import dataclasses
+
+    from BrainAgeLib.checkpoint import read_metadata
+    from BrainAgeLib.model import BrainAgeModel, build_model
+
+    checkpoint = cohort_files["checkpoint"]
+    out = tmp_path / "out"
+    run_batch(long_cohort(cohort_files, tmp_path / "first.csv", repeats=1), out, model=str(checkpoint),
+              device="cpu", workers=0)
+    cohort = long_cohort(cohort_files, tmp_path / "more.csv", repeats=2)  # 3 more subjects to do
+    before = (out / FILENAME).read_bytes()
+
+    impostor = build_model("tiny", seed=1).save(tmp_path / "impostor.safetensors", {"name": "tiny-test"})
+    ours, theirs = read_metadata(checkpoint)["weights_sha256"], read_metadata(impostor)["weights_sha256"]
+    assert ours != theirs and load_model(impostor).name == "tiny-test"
+    with pytest.raises(PredictionsFileError) as error:
+        run_batch(cohort, out, model=str(impostor), device="cpu", workers=0)
+    assert ours in str(error.value) and theirs in str(error.value) and str(out / FILENAME) in str(error.value)
+    assert (out / FILENAME).read_bytes() == before
+
+    same = load_model(checkpoint)
+    config = dataclasses.replace(same.config, preprocess=dataclasses.replace(same.config.preprocess,
+                                                                             crop_threshold=0.2))
+    other_preprocessing = BrainAgeModel(config, metadata=same.metadata)
+    other_preprocessing.load_state_dict(same.state_dict())
+    with pytest.raises(PredictionsFileError, match="crop_threshold") as error:
+        run_batch(cohort, out, model=other_preprocessing, device="cpu", workers=0)
+    assert "preprocessing" in str(error.value)
+    assert (out / FILENAME).read_bytes() == before
+
+    resumed = run_batch(cohort, out, model=str(checkpoint), device="cpu", workers=0)  # the same model resumes
+    assert (resumed.n_skipped, resumed.n_done) == (3, 3)
+
+
+def test_cli_resume_with_other_weights_exits_2_naming_both_digests(cohort_files, tmp_path):
+    from BrainAgeLib.checkpoint import read_metadata
+    from BrainAgeLib.model import build_model
+
+    checkpoint = cohort_files["checkpoint"]
+    cohort = long_cohort(cohort_files, tmp_path / "cohort.csv", repeats=1)
+    out = tmp_path / "out"
+    run_batch(cohort, out, model=str(checkpoint), device="cpu", workers=0)
+    impostor = build_model("tiny", seed=2).save(tmp_path / "impostor.safetensors", {"name": "tiny-test"})
+    process = cli(str(cohort), "--out", str(out), "--model", str(impostor), "--device", "cpu", "--workers", "0")
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr
+    assert read_metadata(checkpoint)["weights_sha256"] in stderr
+    assert read_metadata(impostor)["weights_sha256"] in stderr
+    assert "Traceback" not in stderr and "Done:" not in stdout
