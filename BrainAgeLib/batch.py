@@ -446,7 +446,6 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     started = time.perf_counter()
     report = progress or (lambda fraction, message: None)
     order = [str(s.id) for s in subjects]
-    out_dir.mkdir(parents=True, exist_ok=True)
     earlier = read_all_predictions(out_dir)
     done_ids = finished_ids(earlier, retry_failed)
     mine = context.shard(subjects)
@@ -456,6 +455,7 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     preparer = _Preparer([(index, str(s.path)) for index, s in todo], explain, n_workers)
     try:
         model, target = _resolve_model(model, context.device_for(device))
+        out_dir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves no folder
         identity = model_identity(model)
         check_run_record(out_dir, earlier, identity)
         check_model_matches(earlier, model.name, out_dir / FILENAME)
@@ -610,12 +610,13 @@ def cohort_statistics(rows: Sequence[PredictionRow], out_dir: Optional[PathLike]
     of the raw gap, years), ``corrected_bag`` (mean and SD of the model's bias-corrected gap,
     when the model has coefficients, else None) and, as ``brainage evaluate`` does on this
     table, ``evaluation`` (the de Lange & Cole correction fitted on a reference part of this
-    cohort and the metrics after it) and ``files`` (metrics.json, scatter.png and
-    bland_altman.png in ``out_dir/evaluation``).
+    cohort and the metrics after it; with fewer than four rows, or without ``out_dir``, None),
+    ``files`` (metrics.json, scatter.png and bland_altman.png in ``out_dir/evaluation``) and
+    ``notes`` (``evaluate.report_notes``: the demo model's disclaimer, too few rows).
     """
     import numpy as np
 
-    from .evaluate import Predictions, compute_metrics, evaluate_predictions
+    from .evaluate import Predictions, compute_metrics, evaluate_predictions, report_notes
 
     usable = [r for r in rows if r.ok and r.chronological_age is not None and r.predicted_age is not None]
     if len(usable) < 2:
@@ -628,6 +629,7 @@ def cohort_statistics(rows: Sequence[PredictionRow], out_dir: Optional[PathLike]
         return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if values.size > 1 else 0.0}
 
     corrected = [r.corrected_brain_age_gap for r in usable if r.corrected_brain_age_gap is not None]
+    models = sorted({r.model for r in usable if r.model})
     statistics: Dict[str, Any] = {
         "n": len(usable),
         "metrics": compute_metrics(age, predicted, [r.sex for r in usable]),
@@ -635,14 +637,16 @@ def cohort_statistics(rows: Sequence[PredictionRow], out_dir: Optional[PathLike]
         "corrected_bag": spread(np.array(corrected)) if len(corrected) == len(usable) else None,
         "evaluation": None,
         "files": {},
+        "notes": report_notes(models, len(usable)),
     }
     if out_dir is None or len(usable) < 4:
         return statistics
     table = Predictions([r.id for r in usable], age, predicted, [r.sex for r in usable], [""] * len(usable),
-                        str(Path(out_dir) / FILENAME), models=sorted({r.model for r in usable if r.model}))
+                        str(Path(out_dir) / FILENAME), models=models)
     report = evaluate_predictions(table, Path(out_dir) / "evaluation", plots=plots)
     statistics["evaluation"] = {"bias_correction": report.bias_correction, "reference": report.reference,
                                 "evaluated": report.evaluated, "corrected": report.corrected,
                                 "gap_age_correlation": report.gap_age_correlation}
     statistics["files"] = dict(report.files)
+    statistics["notes"] = list(report.notes)  # on the evaluated rows, as metrics.json says
     return statistics

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -92,16 +96,79 @@ def test_a_file_given_as_the_output_folder_is_refused(heads, predictions_csv, a_
         assert f"{a_file}: --out must be a folder, not a file" in one_error_line(capsys.readouterr(), command)
 
 
-def test_a_folder_that_refuses_writes_is_reported_before_any_work(heads, tmp_path, capsys, monkeypatch):
-    """Root ignores permission bits, so the refusal is simulated where the check makes its probe file."""
+@pytest.mark.parametrize("exists, message", [(True, "cannot write in the --out folder (Permission denied)"),
+                                             (False, "cannot create the --out folder (Permission denied)")])
+def test_a_folder_that_refuses_writes_is_reported_before_any_work(exists, message, heads, tmp_path, capsys, monkeypatch):
+    """Root ignores permission bits, so the refusal is simulated where the check makes its probe
+    file: in the folder, or, for one still to be made, in the nearest folder that exists."""
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
-    out = tmp_path / "locked"
-    assert main(["predict", str(heads[0][0]), "--preset", "tiny", "--out", str(out)]) == 2
-    assert f"{out}: cannot write in the --out folder (Permission denied)" in one_error_line(capsys.readouterr(), "predict")
-    assert list(out.iterdir()) == []
+    out = tmp_path / "locked" / "results"
+    if exists:
+        out.mkdir(parents=True)
+    cohort = write_cohort_csv(tmp_path / "c.csv", [("s0", heads[0][0], 34.0, "F")])
+    for command, argv in [("predict", ["predict", str(heads[0][0])]), ("batch", ["batch", str(cohort), "--workers", "0"])]:
+        assert main([*argv, "--preset", "tiny", "--out", str(out)]) == 2, command
+        assert f"{out}: {message}" in one_error_line(capsys.readouterr(), command)
+        assert (list(out.iterdir()) == []) if exists else not (tmp_path / "locked").exists()
+
+
+#: Runs ``brainage ARGV`` in a fresh interpreter and says whether torch was imported by then.
+_FRESH_CLI = ("import sys; from BrainAgeLib.cli import main; code = main(sys.argv[1:]); "
+              "print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
+
+
+def run_fresh(argv, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _FRESH_CLI, *argv], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def make_bad_input(kind: str, folder: Path, good: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "missing":
+        return folder / "missing.nii.gz"
+    if kind == "empty":
+        (folder / "empty.nii.gz").write_bytes(b"")
+        return folder / "empty.nii.gz"
+    if kind == "text":
+        (folder / "notes.txt").write_text("sub-01,42\n")
+        return folder / "notes.txt"
+    if kind == "truncated":
+        return write_bad_inputs(folder, good)["corrupt"]
+    images = folder / "images"  # a folder of NIfTI files, not a DICOM series
+    images.mkdir()
+    shutil.copy(good, images / good.name)
+    return images
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("missing", "file not found"), ("empty", "the file is empty"), ("text", "unsupported file type '.txt'"),
+    ("truncated", "truncated"), ("images", "`brainage batch FOLDER`"),
+])
+def test_predict_refuses_a_bad_input_before_importing_torch_and_leaves_no_folder(kind, problem, heads, tmp_path):
+    source = make_bad_input(kind, tmp_path / "inputs", heads[0][0])
+    before = sorted(p.name for p in source.parent.iterdir())
+    out = tmp_path / "results" / "sub-01"
+    finished = run_fresh(["predict", str(source), "--out", str(out)], tmp_path)
+    assert finished.returncode == 2, finished.stderr
+    line = one_error_line(SimpleNamespace(err=finished.stderr), "predict")
+    assert f"{source}: " in line and problem in line, line
+    assert "torch imported: False" in finished.stdout
+    assert not (tmp_path / "results").exists()
+    assert sorted(p.name for p in source.parent.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["predict", "batch"])
+def test_a_model_that_cannot_be_loaded_leaves_no_output_folder(command, heads, tmp_path, capsys):
+    cohort = write_cohort_csv(tmp_path / "cohort.csv", [("s0", heads[0][0], 34.0, "F")])
+    first = str(heads[0][0]) if command == "predict" else str(cohort)
+    out = tmp_path / "results" / "run1"
+    missing_model = tmp_path / "no_such_model.safetensors"
+    assert main([command, first, "--model", str(missing_model), "--out", str(out)]) == 2
+    assert f"{missing_model}: no such model file" in one_error_line(capsys.readouterr(), command)
+    assert not (tmp_path / "results").exists()
 
 
 def test_an_operating_system_error_is_one_line_naming_the_file_with_exit_1(predictions_csv, monkeypatch, capsys):

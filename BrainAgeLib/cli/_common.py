@@ -47,25 +47,37 @@ def positive_int(text: str) -> int:
 
 
 def writable_folder(path, option: str = "--out") -> Path:
-    """Create the output folder ``path`` (with its parents) and check a file can be written in it.
+    """Create the output folder ``path`` (with its parents) once :func:`check_writable_folder` passes."""
+    folder = check_writable_folder(path, option)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
-    Called before any slow work, so a read-only or mistyped destination fails at once with a
-    BrainAgeError naming the folder, not with a traceback after minutes of computing.
+
+def check_writable_folder(path, option: str = "--out") -> Path:
+    """``path`` as a Path if it is, or can be made as, a folder this process can write in.
+
+    Creates nothing and leaves nothing behind: the probe is a nameless temporary file in the
+    folder or, for a folder still to be made, in its nearest existing parent (making a folder
+    there needs the same permission). Called before any slow work, so a read-only or mistyped
+    destination fails at once with a BrainAgeError naming the folder, not with a traceback after
+    minutes of computing; the command makes the folder when it has something to write.
     """
     from ..errors import BrainAgeError
 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise BrainAgeError(f"{folder}: {option} must be a folder, not a file")
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    problem = "write in" if existing == folder.absolute() else "create"
+    if not existing.is_dir():
+        raise BrainAgeError(f"{folder}: cannot create the {option} folder ({existing} is a file)")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BrainAgeError(f"{folder}: cannot create the {option} folder ({error.strerror or error})") from None
-    try:
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise BrainAgeError(f"{folder}: cannot write in the {option} folder ({error.strerror or error})") from None
+        raise BrainAgeError(f"{folder}: cannot {problem} the {option} folder ({error.strerror or error})") from None
     return folder
 
 

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Dict, Optional
 
 from ..result import DEMO_DISCLAIMER
-from ._common import add_model_arguments, check_device, load_model_from_args, writable_folder
+from ._common import add_model_arguments, check_device, check_writable_folder, load_model_from_args
 
 #: Exit code when the run finished but no subject got an age (every row of predictions.csv is
 #: an error). A run where only some subjects failed exits 0: their rows say why.
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     subjects = cohort_subjects(args.cohort)  # a bad table fails before the model loads
     check_device(args.device)
-    writable_folder(args.out)
+    check_writable_folder(args.out)  # made by run_batch once the model has loaded
     model = load_model_from_args(args)
     with _progress_bar(len(subjects)) as progress:
         summary = run_batch(subjects, args.out, model=model, explain=args.explain, device=args.device,
@@ -105,13 +105,18 @@ def _text(summary: Any, statistics: Optional[Dict[str, Any]]) -> str:
             lines.append(
                 f"Bias-corrected on this cohort (de Lange & Cole, fitted on {evaluation['reference']['n']} "
                 f"reference subjects): MAE {c['mae']:.2f} years, mean gap {c['mean_error']:+.2f}")
+        elif evaluation:  # the fit was refused: say why instead of a corrected MAE
+            lines.append("De Lange & Cole fit on this cohort: "
+                         + evaluation["reference"].get("note", "no bias correction"))
         for name, path in statistics.get("files", {}).items():
             lines.append(f"{name}: {path}")
     elif summary.n_succeeded_total:
         lines.append("No accuracy statistics: the cohort gives fewer than two ages")
     lines.append(f"Model: {summary.model_name}")
-    if summary.model_is_demo:
-        lines.append(f"NOTE: {DEMO_DISCLAIMER}")
+    notes = list((statistics or {}).get("notes", []))  # what metrics.json says the reader must know
+    if summary.model_is_demo and DEMO_DISCLAIMER not in notes:
+        notes.insert(0, DEMO_DISCLAIMER)
+    lines.extend(f"NOTE: {note}" for note in notes)
     lines.append(f"Results: {summary.predictions_csv}")
     return "\n".join(lines)
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Dict
 
-from ._common import add_model_arguments, check_device, load_model_from_args, writable_folder
+from ._common import add_model_arguments, check_device, check_writable_folder, load_model_from_args
 
 COMMAND = "predict"
 HELP = "estimate the brain age of one T1-weighted MRI"
@@ -23,10 +22,12 @@ HELP = "estimate the brain age of one T1-weighted MRI"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="INPUT",
                         help="T1-weighted MRI: NIfTI, NRRD, MetaImage, MGH or a DICOM series folder")
-    parser.add_argument("--sex", default="unknown",
-                        help="F, M (also female/male) or unknown (default: the mean of both predictions)")
+    parser.add_argument("--sex", default=None,
+                        help="F, M (also female/male) or unknown (the mean of both predictions); default: "
+                             "a DICOM series' PatientSex, else unknown")
     parser.add_argument("--age", type=float, default=None, metavar="YEARS",
-                        help="chronological age in years; gives the brain-age gap")
+                        help="chronological age in years; gives the brain-age gap (default: a DICOM "
+                             "series' PatientAge)")
     add_model_arguments(parser)
     parser.add_argument("--explain", action="store_true",
                         help="also compute and write the 3D attention map (on the input's grid)")
@@ -37,41 +38,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InvalidVolumeError
-    from ..atomic_files import write_json_atomic
-    from ..io import image_stem, load_volume
-    from ..sex import parse_sex
-
-    from ..model.brain_age_model import check_age
-
-    sex = parse_sex(args.sex)  # bad input fails before any heavy work
-    check_age(args.age)
-    source = Path(args.input)
-    if not source.exists():
-        raise InvalidVolumeError("file not found", source)
-    check_device(args.device)
-    out_dir = writable_folder(args.out)
-    model = load_model_from_args(args)
-
     import time
 
+    from ..atomic_files import write_json_atomic
+    from ..demographics import check_age, with_header_defaults
+    from ..errors import InvalidVolumeError
+    from ..io import check_image_path, image_stem, load_volume
+    from ..sex import parse_sex
+
+    # Bad input fails before torch is imported (seconds) and before anything is written.
+    given_sex = None if args.sex is None else parse_sex(args.sex)
+    given_age = check_age(args.age)
+    source = check_image_path(args.input)
+    out_dir = check_writable_folder(args.out)
     tic = time.perf_counter()
     notes: list = []
-    volume = load_volume(source, notes=notes)
+    header: dict = {}
+    volume = load_volume(source, notes=notes, dicom_header=header)
     load_seconds = time.perf_counter() - tic
+    age, sex, header_notes = with_header_defaults(given_age, given_sex, header)
+    check_device(args.device)
+    model = load_model_from_args(args)
 
     with _progress_bar() as progress:
         try:
-            result = model.predict(volume, sex, age=args.age, explain=args.explain, device=args.device,
+            result = model.predict(volume, sex, age=age, explain=args.explain, device=args.device,
                                    progress=progress, precision=args.precision)
         except InvalidVolumeError as error:  # preprocessing found the image unusable: name the file
             if error.path is None:
                 raise InvalidVolumeError(error.problem, source) from None
             raise
     result.timings = {"load": load_seconds, **result.timings}
-    result.warnings = notes + list(result.warnings)
+    result.warnings = notes + header_notes + list(result.warnings)
 
     stem = image_stem(source)
+    out_dir.mkdir(parents=True, exist_ok=True)  # made only now that there is something to write
     outputs: Dict[str, str] = {}
     if args.explain:
         from ..explain_outputs import write_explanation_outputs

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..bias_correction import BiasCorrection
+from ..demographics import check_age
 from ..devices import (
     CPU_BF16_TOLERANCE_YEARS, DeviceLike, autocast, autocast_dtype, resolve_device, slice_batch_size, to_device,
 )
@@ -429,19 +430,6 @@ def build_model(preset: Union[str, ModelConfig], pretrained_encoder: bool = Fals
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BrainAgeModel(config, pretrained_encoder=pretrained_encoder)
-
-
-def check_age(age: Optional[float]) -> Optional[float]:
-    """``age`` as a float of years (None stays None); BrainAgeError unless it is 0-130."""
-    if age is None:
-        return None
-    try:
-        value = float(age)
-    except (TypeError, ValueError):
-        raise BrainAgeError(f"chronological age must be a number of years, got {age!r}") from None
-    if not math.isfinite(value) or not 0 <= value <= 130:
-        raise BrainAgeError(f"chronological age must be between 0 and 130 years, got {age!r}")
-    return value
 
 
 def _age_range_warnings(metadata: Dict[str, Any], age: Optional[float]) -> List[str]:
