@@ -6,6 +6,7 @@ and of Slicer's IJKToRAS matrix. Orientation and spacing are read from the affin
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
 
@@ -32,6 +33,19 @@ class Volume:
             raise ValueError(f"Volume array must be 3D [I,J,K], got shape {self.array.shape}")
         if self.affine.shape != (4, 4):
             raise ValueError(f"Volume affine must be 4x4, got shape {self.affine.shape}")
+
+    def __repr__(self) -> str:
+        """One line: 'Volume(181x217x181, 1 x 1 x 1 mm, RAS, float32, values 0..1)', not the array."""
+        shape = "x".join(str(n) for n in self.shape)
+        spacing = " x ".join(f"{s:.3g}" for s in self.spacing)
+        if self.array.size == 0:
+            values = "empty"
+        else:
+            with warnings.catch_warnings():  # an all-NaN array says nan..nan, quietly
+                warnings.simplefilter("ignore", RuntimeWarning)
+                low, high = np.nanmin(self.array), np.nanmax(self.array)
+            values = f"values {low:.4g}..{high:.4g}"
+        return f"Volume({shape}, {spacing} mm, {''.join(self.orientation)}, {self.array.dtype}, {values})"
 
     @property
     def shape(self) -> Tuple[int, int, int]:

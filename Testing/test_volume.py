@@ -82,3 +82,18 @@ def test_reoriented_does_not_modify_the_original(lps_volume):
     lps_volume.reoriented("RAS").array[...] = 0
     np.testing.assert_array_equal(lps_volume.array, before)
     assert lps_volume.affine == pytest.approx(LPS_AFFINE)
+
+
+def test_repr_is_one_short_line_naming_grid_and_values_not_the_array():
+    """print(result.attention) must not dump millions of numbers."""
+    array = np.zeros((181, 217, 181), np.float32)
+    array[90, 100, 80] = 0.75
+    array[0, 0, 0] = -0.25
+    volume = Volume(array, LPS_AFFINE)
+    text = repr(volume)
+    assert "\n" not in text and len(text) < 160, text
+    assert "181x217x181" in text and "2 x 2.5 x 3 mm" in text and "LPS" in text and "float32" in text
+    assert "-0.25" in text and "0.75" in text
+    assert str(volume) == text
+    labels = Volume(np.arange(24, dtype=np.uint8).reshape(2, 3, 4), np.eye(4))
+    assert "uint8" in repr(labels) and "0..23" in repr(labels)
