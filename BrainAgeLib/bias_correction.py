@@ -8,7 +8,9 @@ set (a validation split of healthy subjects) and subtracts it:
     corrected BAG = BAG - (slope * age + intercept)
 
 The two coefficients travel inside a checkpoint's metadata so every prediction made with a
-model is corrected the same way.
+model is corrected the same way. A cohort's own correction (``brainage evaluate``, the end of a
+batch run) is fitted with :meth:`BiasCorrection.fit_on_reference`, which refuses too few
+reference subjects or too narrow a span of their ages.
 """
 from __future__ import annotations
 
@@ -16,6 +18,19 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict
 
 import numpy as np
+
+#: The fewest reference subjects, and the narrowest span of their ages (years), that a cohort's
+#: own correction is fitted on. The slope's standard error is about SD(gap) / (SD(age) sqrt(n)):
+#: with a typical gap SD of 5 years, 20 subjects spread evenly over 10 years (SD(age) 2.9 years)
+#: give +-0.39, already as large as the slopes brain-age models usually show (-0.2 to -0.5).
+#: Below either limit the fitted line is mostly noise, and "correcting" with it adds error
+#: (2 subjects gave slope -4.4, intercept 251, issue 20).
+MIN_REFERENCE_SUBJECTS = 20
+MIN_REFERENCE_AGE_RANGE_YEARS = 10.0
+
+
+class BiasCorrectionRefused(ValueError):
+    """The reference subjects are too few, or their ages too close, for a trustworthy fit."""
 
 
 @dataclass(frozen=True)
@@ -28,7 +43,8 @@ class BiasCorrection:
 
     @classmethod
     def fit(cls, chronological_age, predicted_age) -> "BiasCorrection":
-        """Least-squares fit of BAG ~ age on reference subjects (at least two distinct ages)."""
+        """Least-squares fit of BAG ~ age on reference subjects (at least two distinct ages; a
+        cohort's own correction uses :meth:`fit_on_reference`, which asks for more)."""
         age = np.asarray(chronological_age, dtype=np.float64).ravel()
         predicted = np.asarray(predicted_age, dtype=np.float64).ravel()
         if age.shape != predicted.shape:
@@ -39,6 +55,26 @@ class BiasCorrection:
             raise ValueError("bias correction needs at least two reference subjects of different ages")
         slope, intercept = np.polyfit(age, predicted - age, deg=1)
         return cls(float(slope), float(intercept), int(age.size))
+
+    @classmethod
+    def fit_on_reference(cls, chronological_age, predicted_age) -> "BiasCorrection":
+        """:meth:`fit`, refused (:class:`BiasCorrectionRefused`) below
+        :data:`MIN_REFERENCE_SUBJECTS` subjects or an age span under
+        :data:`MIN_REFERENCE_AGE_RANGE_YEARS` (pairs with a non-finite value do not count)."""
+        age = np.asarray(chronological_age, dtype=np.float64).ravel()
+        predicted = np.asarray(predicted_age, dtype=np.float64).ravel()
+        if age.shape == predicted.shape:
+            usable = age[np.isfinite(age) & np.isfinite(predicted)]
+            if usable.size < MIN_REFERENCE_SUBJECTS:
+                raise BiasCorrectionRefused(
+                    f"{usable.size} reference subjects, at least "
+                    f"{MIN_REFERENCE_SUBJECTS} needed for a trustworthy fit")
+            span = float(np.ptp(usable))
+            if span < MIN_REFERENCE_AGE_RANGE_YEARS:
+                raise BiasCorrectionRefused(
+                    f"the {usable.size} reference subjects' ages span {span:.1f} years, "
+                    f"at least {MIN_REFERENCE_AGE_RANGE_YEARS:g} years needed for a trustworthy fit")
+        return cls.fit(age, predicted)
 
     def expected_gap(self, chronological_age):
         """The BAG the model shows on average at this age (years)."""

@@ -13,7 +13,9 @@ dict (JSON-ready; ``None`` where a value is undefined, e.g. a correlation of con
 :func:`evaluate_predictions` reads a predictions table (``age``, ``predicted_age``, ``sex``,
 optional ``split`` and ``id``), fits the de Lange & Cole correction
 (:class:`~BrainAgeLib.bias_correction.BiasCorrection`) on a reference split (rows whose split
-is ``reference``, ``val`` or ``validation``; else a seeded random fraction) and reports
+is ``reference``, ``val`` or ``validation``; else a seeded random fraction; refused, with the
+reason in ``reference["note"]``, below the minimum subjects and age span stated in
+:mod:`~BrainAgeLib.bias_correction`) and reports
 metrics on the other rows before and after correction, together with the correlation of the
 gap with age that the correction removes. (Corrected "ages" are chronological age + corrected
 gap: they use the true age by construction, so they describe the gap, not how well age itself
@@ -278,7 +280,7 @@ def evaluate_predictions(path: Union[PathLike, Predictions], out_dir: Optional[P
     evaluated = compute_metrics(age[rest], predicted[rest], list(sexes[rest]), seed=seed)
     correction, corrected, note = None, None, ""
     try:
-        correction = BiasCorrection.fit(age[reference], predicted[reference])
+        correction = BiasCorrection.fit_on_reference(age[reference], predicted[reference])
     except ValueError as error:
         note = f"no bias correction: {error}"
     gap = predicted - age

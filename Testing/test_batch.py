@@ -242,7 +242,9 @@ def test_cli_summary_reports_accuracy_and_evaluation_plots(cohort_files, tmp_pat
     assert statistics["bag"]["mean"] == pytest.approx(gaps.mean(), abs=1e-3)
     assert statistics["bag"]["sd"] == pytest.approx(gaps.std(ddof=1), abs=1e-3)
     assert statistics["corrected_bag"] is None  # the test model carries no bias-correction coefficients
-    assert statistics["evaluation"]["bias_correction"]["n_reference"] == 2
+    assert statistics["evaluation"]["bias_correction"] is None  # 2 reference subjects: refused
+    assert "2 reference subjects" in statistics["evaluation"]["reference"]["note"]
+    assert any("only 4 rows" in note for note in statistics["notes"])  # 6 - 2 reference rows
     for name in ("scatter", "bland_altman", "metrics"):
         assert Path(statistics["files"][name]).is_file()
 
@@ -315,3 +317,32 @@ def test_cli_resume_with_other_weights_exits_2_naming_both_digests(cohort_files,
     assert read_metadata(checkpoint)["weights_sha256"] in stderr
     assert read_metadata(impostor)["weights_sha256"] in stderr
     assert "Traceback" not in stderr and "Done:" not in stdout
+
+
+def test_the_terminal_summary_prints_every_flag_and_no_corrected_mae_of_a_refused_fit(cohort_files, tmp_path):
+    """Issue 20, item 5: the small-n flag was only in metrics.json, and a correction fitted on 2
+    reference subjects was printed as a "corrected MAE"."""
+    import json
+
+    from BrainAgeLib.batch import cohort_statistics
+    from BrainAgeLib.cli.batch import _text
+
+    checkpoint = str(cohort_files["checkpoint"])
+    cohort = long_cohort(cohort_files, tmp_path / "cohort.csv", repeats=2)  # 6 subjects with ages
+    summary = run_batch(cohort, tmp_path / "out", model=checkpoint, device="cpu", workers=0)
+    statistics = cohort_statistics(summary.rows, summary.out_dir, plots=False)
+    text = _text(summary, statistics)
+    saved = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
+    assert saved["notes"] and saved["corrected"] is None
+    for flag in saved["notes"] + [saved["reference"]["note"]]:
+        assert flag in text
+    assert "Bias-corrected on this cohort" not in text
+
+    # 3 subjects: too few for the evaluation, still flagged in the terminal
+    small = long_cohort(cohort_files, tmp_path / "small.csv", repeats=1)
+    summary = run_batch(small, tmp_path / "small", model=checkpoint, device="cpu", workers=0)
+    statistics = cohort_statistics(summary.rows, summary.out_dir, plots=False)
+    assert statistics["evaluation"] is None
+    assert any("only 3 rows" in note for note in statistics["notes"])
+    for note in statistics["notes"]:
+        assert note in _text(summary, statistics)

@@ -29,3 +29,24 @@ def test_scalar_and_round_trip():
 def test_fit_needs_two_distinct_ages():
     with pytest.raises(ValueError, match="two reference subjects"):
         BiasCorrection.fit([50, 50, 50], [51, 52, 53])
+
+
+def test_a_reference_fit_is_refused_below_the_minimum_subjects_and_age_span():
+    from BrainAgeLib.bias_correction import (MIN_REFERENCE_AGE_RANGE_YEARS, MIN_REFERENCE_SUBJECTS,
+                                             BiasCorrectionRefused)
+
+    n, span = MIN_REFERENCE_SUBJECTS, MIN_REFERENCE_AGE_RANGE_YEARS
+    age = np.linspace(40.0, 40.0 + span, n)
+    predicted = 50 + 0.6 * (age - 50)
+    fit = BiasCorrection.fit_on_reference(age, predicted)
+    assert fit == BiasCorrection.fit(age, predicted) and fit.n_reference == n
+    with pytest.raises(BiasCorrectionRefused, match=f"{n - 1} reference subjects.*at least {n}"):
+        BiasCorrection.fit_on_reference(age[:-1], predicted[:-1])
+    squeezed = np.linspace(40.0, 40.0 + 0.9 * span, n)
+    with pytest.raises(BiasCorrectionRefused, match=f"span {0.9 * span:.1f} years.*at least {span:g}"):
+        BiasCorrection.fit_on_reference(squeezed, predicted)
+    # non-finite pairs do not count as subjects
+    holes = predicted.copy()
+    holes[0] = np.nan
+    with pytest.raises(BiasCorrectionRefused, match=f"{n - 1} reference subjects"):
+        BiasCorrection.fit_on_reference(age, holes)

@@ -128,11 +128,11 @@ def test_plots_and_metrics_file_are_written(tmp_path, rng):
 def test_evaluate_command_line(tmp_path, rng, capsys):
     from BrainAgeLib.cli import main
 
-    age, predicted, sex = biased_predictions(rng, n=40)
-    table = write_table(tmp_path / "p.csv", age, predicted, sex, ["reference"] * 10 + ["test"] * 30)
+    age, predicted, sex = biased_predictions(rng, n=50)
+    table = write_table(tmp_path / "p.csv", age, predicted, sex, ["reference"] * 20 + ["test"] * 30)
     assert main(["evaluate", str(table), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["reference"]["n"] == 10 and printed["evaluated"]["n"] == 30
+    assert printed["reference"]["n"] == 20 and printed["evaluated"]["n"] == 30
     assert main(["evaluate", str(table), "--out", str(tmp_path / "o")]) == 0
     text = capsys.readouterr().out
     assert "MAE" in text and "bias-corrected" in text and "scatter" in text
@@ -203,3 +203,38 @@ def test_predictions_of_the_demo_model_carry_its_disclaimer_and_few_rows_are_fla
     table.write_text("id,age,predicted_age,sex,model\n" + "\n".join(rows) + "\n")
     assert main(["evaluate", str(table), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["notes"] == []
+
+
+def test_bias_correction_is_refused_on_few_reference_rows_or_a_narrow_age_range(tmp_path, rng, capsys):
+    """Issue 20, item 5: 2 reference subjects gave slope -4.4 and a "corrected MAE"; below the
+    stated minimum the fit is refused, and the reports (terminal, metrics.json) say so instead."""
+    from BrainAgeLib.bias_correction import MIN_REFERENCE_AGE_RANGE_YEARS, MIN_REFERENCE_SUBJECTS
+    from BrainAgeLib.cli import main
+
+    age, predicted, sex = biased_predictions(rng, n=60)
+    few = MIN_REFERENCE_SUBJECTS - 1
+    table = write_table(tmp_path / "few.csv", age, predicted, sex, ["val"] * few + ["test"] * (60 - few))
+    report = evaluate_predictions(table, tmp_path / "few", plots=False)
+    assert report.corrected is None and report.bias_correction is None
+    note = report.reference["note"]
+    assert f"{few} reference subjects" in note and f"at least {MIN_REFERENCE_SUBJECTS}" in note
+    saved = json.loads((tmp_path / "few" / "metrics.json").read_text())
+    assert saved["corrected"] is None and saved["bias_correction"] is None and saved["reference"]["note"] == note
+    assert main(["evaluate", str(table)]) == 0
+    text = capsys.readouterr().out
+    assert note in text
+    assert not [line for line in text.splitlines() if "bias-corrected" in line and "MAE" in line]
+
+    # enough subjects, but all within a narrower span of ages than the minimum
+    narrow = rng.uniform(60.0, 60.0 + MIN_REFERENCE_AGE_RANGE_YEARS - 1.0, 100)
+    table = write_table(tmp_path / "narrow.csv", narrow, 0.7 * narrow + 16.5, ["F"] * 100,
+                        ["val"] * 50 + ["test"] * 50)
+    report = evaluate_predictions(table)
+    assert report.corrected is None and "span" in report.reference["note"]
+    assert f"{MIN_REFERENCE_AGE_RANGE_YEARS:g} years" in report.reference["note"]
+
+    # at the minimum (that many subjects, ages 20-90) the correction is fitted
+    enough = ["val"] * MIN_REFERENCE_SUBJECTS + ["test"] * (60 - MIN_REFERENCE_SUBJECTS)
+    report = evaluate_predictions(write_table(tmp_path / "enough.csv", age, predicted, sex, enough))
+    assert report.corrected is not None and report.bias_correction["n_reference"] == MIN_REFERENCE_SUBJECTS
+    assert "note" not in report.reference

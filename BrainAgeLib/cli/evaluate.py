@@ -49,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"left out {len(report.skipped)} row(s): " + "; ".join(report.skipped[:5])
               + (" ..." if len(report.skipped) > 5 else ""))
     print(_line("all rows", report.all))
-    print(f"reference split: {report.reference['n']} rows ({report.reference['chosen_by']})"
-          + (f"; {report.reference['note']}" if "note" in report.reference else ""))
+    print(f"reference split: {report.reference['n']} rows ({report.reference['chosen_by']})")
     print(_line("evaluated rows", report.evaluated))
-    if report.corrected is not None:
+    if report.corrected is None:  # the fit was refused: say why, where its figures would be
+        print(f"  {report.reference.get('note', 'no bias correction')}")
+    else:
         print(_line("  bias-corrected", report.corrected))
         c = report.gap_age_correlation
         fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
