@@ -166,6 +166,7 @@ class PreparedSubject:
     error: str = ""
     timings: Dict[str, float] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)  # what loading repaired (e.g. NaN voxels set to 0)
+    dicom_header: Dict[str, Any] = field(default_factory=dict)  # a DICOM series' age and sex (io.load_volume)
 
 
 def _init_worker(threads: int) -> None:
@@ -206,13 +207,14 @@ def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool) -> P
         from .preprocess import prepare
 
         notes: List[str] = []
-        volume = load_volume(path, notes=notes)
+        header: Dict[str, Any] = {}
+        volume = load_volume(path, notes=notes, dicom_header=header)
         loaded = time.perf_counter()
         prepared = prepare(volume, preset)
         done = time.perf_counter()
         return PreparedSubject(index, prepared, volume if keep_volume else None,
                                timings={"load": loaded - started, "prepare": done - loaded,
-                                        "cpu": time.process_time() - cpu}, notes=notes)
+                                        "cpu": time.process_time() - cpu}, notes=notes, dicom_header=header)
     except BrainAgeError as error:
         return PreparedSubject(index, error=message_naming(error, path))
     except MemoryError:
@@ -375,8 +377,11 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
         row.error = item.error
         return row
     try:
-        sex = _sex_of(subject)
-        age = _age_of(subject)
+        from .demographics import with_header_defaults
+
+        given_sex = _sex_of(subject)  # a row without age or sex takes a DICOM series' header values
+        age, sex, header_notes = with_header_defaults(_age_of(subject), None if given_sex == "unknown" else given_sex,
+                                                      item.dicom_header)
         result = model.predict_prepared(item.prepared, sex, age, explain=explain, precision=precision)
         if explain:
             from .explain_outputs import write_explanation_outputs
@@ -398,7 +403,8 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
     row.brain_age_gap = result.brain_age_gap
     row.corrected_brain_age_gap = result.corrected_brain_age_gap
     row.sex = result.sex
-    row.warnings = list(item.notes) + list(result.warnings)
+    row.chronological_age = result.chronological_age
+    row.warnings = list(item.notes) + header_notes + list(result.warnings)
     return row
 
 

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
@@ -76,7 +76,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # --------------------------------------------------------------------------------------------
 
 
-def load_volume(path: PathLike, *, series_uid: Optional[str] = None, notes: Optional[List[str]] = None) -> Volume:
+def load_volume(path: PathLike, *, series_uid: Optional[str] = None, notes: Optional[List[str]] = None,
+                dicom_header: Optional[Dict[str, Any]] = None) -> Volume:
     """Read a 3D image file (or DICOM series folder) as a validated RAS :class:`Volume`.
 
     ``path`` is a .nii/.nii.gz/.mgz/.mgh/.nrrd/.nhdr/.mha/.mhd file, a folder with one DICOM
@@ -85,10 +86,13 @@ def load_volume(path: PathLike, *, series_uid: Optional[str] = None, notes: Opti
     The array is float32 [I, J, K]; the affine maps voxel indices to RAS mm.
     Raises :class:`InvalidVolumeError` for anything that is not a usable 3D head image.
     ``notes``, when given, receives what was repaired on the way (see :func:`validate_volume`).
+    ``dicom_header``, when given (a dict), receives what a DICOM series says of the person (see
+    :func:`_dicom_demographics`): ``age`` in years with its ``age_text`` (PatientAge, e.g. "039Y")
+    and ``sex`` ("F" or "M", PatientSex), each only where the tag holds a usable value.
     """
     path = check_image_path(path)
     if path.is_dir():
-        array, affine = _read_dicom_series(path, path, series_uid)
+        array, affine = _read_dicom_series(path, path, series_uid, notes, dicom_header)
     else:
         ext = _extension(path)
         if ext in NIBABEL_EXTENSIONS:
@@ -96,7 +100,7 @@ def load_volume(path: PathLike, *, series_uid: Optional[str] = None, notes: Opti
         elif ext in SITK_EXTENSIONS:
             array, affine = _read_with_simpleitk(path)
         else:
-            array, affine = _read_dicom_series(path.parent, path, series_uid)
+            array, affine = _read_dicom_series(path.parent, path, series_uid, notes, dicom_header)
     return validate_volume(Volume(array, affine), path, notes=notes)
 
 
@@ -242,7 +246,8 @@ def _read_with_simpleitk(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     return _from_sitk(image, path)
 
 
-def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> Tuple[np.ndarray, np.ndarray]:
+def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str], notes: Optional[List[str]] = None,
+                       header: Optional[Dict[str, Any]] = None) -> Tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -280,12 +285,52 @@ def _read_dicom_series(folder: Path, path: Path, series_uid: Optional[str]) -> T
     files = reader.GetGDCMSeriesFileNames(str(folder), series_uid)
     _check_slice_spacing(files, path)
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # the first slice's tags: the person's age and sex
     try:
         with _quiet_itk():
             image = reader.Execute()
     except RuntimeError as error:
         raise InvalidVolumeError(f"the DICOM series could not be read ({_itk_reason(error)})", path) from None
+    if header is not None:
+        tags = {key: reader.GetMetaData(0, key) for key in (PATIENT_AGE_TAG, PATIENT_SEX_TAG)
+                if reader.HasMetaDataKey(0, key)}
+        header.update(_dicom_demographics(tags, path, notes))
     return _from_sitk(image, path)
+
+
+PATIENT_AGE_TAG = "0010|1010"  # PatientAge, an "age string": nnnD, nnnW, nnnM or nnnY
+PATIENT_SEX_TAG = "0010|0040"  # PatientSex: M, F or O (other)
+#: Years per unit of a DICOM age string.
+DICOM_AGE_UNITS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def _dicom_demographics(tags: Dict[str, str], path: Path, notes: Optional[List[str]]) -> Dict[str, Any]:
+    """``{"age": years, "age_text": "039Y", "sex": "F"|"M"}`` from the PatientAge and PatientSex
+    tags, leaving out what is blank; a value that is there but unusable is left out with a note."""
+    from .demographics import MAX_AGE_YEARS
+
+    found: Dict[str, Any] = {}
+    age_text = tags.get(PATIENT_AGE_TAG, "").strip().rstrip("\x00").strip()
+    if age_text:
+        match = re.fullmatch(r"(\d{1,3})\s*([DWMY])", age_text.upper())
+        years = int(match.group(1)) * DICOM_AGE_UNITS[match.group(2)] if match else None
+        if years is not None and 0 <= years <= MAX_AGE_YEARS:
+            found.update(age=years, age_text=age_text)
+        else:
+            _note(notes, f"{path}: PatientAge {age_text!r} in the DICOM header is not an age of 0-{MAX_AGE_YEARS:g} "
+                         "years written as nnnD, nnnW, nnnM or nnnY; not used")
+    sex_text = tags.get(PATIENT_SEX_TAG, "").strip().rstrip("\x00").strip()
+    if sex_text.upper() in ("F", "M"):
+        found["sex"] = sex_text.upper()
+    elif sex_text:
+        _note(notes, f"{path}: PatientSex {sex_text!r} in the DICOM header is neither F nor M; not used")
+    return found
+
+
+def _note(notes: Optional[List[str]], note: str) -> None:
+    log.warning("%s", note)
+    if notes is not None:
+        notes.append(note)
 
 
 #: Largest departure of a DICOM slice gap from the median gap (as a fraction of it) that is

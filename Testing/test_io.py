@@ -192,6 +192,40 @@ def test_one_dicom_file_and_another_series_uid_is_an_error(tmp_path, rng):
         load_volume(one_file, series_uid="1.2.3.2")
 
 
+def write_tagged_series(folder: Path, rng, **tags) -> Path:
+    write_dicom_series(folder, rng.integers(0, 100, (20, 20, 20)), (3.0, 3.0, 3.0), (0.0, 0.0, 0.0),
+                       (1, 0, 0, 0, 1, 0, 0, 0, 1), extra_tags={{"age": "0010|1010", "sex": "0010|0040"}[k]: v
+                                                             for k, v in tags.items()})
+    return folder
+
+
+@pytest.mark.parametrize("age_text, number, years_per_unit", [
+    ("039Y", 39, 1.0), ("006M", 6, 1 / 12), ("010W", 10, 7 / 365.25), ("200D", 200, 1 / 365.25)])
+def test_a_dicom_series_gives_the_age_and_sex_its_header_records(tmp_path, rng, age_text, number, years_per_unit):
+    folder = write_tagged_series(tmp_path / "series", rng, age=age_text, sex="M")
+    header: dict = {}
+    notes: list = []
+    loaded = load_volume(folder, dicom_header=header, notes=notes)
+    assert header["age"] == pytest.approx(number * years_per_unit)
+    assert header["age_text"] == age_text and header["sex"] == "M"
+    assert notes == []
+    np.testing.assert_array_equal(loaded.array, load_volume(folder).array)  # the image is the same
+
+
+def test_blank_or_unusable_dicom_age_and_sex_are_left_out(tmp_path, rng):
+    header: dict = {}
+    load_volume(write_tagged_series(tmp_path / "blank", rng, age="", sex=""), dicom_header=header)
+    assert header == {}
+    header, notes = {}, []
+    load_volume(write_tagged_series(tmp_path / "odd", rng, age="39 years", sex="O"), dicom_header=header, notes=notes)
+    assert header == {}
+    assert any("PatientAge '39 years'" in note and "not used" in note for note in notes), notes
+    assert any("PatientSex 'O'" in note and "not used" in note for note in notes), notes
+    header = {}
+    load_volume(write_nifti(tmp_path / "head.nii.gz", head_phantom(rng)), dicom_header=header)
+    assert header == {}  # only DICOM has such tags
+
+
 # ----------------------------------------------------------------------------------------------
 # LPS / RAS correctness against sources other than our own writer
 # ----------------------------------------------------------------------------------------------
