@@ -67,7 +67,9 @@ class BatchSummary:
     """What a batch run did. Counts of this run, plus the whole predictions file's state.
 
     ``n_done``/``n_failed``: subjects that succeeded / got an error row in this run;
-    ``n_skipped``: subjects already finished by an earlier run; ``workers``: preprocessing
+    ``n_skipped``: subjects already finished by an earlier run (under torchrun, these counts
+    and ``timings`` are summed over all the ranks, on every rank; ranks given by hand without a
+    process group count their own share); ``workers``: preprocessing
     processes used (0: all in this process, as for a single subject); ``rows``: the final rows of
     predictions.csv (one per subject, cohort order; on a sharded run's non-zero ranks, this
     rank's rows). ``volumes_per_minute`` counts the subjects this run processed.
@@ -510,6 +512,12 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
         restore_threads()
     summary.timings = timings
     summary.rows = _finish(out_dir, order, context, csv_path)
+    if context.synchronised:  # the whole run's counts and timings, summed over the ranks
+        counts = ("n_done", "n_failed", "n_skipped")
+        totals = context.sum([getattr(summary, name) for name in counts] + list(timings.values()))
+        for name, total in zip(counts, totals):
+            setattr(summary, name, int(total))
+        summary.timings = dict(zip(timings, totals[len(counts):]))
     summary.seconds = time.perf_counter() - started
     return summary
 

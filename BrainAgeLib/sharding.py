@@ -91,6 +91,20 @@ class ShardContext:
 
             dist.barrier()
 
+    def sum(self, values: Sequence[float]) -> List[float]:
+        """``values`` summed element-wise over every rank (each rank gets the sums; every rank
+        must call it). Without a process group, this rank's own values."""
+        if not self.synchronised:
+            return [float(v) for v in values]
+        import torch
+        import torch.distributed as dist
+
+        # a process group the caller made may be NCCL's, which reduces only CUDA tensors
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        totals = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        return totals.cpu().tolist()
+
     def close(self) -> None:
         """Leave the process group if this context started it."""
         if self.owns_group:

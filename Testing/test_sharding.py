@@ -57,16 +57,21 @@ def test_torchrun_two_cpu_processes_equal_one_process(cohort, tmp_path):
     assert (single.n_done, single.n_failed) == (5, 2)
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "BrainAgeLib", "batch", str(table), "--out", str(tmp_path / "sharded"),
-         "--model", str(checkpoint), "--device", "cpu", "--workers", "0", "--no-plots"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "BrainAgeLib", "batch", str(table), "--out", str(tmp_path / "sharded"),
+               "--model", str(checkpoint), "--device", "cpu", "--workers", "0", "--no-plots"]
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "Done: " in completed.stdout  # rank 0's summary, printed once
     assert completed.stdout.count("Done: ") == 1
+    # the whole run's counts, merged over the ranks (issue 20, item 10), not rank 0's own
+    assert f"Done: {single.n_done} succeeded, {single.n_failed} failed in" in completed.stdout
     assert not list((tmp_path / "sharded").glob("predictions.part-*"))
     assert_same_predictions(tmp_path / "sharded" / FILENAME, tmp_path / "single" / FILENAME)
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Done: 0 succeeded, 0 failed, {len(single.rows)} already finished before" in again.stdout
 
 
 def test_ranks_by_hand_leave_parts_that_a_plain_run_merges(cohort, tmp_path):
