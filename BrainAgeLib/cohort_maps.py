@@ -19,7 +19,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -42,6 +42,8 @@ class CohortSubject:
     input_to_template: Optional[np.ndarray] = None  # 4x4, input RAS mm -> template RAS mm
     input_path: Optional[Path] = None           # the input T1, to register when no transform is stored
     model_name: str = ""                        # the model that made the map
+    model_weights_sha256: Optional[str] = None  # SHA-256 of its weights, when the sidecar names it
+    model_is_demo: bool = False                 # the bundled demo model (or another demo checkpoint)
 
 
 @dataclass
@@ -49,13 +51,16 @@ class CohortMaps:
     """Mean attention in template space: over everyone, and per decade of chronological age.
 
     ``mean`` and every ``by_decade`` map lie on ``template``'s grid; ``counts`` holds how many
-    subjects each map averages ("all" and each decade label such as "60-69").
+    subjects each map averages ("all" and each decade label such as "60-69"); ``model`` names the
+    model that made the maps: ``{"name", "weights_sha256" (None when the sidecars do not say),
+    "is_demo"}``.
     """
 
     mean: Volume
     by_decade: Dict[str, Volume]
     counts: Dict[str, int]
     subjects: List[str] = field(default_factory=list)
+    model: Dict[str, Any] = field(default_factory=lambda: {"name": "", "weights_sha256": None, "is_demo": False})
 
 
 def decade_label(age: float, width: int = 10) -> str:
@@ -69,8 +74,8 @@ def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> Lis
 
     An input image found twice (the same run given twice, or a copy of it) counts once, with a
     logged warning. Raises ``CohortError`` if there is none, if a sidecar is unreadable or names
-    a map that does not exist, or if the maps come from different models (averaging them would
-    mean nothing).
+    a map that does not exist, or if the maps come from different models, by name or by weights
+    digest (averaging them would mean nothing).
     """
     if isinstance(folders, (str, Path)):
         folders = [folders]
@@ -95,6 +100,11 @@ def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> Lis
     models = sorted({subject.model_name for subject in subjects if subject.model_name})
     if len(models) > 1:
         raise CohortError(f"the explanations come from {len(models)} models ({'; '.join(models)}); "
+                          "make cohort maps of one model at a time")
+    digests = sorted({s.model_weights_sha256 for s in subjects if s.model_weights_sha256})
+    if len(digests) > 1:
+        raise CohortError(f"the explanations come from models with different weights (SHA-256 "
+                          f"{'; '.join(d[:12] for d in digests)}) under one name; "
                           "make cohort maps of one model at a time")
     unique: Dict[Path, CohortSubject] = {}
     kept: List[CohortSubject] = []
@@ -131,6 +141,8 @@ def _read_sidecar(path: Path) -> CohortSubject:
         predicted = data.get("predicted_age")
         input_file = data.get("input_file")
         model_name = str(data.get("model_name") or "")
+        digest = data.get("model_weights_sha256")
+        is_demo = bool(data.get("model_is_demo", False))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CohortError(f"{path}: unreadable explanation sidecar ({type(error).__name__}: {error})") from None
     if not attention_path.exists():
@@ -143,6 +155,8 @@ def _read_sidecar(path: Path) -> CohortSubject:
         input_to_template=transform,
         input_path=None if not input_file else path.parent / str(input_file),
         model_name=model_name,
+        model_weights_sha256=str(digest) if digest else None,
+        model_is_demo=is_demo,
     )
 
 
@@ -205,7 +219,11 @@ def cohort_attention_maps(subjects: Iterable[CohortSubject], template_grid: Opti
     decade_sums: Dict[str, np.ndarray] = {}
     counts: Dict[str, int] = {"all": 0}
     names: List[str] = []
+    model: Dict[str, Any] = {"name": "", "weights_sha256": None, "is_demo": False}
     for index, subject in enumerate(subjects):
+        model["name"] = model["name"] or subject.model_name
+        model["weights_sha256"] = model["weights_sha256"] or subject.model_weights_sha256
+        model["is_demo"] = bool(model["is_demo"] or subject.model_is_demo)
         if progress is not None:
             progress(index, subject.name)
         transform = subject.input_to_template
@@ -240,7 +258,11 @@ def cohort_attention_maps(subjects: Iterable[CohortSubject], template_grid: Opti
         for label in labels
     }
     counts = {"all": counts["all"], **{label: counts[label] for label in labels}}
-    return CohortMaps(mean=mean, by_decade=by_decade, counts=counts, subjects=names)
+    if model["name"] and not model["is_demo"]:
+        from .evaluate import demo_model_names
+
+        model["is_demo"] = model["name"] in demo_model_names()
+    return CohortMaps(mean=mean, by_decade=by_decade, counts=counts, subjects=names, model=model)
 
 
 def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
@@ -248,8 +270,9 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
     """Write the cohort maps, a summary JSON and a PNG figure (rows: all, then each decade).
 
     Files: ``cohort_attention_mean.<fmt>``, ``cohort_attention_<decade>.<fmt>``,
-    ``cohort_maps.json`` (counts, subjects; not named ``*_attention.json``, so a folder holding
-    these maps can be searched for subjects again) and ``cohort_attention.png``.
+    ``cohort_maps.json`` (counts, subjects, the model: name, weights digest, whether it is the
+    demo model; not named ``*_attention.json``, so a folder holding these maps can be searched
+    for subjects again) and ``cohort_attention.png``.
     """
     from .atomic_files import write_json_atomic
     from .explain_outputs import FORMATS
@@ -264,8 +287,12 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
     paths: Dict[str, Path] = {"mean": save_volume(maps.mean, out_dir / f"cohort_attention_mean{ext}")}
     for label, volume in maps.by_decade.items():
         paths[label] = save_volume(volume, out_dir / f"cohort_attention_{label}{ext}")
-    summary = {"counts": maps.counts, "subjects": maps.subjects,
+    summary = {"model": dict(maps.model), "counts": maps.counts, "subjects": maps.subjects,
                "files": {key: path.name for key, path in paths.items()}}
+    if maps.model.get("is_demo"):
+        from .result import DEMO_DISCLAIMER
+
+        summary["disclaimer"] = DEMO_DISCLAIMER
     paths["summary"] = write_json_atomic(out_dir / "cohort_maps.json", summary)
     paths["figure"] = write_cohort_figure(maps, out_dir / "cohort_attention.png", background=background)
     return paths
@@ -274,13 +301,15 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
 def write_cohort_figure(maps: CohortMaps, path: PathLike, background: Optional[Volume] = None,
                         dpi: int = 100) -> Path:
     """PNG: one row per map (all subjects, then each decade), axial/coronal/sagittal planes through
-    the peak of the overall mean, over ``background`` (default: the bundled template T1)."""
+    the centre of the overall mean's top-decile region, cropped to the brain, over ``background``
+    (default: the bundled template T1); a colour bar, and the demo disclaimer for the demo model."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .explain_outputs import _planes, attention_peak, save_figure
+    from .explain_outputs import add_colour_bar, add_demo_note, overlay_rgba, save_figure
+    from .slice_views import PLANES, figure_layout, frame_for, head_mask, style_panel, top_region_centre
 
     if background is None:
         try:
@@ -293,34 +322,39 @@ def write_cohort_figure(maps: CohortMaps, path: PathLike, background: Optional[V
         background = None
     rows = [("all", maps.mean)] + list(maps.by_decade.items())
     mean_ras = maps.mean.reoriented("RAS")
-    peak = attention_peak(mean_ras)
-    spacing = mean_ras.spacing
-    aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
-    bg_planes = None
+    mean = np.asarray(mean_ras.array, dtype=np.float32)
+    bg = None
+    brain = mean > 0
     if background is not None:
         bg = np.asarray(background.reoriented("RAS").array, dtype=np.float32)
-        bg = bg / max(float(np.percentile(bg, 99.5)), 1e-6)
-        bg_planes = _planes(bg, peak)
+        bg = np.clip(bg / max(float(np.percentile(bg, 99.5)), 1e-6), 0, 1)
+        if (brain & head_mask(bg)).any():
+            brain &= head_mask(bg)
+    frame = frame_for(mean_ras.shape, mean_ras.spacing, top_region_centre(mean, brain, mean_ras.spacing), brain)
     vmax = max(float(np.asarray(v.array).max()) for _, v in rows) or 1.0
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 2.8 * len(rows)), facecolor="black", squeeze=False)
+    layout = figure_layout(frame, rows=len(rows), panel_height_in=2.4, left_in=1.0, top_in=0.9,
+                           bottom_in=0.9 if maps.model.get("is_demo") else 0.3, min_width_in=8.0)
+    fig = plt.figure(figsize=layout["figsize"], facecolor="black")
+    grid = fig.add_gridspec(len(rows), 3, **layout["gridspec"])
     cmap = matplotlib.colormaps["hot"]
     for row, (label, volume) in enumerate(rows):
-        planes = _planes(np.asarray(volume.reoriented("RAS").array, dtype=np.float32), peak)
-        for col, (name, image, _) in enumerate(planes):
-            ax = axes[row, col]
-            ax.set_facecolor("black")
-            if bg_planes is not None:
-                ax.imshow(bg_planes[col][1], cmap="gray", origin="lower", aspect=aspects[col], vmin=0, vmax=1)
-            rgba = cmap(np.clip(image / vmax, 0, 1))
-            rgba[..., 3] = np.clip(image / vmax * 1.5, 0, 0.85) if bg_planes is not None else 1.0
-            ax.imshow(rgba, origin="lower", aspect=aspects[col])
-            ax.set_xticks([])
-            ax.set_yticks([])
+        values = np.asarray(volume.reoriented("RAS").array, dtype=np.float32)
+        for col, name in enumerate(PLANES):
+            ax = fig.add_subplot(grid[row, col])
+            extent = frame.extent(name)
+            if bg is not None:
+                ax.imshow(frame.plane(bg, name), cmap="gray", origin="lower", extent=extent, vmin=0, vmax=1)
+            ax.imshow(overlay_rgba(frame.plane(values, name), cmap, bg is not None, vmax), origin="lower",
+                      extent=extent)
+            style_panel(ax, name, name if row == 0 else None)
             if col == 0:
                 title = "all subjects" if label == "all" else f"age {label}"
-                ax.set_ylabel(f"{title}\n(n={maps.counts.get(label, 0)})", color="white", fontsize=9)
-            if row == 0:
-                ax.set_title(name, color="white", fontsize=10)
-    fig.suptitle("Mean attention in MNI152 space, planes through the overall peak\n"
-                 "(axial and coronal in radiological view: patient right on the left)", color="white", fontsize=10)
+                ax.set_ylabel(f"{title}\n(n={maps.counts.get(label, 0)})", color="white", fontsize=9, labelpad=14)
+    add_colour_bar(fig, layout["colorbar"], cmap, vmax=vmax, label="mean attention")
+    model = maps.model.get("name") or "unnamed model"
+    fig.suptitle(f"Mean attention in MNI152 space | model {model}\nplanes through the overall map's top-decile "
+                 "region; axial and coronal in radiological view (patient right on the left)",
+                 color="white", fontsize=10)
+    if maps.model.get("is_demo"):
+        add_demo_note(fig, y=0.45 / layout["figsize"][1])
     return save_figure(fig, path, dpi=dpi)

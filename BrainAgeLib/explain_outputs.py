@@ -8,8 +8,8 @@ each subject. Into ``out_dir`` it writes, for ``stem``:
   as an integer labelmap (0 = background, 1..N by attention quantile inside the brain) and the
   Slicer colour table that gives each level its colour and name;
 - ``<stem>_attention.png``: the input with the map overlaid in axial, coronal and sagittal
-  planes through the attention peak, predicted age and brain-age gap in the title (and the demo
-  disclaimer for the demo model);
+  planes through the centre of its top-decile region, each panel cropped to the brain, predicted
+  age and brain-age gap in the title (and the demo disclaimer for the demo model);
 - ``<stem>_attention.json``: what a cohort map needs later (ages, model, the map's file name
   and, when registration ran, the input -> template transform).
 
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .atomic_files import atomic_path, write_json_atomic
 from .errors import BrainAgeError
+from .slice_views import PLANES, Frame, figure_layout, frame_for, head_mask, style_panel, top_region_centre, window
 from .volume import Volume
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -32,7 +33,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: Volume formats for the map and the labelmap; the keys are what ``--explain-format`` accepts.
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd"}
 SIDECAR_SUFFIX = "_attention.json"
-_DEMO_LINE = "DEMO MODEL trained on synthetic phantoms: not for clinical use"
 
 
 def explanation_paths(out_dir: PathLike, stem: str, fmt: str = "nii.gz") -> Dict[str, Path]:
@@ -55,7 +55,9 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
                               input_to_template: Optional[np.ndarray] = None,
                               levels: Optional[int] = None,
                               write_map: bool = True,
-                              input_path: Optional[PathLike] = None) -> Dict[str, Path]:
+                              input_path: Optional[PathLike] = None,
+                              model_weights_sha256: Optional[str] = None,
+                              brain_mask: Optional[np.ndarray] = None) -> Dict[str, Path]:
     """Write the explanation files of one ``Result`` (see the module docstring); returns their paths.
 
     ``volume`` is the input image the map lies on (the montage's background; without it the
@@ -64,6 +66,11 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
     ``write_map=False`` skips the float map when the caller already wrote it at the same path.
     ``input_path``: the input image's file, stored (absolute) in the sidecar so that cohort maps
     can register a subject whose preprocessing did not (a skull-stripped input).
+    ``model_weights_sha256``: the digest of the model's weights (a checkpoint card's
+    ``weights_sha256``; default: the result's ``model_weights_sha256`` if it has one), stored in
+    the sidecar so that cohort maps name the exact model. ``brain_mask`` (bool, on the input's
+    grid): the brain as preprocessing found it, for the montage's framing (default: where the
+    map is non-zero).
     Raises ``BrainAgeError`` when the result has no attention map or the folder is missing.
     """
     attention = getattr(result, "attention", None)
@@ -85,11 +92,12 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
     labelmap = attention_labelmap(result, levels) if levels else attention_labelmap(result)
     save_volume(labelmap.volume, paths["labelmap"])
     write_color_table(labelmap.colors, paths["color_table"])
-    write_montage(result, paths["montage"], volume=volume)
+    write_montage(result, paths["montage"], volume=volume, brain_mask=brain_mask)
     if input_to_template is None:
         input_to_template = getattr(result, "input_to_template", None)
     write_sidecar(result, paths["sidecar"], attention_file=paths["attention"].name,
-                  input_to_template=input_to_template, input_path=input_path)
+                  input_to_template=input_to_template, input_path=input_path,
+                  model_weights_sha256=model_weights_sha256)
     return {key: path for key, path in paths.items()}
 
 
@@ -99,9 +107,12 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
 
 
 def write_sidecar(result: Any, path: PathLike, *, attention_file: str,
-                  input_to_template: Optional[np.ndarray] = None, input_path: Optional[PathLike] = None) -> Path:
-    """A small JSON file beside the map: ages (years), sex, model, map file, input file and
-    input -> template transform."""
+                  input_to_template: Optional[np.ndarray] = None, input_path: Optional[PathLike] = None,
+                  model_weights_sha256: Optional[str] = None) -> Path:
+    """A small JSON file beside the map: ages (years), sex, model (name, weights digest, demo or
+    not), map file, input file and input -> template transform."""
+    if model_weights_sha256 is None:
+        model_weights_sha256 = getattr(result, "model_weights_sha256", None) or None
     data = {
         "attention_file": attention_file,
         "input_file": None if input_path is None else str(Path(input_path).expanduser().resolve()),
@@ -112,6 +123,7 @@ def write_sidecar(result: Any, path: PathLike, *, attention_file: str,
         "sex": str(getattr(result, "sex", "unknown")),
         "model_name": str(getattr(result, "model_name", "")),
         "model_is_demo": bool(getattr(result, "model_is_demo", False)),
+        "model_weights_sha256": None if model_weights_sha256 is None else str(model_weights_sha256),
         "input_to_template": None if input_to_template is None
         else np.asarray(input_to_template, dtype=float).reshape(4, 4).tolist(),
     }
@@ -151,7 +163,8 @@ def attention_peak(attention: Volume, smoothing_mm: float = 4.0) -> Tuple[int, i
 
 
 def montage_title(result: Any) -> str:
-    """'Predicted brain age 63.2 y | age 60.0 y | BAG +3.2 y (bias-corrected +2.1 y)'."""
+    """'Predicted brain age 63.2 y | age 60.0 y | BAG +3.2 y (bias-corrected +2.1 y)', and
+    '| sex unknown' when the prediction is the mean of the female and male ones."""
     parts = [f"Predicted brain age {float(result.predicted_age):.1f} y"]
     age = getattr(result, "chronological_age", None)
     gap = getattr(result, "brain_age_gap", None)
@@ -163,77 +176,134 @@ def montage_title(result: Any) -> str:
         if corrected is not None:
             text += f" (bias-corrected {float(corrected):+.1f} y)"
         parts.append(text)
+    if getattr(result, "sex_was_unknown", False):
+        parts.append("sex unknown (mean of F and M)")
     return " | ".join(parts)
 
 
-def _planes(array: np.ndarray, peak: Tuple[int, int, int]):
-    """Axial, coronal, sagittal 2D images of a RAS-ordered array, as (name, image, axis labels).
+#: The map is computed slice by slice (sagittal); for display it is averaged across neighbouring
+#: slices with a Gaussian of this sigma (mm) along left-right, so slice-to-slice differences do
+#: not show as streaks in the axial and coronal panels. The map's files are not changed.
+DISPLAY_SLICE_SIGMA_MM = 3.0
 
-    Images are arranged for ``imshow(origin="lower")``: axial and coronal in radiological
-    convention (patient right on the viewer's left, as Slicer shows them), sagittal with
-    anterior to the right.
-    """
-    i, j, k = peak
-    axial = array[::-1, :, k].T        # x: R->L (radiological), y: P->A
-    coronal = array[::-1, j, :].T      # x: R->L, y: I->S
-    sagittal = array[i, :, :].T        # x: P->A, y: I->S
-    return [("axial", axial, ("R", "L")), ("coronal", coronal, ("R", "L")), ("sagittal", sagittal, ("P", "A"))]
+
+def display_attention(attention_ras: Volume) -> np.ndarray:
+    """The map as the montage shows it (RAS array, [0, 1]): averaged across sagittal slices
+    (:data:`DISPLAY_SLICE_SIGMA_MM`), and 0 wherever the map itself is 0 (outside the brain)."""
+    from scipy import ndimage
+
+    array = np.clip(np.nan_to_num(np.asarray(attention_ras.array, dtype=np.float32)), 0.0, 1.0)
+    sigma = DISPLAY_SLICE_SIGMA_MM / max(attention_ras.spacing[0], 1e-6)
+    smooth = ndimage.gaussian_filter1d(array, sigma=sigma, axis=0, mode="constant") if sigma > 0.3 else array
+    return np.where(array > 0, smooth, 0.0).astype(np.float32)
+
+
+def montage_brain(attention_ras: Volume, background_ras: Optional[np.ndarray] = None) -> np.ndarray:
+    """Where the montage takes the brain to be (RAS array, bool): where the map is non-zero and,
+    with an input image, where that image is not background (a skull-stripped input's zero
+    background does not count even where the map leaked onto it)."""
+    brain = np.asarray(attention_ras.array) > 0
+    if background_ras is not None:
+        foreground = head_mask(background_ras)
+        if (brain & foreground).any():
+            brain &= foreground
+    return brain
+
+
+def montage_frame(attention_ras: Volume, display: np.ndarray, brain: np.ndarray) -> Frame:
+    """Planes and crop of the montage: the planes go through the centre of the brain's top-decile
+    attention region (of ``display``); each panel shows the brain's box plus a small margin."""
+    point = top_region_centre(display, brain, attention_ras.spacing)
+    return frame_for(attention_ras.shape, attention_ras.spacing, point, brain)
+
+
+def add_demo_note(fig: Any, y: float = 0.055) -> None:
+    """The demo model's disclaimer (:data:`BrainAgeLib.result.DEMO_DISCLAIMER`), in red across the figure."""
+    from .result import DEMO_DISCLAIMER
+
+    fig.text(0.5, y, "DEMO MODEL: " + DEMO_DISCLAIMER, color="#ff5050", fontsize=8.5, ha="center",
+             va="center", weight="bold", wrap=True)
+
+
+def add_colour_bar(fig: Any, rect: Sequence[float], cmap: Any, vmax: float = 1.0, label: str = "attention") -> Any:
+    """A vertical colour bar (0 to ``vmax``) at ``rect`` ([left, bottom, width, height], figure
+    fractions), white on black."""
+    from matplotlib import cm
+    from matplotlib.colors import Normalize
+
+    bar = fig.colorbar(cm.ScalarMappable(norm=Normalize(0, vmax), cmap=cmap),
+                       cax=fig.add_axes(rect, label="<colorbar>"))
+    bar.ax.tick_params(colors="white", labelsize=8)
+    bar.set_label(label, color="white", fontsize=9)
+    return bar
+
+
+def overlay_rgba(values: np.ndarray, cmap: Any, transparent: bool, vmax: float = 1.0) -> np.ndarray:
+    """'hot' colours of ``values`` (0 to ``vmax``); see-through where low when drawn over an image."""
+    scaled = np.clip(np.asarray(values, dtype=np.float32) / max(float(vmax), 1e-6), 0.0, 1.0)
+    rgba = cmap(scaled)
+    rgba[..., 3] = np.clip(scaled * 1.5, 0, 0.85) if transparent else 1.0
+    return rgba
 
 
 def write_montage(result: Any, path: PathLike, *, volume: Optional[Volume] = None,
-                  dpi: int = 110) -> Path:
+                  brain_mask: Optional[np.ndarray] = None, dpi: int = 110) -> Path:
     """PNG: the input (grey) with the attention map (hot, transparent where low) in three planes
-    through the attention peak; title with predicted age and BAG; the demo warning for demo models."""
+    through the centre of the top-decile attention region, each cropped to the brain and drawn
+    in mm; title with predicted age and BAG; the demo disclaimer for demo models.
+
+    ``brain_mask`` (bool, on the map's grid) says where the brain is; without it, where the map
+    is non-zero and the input is not background (:func:`montage_brain`)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from matplotlib import cm
-    from matplotlib.colors import Normalize
 
     attention: Volume = result.attention
     att_ras = attention.reoriented("RAS")
-    spacing = att_ras.spacing
-    peak = attention_peak(att_ras)
-    att = np.clip(np.asarray(att_ras.array, dtype=np.float32), 0.0, 1.0)
+    display = display_attention(att_ras)
     background = None
     if volume is not None:
         background = np.asarray(volume.reoriented("RAS").array, dtype=np.float32)
-        low, high = np.percentile(background, [1, 99.5])
-        background = np.clip((background - low) / max(high - low, 1e-6), 0, 1)
+    if brain_mask is not None and np.shape(brain_mask) != attention.shape:
+        raise BrainAgeError(f"the brain mask {np.shape(brain_mask)} and the attention map {attention.shape} "
+                            "are on different grids")
+    if brain_mask is not None and np.any(brain_mask):
+        brain = np.asarray(attention.with_array(np.asarray(brain_mask, dtype=np.uint8)).reoriented("RAS").array) > 0
+    else:
+        brain = montage_brain(att_ras, background)
+    frame = montage_frame(att_ras, display, brain)
+    if background is not None:
+        background = window(background)
 
-    # physical aspect of each plane: (height spacing / width spacing)
-    aspects = {"axial": spacing[1] / spacing[0], "coronal": spacing[2] / spacing[0],
-               "sagittal": spacing[2] / spacing[1]}
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), facecolor="black")
+    layout = figure_layout(frame, min_width_in=11.0)
+    fig = plt.figure(figsize=layout["figsize"], facecolor="black")
+    grid = fig.add_gridspec(1, 3, **layout["gridspec"])
+    axes = [fig.add_subplot(grid[0, n]) for n in range(3)]
     cmap = matplotlib.colormaps["hot"]
-    att_planes = _planes(att, peak)
-    bg_planes = _planes(background, peak) if background is not None else [None] * 3
-    for ax, (name, image, (left, right)), bg in zip(axes, att_planes, bg_planes):
-        ax.set_facecolor("black")
-        if bg is not None:
-            ax.imshow(bg[1], cmap="gray", origin="lower", aspect=aspects[name], vmin=0, vmax=1,
-                      interpolation="bilinear")
-        rgba = cmap(Normalize(0, 1)(image))
-        rgba[..., 3] = np.clip(image * 1.5, 0, 0.85) if bg is not None else 1.0
-        ax.imshow(rgba, origin="lower", aspect=aspects[name], interpolation="bilinear")
-        ax.set_title(name, color="white", fontsize=10)
-        ax.text(0.02, 0.5, left, color="white", transform=ax.transAxes, fontsize=9, va="center")
-        ax.text(0.98, 0.5, right, color="white", transform=ax.transAxes, fontsize=9, va="center", ha="right")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    world = att_ras.voxel_to_world(np.array(peak, dtype=float))
-    fig.colorbar(cm.ScalarMappable(norm=Normalize(0, 1), cmap=cmap), ax=list(axes), fraction=0.02,
-                 pad=0.01).ax.tick_params(colors="white", labelsize=8)
-    title = montage_title(result)
-    fig.suptitle(title, color="white", fontsize=12)
-    footer = f"attention peak at RAS ({world[0]:.0f}, {world[1]:.0f}, {world[2]:.0f}) mm"
+    # the colour scale ends at the brightest displayed value, so a map whose maximum fell in the
+    # averaging across slices still shows its bright regions brightly (the bar gives the values)
+    vmax = float(display[brain].max(initial=0.0)) or 1.0
+    for ax, name in zip(axes, PLANES):
+        extent = frame.extent(name)
+        if background is not None:
+            ax.imshow(frame.plane(background, name), cmap="gray", origin="lower", extent=extent,
+                      vmin=0, vmax=1, interpolation="bilinear")
+        ax.imshow(overlay_rgba(frame.plane(display, name), cmap, background is not None, vmax), origin="lower",
+                  extent=extent, interpolation="bilinear")
+        style_panel(ax, name, name)
+    add_colour_bar(fig, layout["colorbar"], cmap, vmax=vmax)
+    fig.suptitle(montage_title(result), color="white", fontsize=12)
+    world = att_ras.voxel_to_world(np.array(frame.point, dtype=float))
+    footer = (f"planes through the centre of the top-decile attention region, RAS ({world[0]:.0f}, "
+              f"{world[1]:.0f}, {world[2]:.0f}) mm | map averaged across sagittal slices "
+              f"(sigma {DISPLAY_SLICE_SIGMA_MM:g} mm) for display")
     model_name = getattr(result, "model_name", "")
     if model_name:
         footer += f" | model {model_name}"
-    fig.text(0.01, 0.02, footer, color="0.8", fontsize=8)
+    fig.text(0.01, 0.015, footer, color="0.8", fontsize=7)
     if getattr(result, "model_is_demo", False):
-        fig.text(0.5, 0.06, _DEMO_LINE, color="#ff5050", fontsize=11, ha="center", weight="bold")
+        add_demo_note(fig)
     return save_figure(fig, path, dpi=dpi)
 
 

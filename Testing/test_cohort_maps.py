@@ -254,3 +254,68 @@ def test_maps_of_different_models_are_not_averaged(batch_folder):
         sidecar.write_text(json.dumps(data))
     with pytest.raises(CohortError, match="come from 2 models"):
         read_batch_explanations(batch_folder)
+
+
+def _sign(batch_folder, **fields):
+    """Set sidecar fields of every subject of a batch folder, as the run that made them would."""
+    for sidecar in batch_folder.rglob("*_attention.json"):
+        data = json.loads(sidecar.read_text())
+        data.update(fields)
+        sidecar.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def cohort_figures(monkeypatch):
+    """The cohort figures, as handed to save_figure."""
+    import BrainAgeLib.explain_outputs as explain_outputs
+
+    figures = []
+    original = explain_outputs.save_figure
+
+    def keep(fig, path, dpi=110):
+        figures.append(fig)
+        return original(fig, path, dpi=dpi)
+
+    monkeypatch.setattr(explain_outputs, "save_figure", keep)
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda *a, **k: None)
+    return figures
+
+
+def test_cohort_outputs_name_the_model_and_the_demo_model_carries_its_disclaimer(batch_folder, tmp_path,
+                                                                                  cohort_figures):
+    from BrainAgeLib.result import DEMO_DISCLAIMER
+
+    digest = "3f" * 32
+    result = Result(predicted_age=30.0, model_name="BrainAge demo", model_is_demo=True)
+    write_sidecar(result, tmp_path / "probe.json", attention_file="x.nii.gz", model_weights_sha256=digest)
+    assert json.loads((tmp_path / "probe.json").read_text())["model_weights_sha256"] == digest
+    _sign(batch_folder, model_name="BrainAge demo", model_is_demo=True, model_weights_sha256=digest)
+
+    (tmp_path / "demo").mkdir()
+    paths = write_cohort_maps(cohort_attention_maps(read_batch_explanations(batch_folder), TEMPLATE), tmp_path / "demo")
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["model"] == {"name": "BrainAge demo", "weights_sha256": digest, "is_demo": True}
+    fig = cohort_figures[-1]
+    texts = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")
+    assert DEMO_DISCLAIMER in texts
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1
+    # the bar spans the colours the maps are drawn with: 0 to the largest mean attention
+    low, high = bars[0].get_ylim()
+    assert low == 0 and high == pytest.approx(max(float(load_volume(p).array.max()) for key, p in paths.items()
+                                                  if key not in ("summary", "figure")), rel=1e-4)
+
+    _sign(batch_folder, model_name="my model", model_is_demo=False, model_weights_sha256="ab" * 32)
+    (tmp_path / "mine").mkdir()
+    paths = write_cohort_maps(cohort_attention_maps(read_batch_explanations(batch_folder), TEMPLATE), tmp_path / "mine")
+    assert json.loads(paths["summary"].read_text())["model"]["name"] == "my model"
+    assert DEMO_DISCLAIMER not in " ".join(t.get_text() for t in cohort_figures[-1].texts).replace("\n", " ")
+
+
+def test_maps_of_one_model_name_with_different_weights_are_not_averaged(batch_folder):
+    for n, sidecar in enumerate(sorted(batch_folder.rglob("*_attention.json"))):
+        data = json.loads(sidecar.read_text())
+        data.update(model_name="BrainAge demo", model_weights_sha256=("aa" if n else "bb") * 32)
+        sidecar.write_text(json.dumps(data))
+    with pytest.raises(CohortError, match="different weights.*" + "a" * 12):
+        read_batch_explanations(batch_folder)

@@ -2,7 +2,7 @@
 
 It is the montage ``brainage predict --explain`` writes, for the bundled demo model on a synthetic
 75-year-old head (BrainAgeLib.synth, with skull): the input with the attention map in axial,
-coronal and sagittal planes through the attention peak, predicted age and BAG in the title, and the
+coronal and sagittal planes through the centre of its top-decile region, predicted age and BAG in the title, and the
 demo model's warning. Run from the repository root (about a minute on a CPU):
 
     python scripts/make_screenshot.py

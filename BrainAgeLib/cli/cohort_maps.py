@@ -40,6 +40,12 @@ def run(args: argparse.Namespace) -> int:
     paths = write_cohort_maps(maps, Path(args.out), fmt=args.format)
     groups = ", ".join(f"{label}: {n}" for label, n in maps.counts.items() if label != "all")
     print(f"averaged {maps.counts['all']} subjects" + (f" ({groups})" if groups else ""))
+    model, digest = maps.model.get("name") or "(unnamed)", maps.model.get("weights_sha256")
+    print(f"model: {model}" + (f" (weights SHA-256 {digest[:12]})" if digest else ""))
+    if maps.model.get("is_demo"):
+        from ..result import DEMO_DISCLAIMER
+
+        print(f"NOTE: {DEMO_DISCLAIMER}")
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0
