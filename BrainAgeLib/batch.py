@@ -72,7 +72,9 @@ class BatchSummary:
     process group count their own share); ``workers``: preprocessing
     processes used (0: all in this process, as for a single subject); ``rows``: the final rows of
     predictions.csv (one per subject, cohort order; on a sharded run's non-zero ranks, this
-    rank's rows). ``volumes_per_minute`` counts the subjects this run processed.
+    rank's rows). ``volumes_per_minute`` counts the subjects this run processed. ``excluded``:
+    subjects of the dataset that are not in the cohort, "id: why" (a BIDS subject or session
+    without a T1-weighted image: ``cohort.Cohort.skipped``).
     """
 
     out_dir: Path
@@ -90,6 +92,7 @@ class BatchSummary:
     world_size: int = 1
     rows: List[PredictionRow] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
+    excluded: List[str] = field(default_factory=list)
 
     @property
     def n_processed(self) -> int:
@@ -116,7 +119,7 @@ class BatchSummary:
             "volumes_per_minute": self.volumes_per_minute, "model_name": self.model_name,
             "device": self.device, "workers": self.workers, "rank": self.rank,
             "world_size": self.world_size, "timings": dict(self.timings),
-            "model_is_demo": self.model_is_demo,
+            "model_is_demo": self.model_is_demo, "excluded": list(self.excluded),
             **({"disclaimer": DEMO_DISCLAIMER} if self.model_is_demo else {}),
         }
 
@@ -128,16 +131,15 @@ class BatchSummary:
 def cohort_subjects(cohort: Union[PathLike, Sequence[Any]]) -> List[Any]:
     """The subjects of ``cohort``: a cohort file/folder (``cohort.read_cohort``), a list of
     ``Subject``-like objects (``id``, ``path``, ``age``, ``sex``, ``site``), or a list of image
-    paths (ids from the file names, sex unknown, no age). Ids must be unique."""
-    if isinstance(cohort, (str, os.PathLike)):
-        from .cohort import read_cohort
+    paths (ids from the file names, sex unknown, no age). Ids must be unique. Returns a
+    ``cohort.Cohort`` (its ``skipped``: the dataset's subjects left out, kept from a Cohort given)."""
+    from .cohort import Cohort, read_cohort
 
-        subjects = list(read_cohort(cohort, check_files=False))  # a missing scan is an error row
+    if isinstance(cohort, (str, os.PathLike)):
+        subjects = read_cohort(cohort, check_files=False)  # a missing scan is an error row
     else:
-        subjects = [
-            item if hasattr(item, "id") and hasattr(item, "path") else _subject_from_path(item)
-            for item in cohort
-        ]
+        subjects = Cohort((item if hasattr(item, "id") and hasattr(item, "path") else _subject_from_path(item)
+                           for item in cohort), getattr(cohort, "skipped", ()))
     seen: Dict[str, int] = {}
     for index, subject in enumerate(subjects):
         key = str(subject.id)
@@ -478,7 +480,7 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
                            n_skipped=len(mine) - len(todo), model_name=model.name,
                            model_is_demo=bool(model.metadata.get("is_demo", False)), device=str(target),
                            workers=n_workers if preparer.pool is not None else 0, rank=context.rank,
-                           world_size=context.world_size)
+                           world_size=context.world_size, excluded=list(getattr(subjects, "skipped", ())))
     # seconds summed over subjects: load/prepare (wall, in the workers), cpu (the workers' CPU
     # time), infer (this process), wait (this process idle, waiting for a prepared subject)
     timings = {"load": 0.0, "prepare": 0.0, "cpu": 0.0, "infer": 0.0, "wait": 0.0}

@@ -11,8 +11,13 @@
 - a **BIDS** ``participants.tsv`` (``participant_id``, ``age``, ``sex``) without an image
   column, or a **BIDS dataset folder**: each participant's T1-weighted images are found under
   ``sub-<label>/anat/*_T1w.nii[.gz]`` and ``sub-<label>/ses-<label>/anat/`` (one image per
-  session: the first by name, so ``run-1`` before ``run-2``). A session's age is taken from
-  ``sub-<label>_sessions.tsv`` when that file has an ``age`` column.
+  session: the first by name, so ``run-1`` before ``run-2``). Every participant of
+  ``participants.tsv`` and every ``sub-*`` folder (one missing from the table is read, with a
+  warning) is looked at. Age and sex come from ``participants.tsv``; each subject's
+  ``sub-<label>_sessions.tsv`` gives each session's values (``age`` above all), which override
+  the participant's where the session's cell is not empty or ``n/a``. Subjects and sessions
+  without a T1-weighted image (only a T2w, no folder...) are left out, logged, and listed with
+  the reason in :attr:`Cohort.skipped`.
 - a **plain folder of images** (NIfTI, MGH, NRRD, MetaImage): one subject per file, and one
   per subfolder holding a DICOM series (named after the subfolder); age and sex unknown.
 
@@ -26,15 +31,18 @@ what is wrong.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 from .errors import CohortError
 from .io import DICOM_EXTENSIONS, image_stem
 
 PathLike = Union[str, Path]
+
+logger = logging.getLogger(__name__)
 
 PATH_COLUMNS = ("path", "t1", "t1w", "image", "filename")
 ID_COLUMNS = ("id", "subject", "subject_id", "participant_id")
@@ -66,7 +74,16 @@ class Subject:
             self.participant = self.id
 
 
-def read_cohort(path: PathLike, *, check_files: bool = True) -> List[Subject]:
+class Cohort(list):
+    """The :class:`Subject` list :func:`read_cohort` returns, with ``skipped``: the subjects (or
+    BIDS sessions) of the dataset that are not in it, each as "id: why"."""
+
+    def __init__(self, subjects: Iterable[Subject] = (), skipped: Iterable[str] = ()):
+        super().__init__(subjects)
+        self.skipped: List[str] = list(skipped)
+
+
+def read_cohort(path: PathLike, *, check_files: bool = True) -> Cohort:
     """The subjects of a cohort table, BIDS dataset or image folder (see the module docstring).
 
     With ``check_files`` (default) every image must exist.
@@ -78,8 +95,8 @@ def read_cohort(path: PathLike, *, check_files: bool = True) -> List[Subject]:
         if (path / "participants.tsv").is_file():
             return _read_table(path / "participants.tsv", check_files)
         if any(child.is_dir() and child.name.startswith("sub-") for child in path.iterdir()):
-            return _read_bids(path, {}, path, check_files)
-        return _read_folder(path)
+            return _read_bids(path, {}, path)
+        return Cohort(_read_folder(path))
     return _read_table(path, check_files)
 
 
@@ -168,13 +185,13 @@ def _first(header: Sequence[str], candidates: Sequence[str]) -> Optional[str]:
     return next((name for name in candidates if name in header), None)
 
 
-def _read_table(table: Path, check_files: bool) -> List[Subject]:
+def _read_table(table: Path, check_files: bool) -> Cohort:
     header, rows = _read_rows(table)
     path_column = _first(header, PATH_COLUMNS)
     if path_column is None:
         if "participant_id" in header:  # BIDS participants.tsv: find the images beside it
             values = {row["participant_id"]: (line, row) for line, row in rows}
-            return _read_bids(table.parent, values, table, check_files)
+            return _read_bids(table.parent, values, table)
         raise CohortError(f"{table}: no image column; name one of {', '.join(PATH_COLUMNS)} "
                           "(or give a BIDS participants.tsv with participant_id)")
     id_column = _first(header, ID_COLUMNS)
@@ -198,7 +215,7 @@ def _read_table(table: Path, check_files: bool) -> List[Subject]:
         subjects.append(_subject(where, subject_id, image, row, used))
     if not subjects:
         raise CohortError(f"{table}: the table has a header but no rows")
-    return subjects
+    return Cohort(subjects)
 
 
 def _subject(where: str, subject_id: str, image: Path, row: Dict[str, str], used, participant: str = "") -> Subject:
@@ -224,48 +241,83 @@ def _t1w_images(folder: Path) -> List[Path]:
                   if p.is_file() and (p.name.endswith("_T1w.nii.gz") or p.name.endswith("_T1w.nii")))
 
 
-def _read_bids(root: Path, participants: Dict[str, tuple], source: Path, check_files: bool) -> List[Subject]:
+def _no_t1w(anat_folders: Sequence[Path], root: Path) -> str:
+    """Why a subject or session has no image: what its anat folder(s) hold instead."""
+    where = " or ".join(f"{folder.relative_to(root)}/" for folder in anat_folders)
+    others = sorted(p.name for folder in anat_folders if folder.is_dir()
+                    for p in folder.iterdir() if p.is_file() and not p.name.endswith(".json"))
+    return (f"no T1-weighted image (*_T1w.nii[.gz]) in {where}"
+            + (f"; it holds {', '.join(others[:4])}" + (", ..." if len(others) > 4 else "") if others else ""))
+
+
+def _read_bids(root: Path, participants: Dict[str, tuple], source: Path) -> Cohort:
     """Subjects of a BIDS dataset; ``participants`` maps participant_id -> (line, row)."""
-    labels = sorted(participants) if participants else sorted(
-        child.name for child in root.iterdir() if child.is_dir() and child.name.startswith("sub-"))
+    folders = sorted(child.name for child in root.iterdir() if child.is_dir() and child.name.startswith("sub-"))
+    unlisted = [label for label in folders if participants and label not in participants]
+    if unlisted:
+        logger.warning("%s: %d subject folder(s) have no row in it (%s): read with the ages and sexes of their "
+                       "sessions.tsv only", source, len(unlisted), ", ".join(unlisted[:10])
+                       + (", ..." if len(unlisted) > 10 else ""))
     subjects: List[Subject] = []
-    used = {"participant_id", "age", "sex", "site"}
-    for label in labels:
+    skipped: List[str] = []
+    used = {"participant_id", "age", "sex", "site", "session_id"}
+    for label in sorted(set(participants) | set(folders)):
         line, row = participants.get(label, (None, {}))
         where = f"{source}, line {line}" if line else str(root / label)
         if not label.startswith("sub-"):
             raise CohortError(f"{where}: participant_id {label!r} does not start with 'sub-'")
         subject_dir = root / label
-        found = []
+        if not subject_dir.is_dir():
+            skipped.append(f"{label}: no folder {label}/ in {root}")
+            continue
+        found: List[Subject] = []
         images = _t1w_images(subject_dir / "anat")
         if images:
-            found.append((label, images[0], row))
-        sessions = _session_rows(subject_dir, label)
-        for session in sorted(subject_dir.glob("ses-*")) if subject_dir.is_dir() else []:
+            found.append(_subject(where, label, images[0], row, used, participant=label))
+        session_table, sessions = _session_rows(subject_dir, label)
+        session_dirs = sorted(p for p in subject_dir.glob("ses-*") if p.is_dir())
+        empty_sessions = []
+        for session in session_dirs:
+            session_id = f"{label}_{session.name}"
             images = _t1w_images(session / "anat")
-            if images:
-                merged = dict(row)
-                merged.update({k: v for k, v in sessions.get(session.name, {}).items() if v})
-                found.append((f"{label}_{session.name}", images[0], merged))
-        if not found:
-            if check_files:
-                raise CohortError(f"{where}: no T1-weighted image under {subject_dir}/[ses-*/]anat/*_T1w.nii[.gz]")
-            continue
-        for subject_id, image, values in found:
-            subjects.append(_subject(where, subject_id, image, values, used | {"session_id"}, participant=label))
+            if not images:
+                if (session / "anat").is_dir():
+                    empty_sessions.append(f"{session_id}: {_no_t1w([session / 'anat'], root)}")
+                continue
+            session_line, session_row = sessions.get(session.name, (None, {}))
+            given = {k: v for k, v in session_row.items() if v.strip().lower() not in MISSING}
+            if given:  # a bad session value names sessions.tsv; the rest come from participants.tsv
+                _subject(f"{session_table}, line {session_line}", session_id, images[0], given, used)
+            found.append(_subject(where, session_id, images[0], {**row, **given}, used, participant=label))
+        if found:
+            subjects.extend(found)
+            skipped.extend(empty_sessions)
+        else:
+            anat = [folder for folder in [subject_dir / "anat", *(s / "anat" for s in session_dirs)] if folder.is_dir()]
+            skipped.append(f"{label}: {_no_t1w(anat or [subject_dir / 'anat'], root)}")
+    if skipped:
+        logger.warning("%s: %d subject(s) or session(s) left out: %s", source, len(skipped),
+                       "; ".join(skipped[:10]) + (f"; ... and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
     if not subjects:
-        raise CohortError(f"{source}: no T1-weighted images found in the BIDS dataset {root}")
-    return subjects
+        raise CohortError(f"{source}: no T1-weighted images found in the BIDS dataset {root}"
+                          + (f" ({'; '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''})" if skipped else ""))
+    return Cohort(subjects, skipped)
 
 
-def _session_rows(subject_dir: Path, label: str) -> Dict[str, Dict[str, str]]:
+def _session_rows(subject_dir: Path, label: str) -> tuple:
+    """(the subject's sessions.tsv, {session_id: (line, {column: cell})}); ids without the
+    ``ses-`` prefix get it."""
     table = subject_dir / f"{label}_sessions.tsv"
     if not table.is_file():
-        return {}
+        return table, {}
     header, rows = _read_rows(table)
     if "session_id" not in header:
         raise CohortError(f"{table}: no session_id column")
-    return {row["session_id"]: {k: v for k, v in row.items() if k != "session_id"} for _, row in rows}
+    sessions = {}
+    for line, row in rows:
+        session_id = row["session_id"] if row["session_id"].startswith("ses-") else f"ses-{row['session_id']}"
+        sessions[session_id] = (line, {k: v for k, v in row.items() if k != "session_id"})
+    return table, sessions
 
 
 # ----------------------------------------------------------------------------------------

@@ -346,3 +346,24 @@ def test_the_terminal_summary_prints_every_flag_and_no_corrected_mae_of_a_refuse
     assert any("only 3 rows" in note for note in statistics["notes"])
     for note in statistics["notes"]:
         assert note in _text(summary, statistics)
+
+
+def test_a_bids_cohort_lists_the_subjects_it_skips_in_the_summary(cohort_files, tmp_path):
+    """Issue 20, item 12: a subject with only a T2w was dropped without a word."""
+    from BrainAgeLib.cli.batch import _text
+
+    head, _, _ = cohort_files["heads"][0]
+    root = tmp_path / "bids"
+    for path in (root / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T1w.nii.gz",
+                 root / "sub-02" / "anat" / "sub-02_T2w.nii.gz"):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(head.read_bytes())
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t30\tF\nsub-02\t40\tM\n")
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-1\t31.5\n")
+
+    summary = run_batch(root, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
+    assert [(r.id, r.chronological_age, r.ok) for r in summary.rows] == [("sub-01_ses-1", 31.5, True)]
+    assert len(summary.excluded) == 1 and summary.excluded[0].startswith("sub-02: ")
+    assert "sub-02_T2w.nii.gz" in summary.excluded[0]
+    assert summary.to_dict()["excluded"] == summary.excluded
+    assert summary.excluded[0] in _text(summary, None)

@@ -157,3 +157,55 @@ def test_missing_inputs(tmp_path):
     write(tmp_path / "bids" / "participants.tsv", "participant_id\tage\tsex\nsub-01\t30\tF\n")
     with pytest.raises(CohortError, match="no T1-weighted image"):
         read_cohort(tmp_path / "bids")
+
+
+def make_infant_bids(root: Path) -> Path:
+    """Sessions for several subjects, one subject with only a T2w, one session with only a T2w,
+    one participant without a folder, one folder missing from participants.tsv."""
+    touch(root / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    for session in ("ses-1", "ses-2"):
+        touch(root / "sub-02" / session / "anat" / f"sub-02_{session}_T1w.nii.gz")
+    touch(root / "sub-02" / "ses-3" / "anat" / "sub-02_ses-3_T2w.nii.gz")
+    write(root / "sub-02" / "sub-02_sessions.tsv", "session_id\tage\nses-1\t0.25\nses-2\tn/a\nses-3\t1.5\n")
+    for session in ("ses-a", "ses-b"):
+        touch(root / "sub-03" / session / "anat" / f"sub-03_{session}_T1w.nii")
+    write(root / "sub-03" / "sub-03_sessions.tsv", "session_id\tage\tscanner\nses-a\t0.5\tprisma\nb\t1.25\ttrio\n")
+    touch(root / "sub-04" / "anat" / "sub-04_T2w.nii.gz")
+    touch(root / "sub-06" / "ses-1" / "anat" / "sub-06_ses-1_T1w.nii.gz")
+    write(root / "sub-06" / "sub-06_sessions.tsv", "session_id\tage\nses-1\t2.0\n")
+    return write(root / "participants.tsv",
+                 "participant_id\tage\tsex\n"
+                 "sub-01\t0.75\tF\nsub-02\t0.2\tM\nsub-03\tn/a\tF\nsub-04\t1\tM\nsub-05\t1\tF\n")
+
+
+def test_bids_ages_of_every_subject_and_the_skipped_subjects_listed(tmp_path, caplog):
+    """Issue 20, item 12: ages from participants.tsv and, per session, from every subject's
+    sessions.tsv; a subject with only a T2w (or no folder) is listed with why, not dropped."""
+    import logging
+
+    make_infant_bids(tmp_path / "bids")
+    for check_files in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="BrainAgeLib.cohort"):
+            cohort = read_cohort(tmp_path / "bids", check_files=check_files)
+        ages = {s.id: s.age for s in cohort}
+        assert ages == {"sub-01": 0.75, "sub-02_ses-1": 0.25, "sub-02_ses-2": 0.2,  # n/a: the participant's
+                        "sub-03_ses-a": 0.5, "sub-03_ses-b": 1.25,                 # "b" is ses-b
+                        "sub-06_ses-1": 2.0}
+        assert {s.id: s.sex for s in cohort}["sub-03_ses-b"] == "F"
+        assert {s.id: s.extra.get("scanner") for s in cohort}["sub-03_ses-b"] == "trio"
+        skipped = dict(entry.split(": ", 1) for entry in cohort.skipped)
+        assert sorted(skipped) == ["sub-02_ses-3", "sub-04", "sub-05"]
+        assert "T1w" in skipped["sub-04"] and "sub-04_T2w.nii.gz" in skipped["sub-04"]
+        assert "sub-02_ses-3_T2w.nii.gz" in skipped["sub-02_ses-3"]
+        assert "no folder" in skipped["sub-05"]
+        logged = caplog.text
+        assert all(subject in logged for subject in skipped) and "sub-06" in logged  # not in participants.tsv
+
+
+def test_a_bad_session_age_names_the_sessions_table_and_line(tmp_path):
+    make_infant_bids(tmp_path / "bids")
+    sessions = write(tmp_path / "bids" / "sub-03" / "sub-03_sessions.tsv", "session_id\tage\nses-a\t0.5\nses-b\tsoon\n")
+    with pytest.raises(CohortError, match="age 'soon' is not a number") as error:
+        read_cohort(tmp_path / "bids")
+    assert f"{sessions}, line 3" in str(error.value)

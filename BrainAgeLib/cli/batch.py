@@ -81,6 +81,11 @@ def _text(summary: Any, statistics: Optional[Dict[str, Any]]) -> str:
         f"Cohort: {summary.n_subjects} subjects; predictions.csv holds {summary.n_succeeded_total} "
         f"predictions and {summary.n_failed_total} errors",
     ]
+    if summary.excluded:  # the dataset's subjects that are not in the cohort (e.g. BIDS without a T1w)
+        lines.append(f"Left out of the cohort: {len(summary.excluded)} subject(s) or session(s) of the dataset")
+        lines.extend(f"  skipped {entry}" for entry in summary.excluded[:10])
+        if len(summary.excluded) > 10:
+            lines.append(f"  ... and {len(summary.excluded) - 10} more (--json lists them all)")
     failed = [row for row in summary.rows if not row.ok]
     for row in failed[:10]:
         lines.append(f"  failed {row.id}: {row.error}")
