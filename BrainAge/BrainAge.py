@@ -10,13 +10,10 @@ Python console:
     logic.processFiles("/data/cohort.csv", "/data/brainage-out")
 """
 import concurrent.futures
-import hashlib
-import importlib.metadata
 import logging
 import os
 import sys
 import time
-import urllib.parse
 
 import qt
 import vtk
@@ -43,6 +40,7 @@ POLL_INTERVAL_MS = 20
 POLL_YIELD_S = 0.012
 ATTENTION_LEVELS = 10
 COLOR_TABLE_NAME = "BrainAgeAttention"
+BRAIN_MASK_SUFFIX = " brain mask"  # the brain mask labelmap is named "<input> brain mask"
 PYTORCH_EXTENSION_MISSING = (
     "BrainAge needs the PyTorch extension to install torch. Install 'PyTorch' from the "
     "Extensions Manager, restart Slicer, and try again.")
@@ -58,7 +56,8 @@ class BrainAge(ScriptedLoadableModule):
         self.parent.helpText = """
 Estimates the <b>brain age</b> of one 3D T1-weighted MRI with the two-stage BrainRotViT model, and
 shows where the model looked as an attention labelmap over the scan (10 = the tenth of brain voxels
-it attended to most).<br><br>
+it attended to most). <b>Show brain mask</b> shows the brain the model read instead; the results
+list the quality-control checks of the input (brain volume, field of view, voxel size, T1 contrast).<br><br>
 <b>Brain-age gap (BAG)</b> = predicted brain age - chronological age, in years: a positive gap means the
 brain looks older than the person is. The <b>bias-corrected BAG</b> removes the model's known trend to
 overestimate young and underestimate old people (de Lange &amp; Cole), when the model carries its
@@ -87,6 +86,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.logic.logCallback = self.showStatus
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.job = None  # (future, relay, inputs) while an estimate runs in the background
+        self.shownLabelmaps = (None, None)  # (attention labelmap, brain mask) of the last result
         self.starting = False  # True while onEstimate installs packages/loads the model
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_INTERVAL_MS)
@@ -99,6 +99,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.ui.chronologicalAgeSpinBox.connect("valueChanged(double)", self.updateEstimateButton)
         self.ui.modelLocationLineEdit.connect("textChanged(QString)", self.updateEstimateButton)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.showBrainMaskCheckBox.connect("toggled(bool)", self.onShowBrainMask)
         self.ui.estimateButton.connect("clicked(bool)", self.onEstimate)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.setRunning(False)
@@ -201,15 +202,23 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
             return
         with slicer.util.tryWithErrorDisplay("Brain age estimation failed."):
             result = future.result()
-            labelmapNode = self.logic.showResult(
+            self.shownLabelmaps = self.logic.showResult(
                 result, inputs["inputVolumeNode"], self.ui.outputLabelmapSelector.currentNode(),
-                self.ui.outputAttentionSelector.currentNode(), self.ui.opacitySliderWidget.value)
-            self.ui.outputLabelmapSelector.setCurrentNode(labelmapNode)
+                self.ui.outputAttentionSelector.currentNode(), self.ui.opacitySliderWidget.value,
+                self.ui.showBrainMaskCheckBox.checked)
+            self.ui.outputLabelmapSelector.setCurrentNode(self.shownLabelmaps[0])
             self.ui.resultsTextBrowser.setHtml(result_text(result))
             self.showStatus(f"Done in {result.timings.get('total', 0.0):.1f} s.")
 
     def onOpacityChanged(self, opacity):
         slicer.util.setSliceViewerLayers(labelOpacity=opacity)
+
+    def onShowBrainMask(self, show):
+        from BrainAgeLib.slicer_bridge import label_layer_node
+
+        node = label_layer_node(show, *self.shownLabelmaps)
+        if node is not None and slicer.mrmlScene.IsNodePresent(node):
+            slicer.util.setSliceViewerLayers(label=node)
 
 
 class BrainAgeLogic(ScriptedLoadableModuleLogic):
@@ -231,10 +240,10 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         rest pinned through pip (BrainAgeLib.slicer_bridge.PIP_REQUIREMENTS)."""
         if self._requirementsReady:
             return
-        from BrainAgeLib.slicer_bridge import TORCH_REQUIREMENT, missing_requirements, torch_missing
+        from BrainAgeLib.slicer_bridge import TORCH_REQUIREMENT, installed_version, missing_requirements, torch_missing
 
-        needTorch = torch_missing(_installedVersion)
-        missing = missing_requirements(_installedVersion)
+        needTorch = torch_missing(installed_version)
+        missing = missing_requirements(installed_version)
         if needTorch or missing:
             if needTorch:
                 try:
@@ -265,13 +274,12 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         """A BrainAge model by name ("demo"), file path, or https URL (downloaded once)."""
         from BrainAgeLib.atomic_files import atomic_path
         from BrainAgeLib.checkpoint import load_model
-        from BrainAgeLib.resources import cache_dir
+        from BrainAgeLib.slicer_bridge import model_download_path
 
         if model not in self._models:
             source = model
             if model.lower().startswith("https://"):
-                fileName = os.path.basename(urllib.parse.urlparse(model).path) or "model.safetensors"
-                source = str(cache_dir() / f"{hashlib.sha256(model.encode()).hexdigest()[:12]}-{fileName}")
+                source = model_download_path(model)
                 if not os.path.exists(source):  # download beside it; moved into place only once complete
                     os.makedirs(os.path.dirname(source), exist_ok=True)
                     self.log(f"Downloading {model}...")
@@ -313,7 +321,8 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
 
         sex: "F", "M" or "unknown"; chronologicalAge: years or None. A new labelmap node is made
         when outputLabelmapNode is None; outputAttentionVolumeNode, when given, receives the scalar
-        attention map. Returns the BrainAgeLib Result (predicted_age, brain_age_gap, ...).
+        attention map; the brain mask goes to the labelmap "<input> brain mask". Returns the
+        BrainAgeLib Result (predicted_age, brain_age_gap, qc, ...).
         """
         if not inputVolumeNode:
             raise ValueError("No input volume")
@@ -335,22 +344,32 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
                          workers=0, progress=progress)
 
     def showResult(self, result, inputVolumeNode, outputLabelmapNode=None, outputAttentionVolumeNode=None,
-                   opacity=0.6):
-        """Put the attention labelmap (with its colour table) over the input in the slice views."""
+                   opacity=0.6, showBrainMask=False):
+        """Put the attention labelmap (with its colour table) and the brain mask (labelmap "<input> brain mask",
+        1 = brain, reused on a rerun) on the input's grid; the slice views show the mask when showBrainMask, else
+        the attention labelmap, over the input. Returns (attention labelmap, brain mask); None where not in result."""
         from BrainAgeLib.attention_labelmap import attention_labelmap
+        from BrainAgeLib.slicer_bridge import label_layer_node
 
-        if result.attention is None:
-            return None
-        labelmap = attention_labelmap(result, levels=ATTENTION_LEVELS)
-        if outputLabelmapNode is None:
-            outputLabelmapNode = slicer.mrmlScene.AddNewNodeByClass(
+        maskNode = labelmapNode = None
+        if result.brain_mask is not None:
+            name = inputVolumeNode.GetName() + BRAIN_MASK_SUFFIX
+            maskNode = slicer.util.getFirstNodeByClassByName("vtkMRMLLabelMapVolumeNode", name)
+            if maskNode is None:
+                maskNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+            self.updateVolumeNode(maskNode, result.brain_mask, inputVolumeNode)
+        if result.attention is not None:
+            labelmap = attention_labelmap(result, levels=ATTENTION_LEVELS)
+            labelmapNode = outputLabelmapNode if outputLabelmapNode is not None else slicer.mrmlScene.AddNewNodeByClass(
                 "vtkMRMLLabelMapVolumeNode", inputVolumeNode.GetName() + " attention")
-        self.updateVolumeNode(outputLabelmapNode, labelmap.volume, inputVolumeNode)
-        outputLabelmapNode.GetDisplayNode().SetAndObserveColorNodeID(self.colorTableNode(labelmap.colors).GetID())
-        if outputAttentionVolumeNode is not None:
-            self.updateVolumeNode(outputAttentionVolumeNode, result.attention, inputVolumeNode)
-        slicer.util.setSliceViewerLayers(background=inputVolumeNode, label=outputLabelmapNode, labelOpacity=opacity)
-        return outputLabelmapNode
+            self.updateVolumeNode(labelmapNode, labelmap.volume, inputVolumeNode)
+            labelmapNode.GetDisplayNode().SetAndObserveColorNodeID(self.colorTableNode(labelmap.colors).GetID())
+            if outputAttentionVolumeNode is not None:
+                self.updateVolumeNode(outputAttentionVolumeNode, result.attention, inputVolumeNode)
+        shown = label_layer_node(showBrainMask, labelmapNode, maskNode)
+        if shown is not None:
+            slicer.util.setSliceViewerLayers(background=inputVolumeNode, label=shown, labelOpacity=opacity)
+        return labelmapNode, maskNode
 
     def updateVolumeNode(self, volumeNode, volume, referenceNode):
         """Fill volumeNode with the voxels of a Volume on referenceNode's grid, with that node's
@@ -386,13 +405,6 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         return colorNode
 
 
-def _installedVersion(name):
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 class BrainAgeTest(ScriptedLoadableModuleTest):
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -405,7 +417,7 @@ class BrainAgeTest(ScriptedLoadableModuleTest):
         import math
 
         import numpy as np
-        from BrainAgeLib.slicer_bridge import kji_from_volume, phantom_head
+        from BrainAgeLib.slicer_bridge import QC_NO_FLAGS, kji_from_volume, phantom_head, result_text
 
         self.delayDisplay("Building a phantom head")
         logic = BrainAgeLogic()
@@ -423,11 +435,22 @@ class BrainAgeTest(ScriptedLoadableModuleTest):
         labels = slicer.util.arrayFromVolume(labelmapNode)
         self.assertEqual(labels.shape, slicer.util.arrayFromVolume(inputNode).shape)
         self.assertEqual(int(labels.max()), ATTENTION_LEVELS)
+        maskNode = slicer.util.getFirstNodeByClassByName("vtkMRMLLabelMapVolumeNode", "BrainAgePhantom" + BRAIN_MASK_SUFFIX)
+        mask = slicer.util.arrayFromVolume(maskNode)  # fails when there is no mask node
+        self.assertEqual(mask.shape, labels.shape)
+        self.assertEqual(int(mask.max()), 1)
+        self.assertAlmostEqual(  # the mask shown is the one quality control measured
+            float(mask.sum()) * float(np.prod(result.brain_mask.spacing)) / 1000.0, result.qc.brain_volume_ml, delta=0.5)
         inputMatrix, labelMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
         inputNode.GetIJKToRASMatrix(inputMatrix)
-        labelmapNode.GetIJKToRASMatrix(labelMatrix)
-        np.testing.assert_allclose(
-            slicer.util.arrayFromVTKMatrix(labelMatrix), slicer.util.arrayFromVTKMatrix(inputMatrix), atol=1e-4)
+        for node in (labelmapNode, maskNode):
+            node.GetIJKToRASMatrix(labelMatrix)
+            np.testing.assert_allclose(
+                slicer.util.arrayFromVTKMatrix(labelMatrix), slicer.util.arrayFromVTKMatrix(inputMatrix), atol=1e-4)
+        text = result_text(result)  # what the results panel shows
+        self.assertIn(f"{result.qc.brain_volume_ml:.0f} ml", text)
+        self.assertEqual(text.count("QC flag:"), len(result.qc.flags))
+        self.assertEqual(QC_NO_FLAGS in text, not result.qc.flags)
         colorNode = labelmapNode.GetDisplayNode().GetColorNode()
         self.assertIsNotNone(colorNode)
         self.assertEqual(colorNode.GetName(), COLOR_TABLE_NAME)

@@ -203,7 +203,7 @@ def _exit_with_parent(sentinel: int) -> None:
     os._exit(1)
 
 
-def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool) -> PreparedSubject:
+def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool, device: str = "cpu") -> PreparedSubject:
     """Read and preprocess one subject (runs in a worker; never raises for a bad subject)."""
     started, cpu = time.perf_counter(), time.process_time()
     try:
@@ -214,7 +214,7 @@ def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool) -> P
         header: Dict[str, Any] = {}
         volume = load_volume(path, notes=notes, dicom_header=header)
         loaded = time.perf_counter()
-        prepared = prepare(volume, preset)
+        prepared = prepare(volume, preset, device=device)
         done = time.perf_counter()
         return PreparedSubject(index, prepared, volume if keep_volume else None,
                                timings={"load": loaded - started, "prepare": done - loaded,
@@ -248,6 +248,7 @@ class _Preparer:
     def __init__(self, tasks: Sequence[Tuple[int, str]], keep_volume: bool, workers: int):
         self.tasks = list(tasks)
         self.preset: Any = None
+        self.device = "cpu"           # where deepbet runs (the batch's device)
         self.keep_volume = keep_volume
         self.workers = workers
         self.pool: Optional[ProcessPoolExecutor] = None
@@ -265,7 +266,7 @@ class _Preparer:
     def __iter__(self):
         if self.pool is None:
             for index, path in self.tasks:
-                yield load_and_prepare(index, path, self.preset, self.keep_volume)
+                yield load_and_prepare(index, path, self.preset, self.keep_volume, self.device)
             return
         pending: Dict[Future, Tuple[int, str]] = {}
         queue = list(reversed(self.tasks))
@@ -278,7 +279,7 @@ class _Preparer:
             try:
                 while queue and len(pending) < window:
                     future = self.pool.submit(load_and_prepare, queue[-1][0], queue[-1][1], self.preset,
-                                              self.keep_volume)
+                                              self.keep_volume, self.device)
                     pending[future] = queue.pop()
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             except BrokenProcessPool:
@@ -301,7 +302,7 @@ class _Preparer:
                 # The pool cannot start here (some embedded interpreters): work in-process.
                 logger.warning("preprocessing workers could not start; preparing subjects in this process")
                 for index, path in in_flight + list(reversed(queue)):
-                    yield load_and_prepare(index, path, self.preset, self.keep_volume)
+                    yield load_and_prepare(index, path, self.preset, self.keep_volume, self.device)
                 return
             # A worker died (killed, out of memory): a subject on which that happens twice gets
             # an error row; the others are tried again in a fresh pool.
@@ -374,8 +375,9 @@ def _stem(subject_id: str) -> str:
 
 
 def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path, explain: bool,
-                  explain_format: str, precision: str) -> PredictionRow:
-    """The row of one prepared subject: predict (and write its explanation files)."""
+                  explain_format: str, precision: str, qc: bool = False) -> PredictionRow:
+    """The row of one prepared subject: predict (and write its explanation files and, with
+    ``qc``, its QC picture in ``out_dir/qc/``)."""
     row = _base_row(subject, model.name)
     if item.error:
         row.error = item.error
@@ -396,6 +398,12 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
                 result, maps_dir, _stem(row.id), explain_format, volume=item.volume,
                 input_to_template=getattr(item.prepared, "input_to_template", None), input_path=subject.path)
             row.attention_map = str(paths["attention"].relative_to(out_dir))
+        if qc and item.volume is not None:
+            from .qc_figure import write_result_qc_figure
+
+            qc_dir = out_dir / "qc"
+            qc_dir.mkdir(exist_ok=True)
+            write_result_qc_figure(result, item.volume, qc_dir, _stem(row.id))
     except BrainAgeError as error:
         row.error = message_naming(error, subject.path)
         return row
@@ -409,6 +417,8 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
     row.sex = result.sex
     row.chronological_age = result.chronological_age
     row.warnings = list(item.notes) + header_notes + list(result.warnings)
+    row.brain_volume_ml = None if result.qc.brain_volume_ml is None else round(result.qc.brain_volume_ml, 1)
+    row.qc_flags = list(result.qc.flags)
     return row
 
 
@@ -430,6 +440,7 @@ def run_batch(
     precision: str = "auto",
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    qc: bool = False,
 ) -> BatchSummary:
     """Predict every subject of ``cohort`` into ``out_dir/predictions.csv`` (resumable).
 
@@ -441,18 +452,20 @@ def run_batch(
     in it stops the run cleanly. Subjects already in the CSV are skipped (``retry_failed``:
     failed ones are tried again). ``rank``/``world_size`` (default: from ``torchrun``'s
     environment) shard the cohort: each rank writes its own part file, and rank 0 merges.
+    ``qc`` writes each subject's QC picture (brain-mask outline over the input) into
+    ``out_dir/qc/``; every row has the QC columns either way.
     """
     from . import sharding
 
     subjects = cohort_subjects(cohort)
     with sharding.ShardContext.from_environment(rank, world_size) as context:
         return _run(subjects, Path(out_dir), model, explain, device, workers, progress,
-                    retry_failed, explain_format, precision, context)
+                    retry_failed, explain_format, precision, context, qc)
 
 
 def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: Any,
          workers: Optional[int], progress: Optional[BatchProgress], retry_failed: bool,
-         explain_format: str, precision: str, context: Any) -> BatchSummary:
+         explain_format: str, precision: str, context: Any, qc: bool = False) -> BatchSummary:
     started = time.perf_counter()
     report = progress or (lambda fraction, message: None)
     order = [str(s.id) for s in subjects]
@@ -462,7 +475,7 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     todo = [(index, s) for index, s in mine if str(s.id) not in done_ids]
     by_index = dict(todo)
     n_workers = default_workers() if workers is None else max(0, int(workers))
-    preparer = _Preparer([(index, str(s.path)) for index, s in todo], explain, n_workers)
+    preparer = _Preparer([(index, str(s.path)) for index, s in todo], explain or qc, n_workers)
     try:
         model, target = _resolve_model(model, context.device_for(device))
         out_dir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves no folder
@@ -475,6 +488,7 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     from .presets import get_preset
 
     preparer.preset = get_preset(model.config)
+    preparer.device = str(target)
     csv_path = out_dir / FILENAME if context.world_size == 1 else part_path(out_dir, context.rank, context.world_size)
     summary = BatchSummary(out_dir=out_dir, predictions_csv=out_dir / FILENAME, n_subjects=len(subjects),
                            n_skipped=len(mine) - len(todo), model_name=model.name,
@@ -497,7 +511,7 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
                     timings[key] += item.timings.get(key, 0.0)
                 subject = by_index[item.index]
                 tic = time.perf_counter()
-                row = infer_subject(model, item, subject, out_dir, explain, explain_format, precision)
+                row = infer_subject(model, item, subject, out_dir, explain, explain_format, precision, qc)
                 timings["infer"] += time.perf_counter() - tic
                 writer.append(row)
                 if row.ok:

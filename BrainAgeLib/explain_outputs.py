@@ -69,8 +69,8 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
     ``model_weights_sha256``: the digest of the model's weights (a checkpoint card's
     ``weights_sha256``; default: the result's ``model_weights_sha256`` if it has one), stored in
     the sidecar so that cohort maps name the exact model. ``brain_mask`` (bool, on the input's
-    grid): the brain as preprocessing found it, for the montage's framing (default: where the
-    map is non-zero).
+    grid): the brain as preprocessing found it, for the montage's framing (default: the result's
+    ``brain_mask``, else where the map is non-zero).
     Raises ``BrainAgeError`` when the result has no attention map or the folder is missing.
     """
     attention = getattr(result, "attention", None)
@@ -92,6 +92,8 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
     labelmap = attention_labelmap(result, levels) if levels else attention_labelmap(result)
     save_volume(labelmap.volume, paths["labelmap"])
     write_color_table(labelmap.colors, paths["color_table"])
+    if brain_mask is None and getattr(result, "brain_mask", None) is not None:
+        brain_mask = np.asarray(result.brain_mask.array) > 0
     write_montage(result, paths["montage"], volume=volume, brain_mask=brain_mask)
     if input_to_template is None:
         input_to_template = getattr(result, "input_to_template", None)

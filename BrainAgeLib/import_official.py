@@ -687,6 +687,8 @@ def _official_metadata(config: ModelConfig, vit: OfficialCheckpoint, cnn: Offici
             "cohorts": list(OFFICIAL_TRAINING_COHORTS),
             "description": "the authors' training cohorts (skull-stripped, N4-corrected T1w); "
                            "see the paper for ages and sizes",
+            # the authors stripped with deepbrain's U-Net (prob > 0.5); BrainAge uses deepbet
+            "skull_strip": "deepbrain",
         },
         "metrics": {"validation_mae_years": cnn.validation_mae} if cnn.validation_mae is not None else {},
     }

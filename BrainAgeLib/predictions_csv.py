@@ -46,6 +46,8 @@ COLUMN_DOCS: Dict[str, str] = {
     "site": "acquisition site from the cohort (empty when not given)",
     "model": "name of the model that made the prediction",
     "attention_map": "file of the attention map, relative to the output folder (--explain only)",
+    "brain_volume_ml": "volume of the brain mask preprocessing used, ml (QC; empty on error)",
+    "qc_flags": "the quality-control flags of the input, joined with ' | ' (empty: none)",
     "warnings": "the prediction's warnings, joined with ' | '",
     "error": "empty when the subject succeeded; otherwise why it failed (file and problem)",
 }
@@ -73,6 +75,8 @@ class PredictionRow:
     site: str = ""
     model: str = ""
     attention_map: str = ""
+    brain_volume_ml: Optional[float] = None
+    qc_flags: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     error: str = ""
 
@@ -93,6 +97,8 @@ class PredictionRow:
             "site": self.site,
             "model": self.model,
             "attention_map": self.attention_map,
+            "brain_volume_ml": _format_number(self.brain_volume_ml, plain=True),
+            "qc_flags": " | ".join(self.qc_flags),
             "warnings": " | ".join(self.warnings),
             "error": self.error,
         }
@@ -102,6 +108,7 @@ class PredictionRow:
     def from_cells(cls, cells: Mapping[str, str]) -> "PredictionRow":
         """A row read back from the CSV (a mapping column -> text)."""
         warnings = cells.get("warnings") or ""
+        qc_flags = cells.get("qc_flags") or ""
         return cls(
             id=cells.get("id", ""),
             path=cells.get("path", ""),
@@ -113,6 +120,8 @@ class PredictionRow:
             site=cells.get("site", ""),
             model=cells.get("model", ""),
             attention_map=cells.get("attention_map", ""),
+            brain_volume_ml=_parse_number(cells.get("brain_volume_ml")),
+            qc_flags=[f for f in qc_flags.split(" | ") if f],
             warnings=[w for w in warnings.split(" | ") if w],
             error=cells.get("error", ""),
         )

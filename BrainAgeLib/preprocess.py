@@ -4,9 +4,14 @@
 of the preset's ``PreprocessConfig`` (a preset is data, not a code branch):
 
 1. ``reorient_to_ras``            voxel axes permuted/flipped to R, A, S (exact, no resampling)
-2. ``skull_strip``                affine registration to the bundled MNI152 template, its brain
-                                  mask carried back and refined (see ``skull_strip.py``); an
-                                  input that is already skull-stripped is detected and kept
+   ``suppress_hot_voxels``        isolated voxels far brighter than the rest of the image (above
+                                  ``HOT_VOXEL_FACTOR`` x its 99.99th percentile) take their
+                                  neighbourhood's median, so no single voxel sets the scaling;
+                                  ordinary scans have none and pass unchanged
+2. ``skull_strip``                the brain mask of a trained extractor (deepbet, the default;
+                                  ``brain_extraction.py``) or of the template registration
+                                  (``skull_strip.py``); an input that is already skull-stripped
+                                  is detected and kept
 3. ``n4_bias_correction``         SimpleITK N4 fitted to the brain on the image shrunk by
                                   ``n4_shrink_factor`` (or to about ``n4_grid_mm`` voxels, see
                                   ``n4_shrink_for``); the smooth bias field is evaluated back
@@ -37,7 +42,8 @@ Channel replication and the 0.5/0.5 normalisation belong to the model.
 
 ``Prepared`` keeps the crop box and the reorientation, so any map in model space [S, H, W]
 goes back onto the input's own voxel grid (``to_input_grid``) and any map on the input grid
-comes into model space (``to_model_space``).
+comes into model space (``to_model_space``). It also carries the brain mask on the input's
+grid (``input_brain_mask``) and the input's quality control (``qc``, see ``qc.py``).
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ import time
 import tracemalloc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
@@ -56,6 +62,7 @@ from scipy import ndimage
 
 from .errors import InvalidVolumeError
 from .presets import ModelConfig, PreprocessConfig, get_preset
+from .qc import QualityControl, assess
 from .registration import sitk_to_array, volume_to_sitk
 from .skull_strip import detect_skull_stripped
 from .skull_strip import skull_strip as _skull_strip_mask
@@ -74,6 +81,10 @@ MIN_NEIGHBOUR_CORRELATION = 0.2
 # Mutual information with the template below which the input is not a head at all (noise gives
 # ~0.01, a uniform ball ~0.25, T1 heads 0.6 (Colin27) to 1.2 (synthetic phantoms)).
 MIN_MUTUAL_INFORMATION = 0.15
+#: A voxel brighter than this many times the image's 99.99th percentile is an outlier (a hot
+#: pixel, a reconstruction spike): ordinary T1 scans peak at 1.02-1.6 times it (8 IXI heads,
+#: Colin27, phantoms); two infant T1s had one voxel at 19 times it.
+HOT_VOXEL_FACTOR = 3.0
 
 
 def preprocess_config(preset: PresetLike) -> PreprocessConfig:
@@ -93,6 +104,31 @@ def reorient_to_ras(volume: Volume) -> Volume:
     return Volume(np.asarray(ras.array, dtype=np.float32), ras.affine)
 
 
+def suppress_hot_voxels(volume: Volume) -> Tuple[Volume, int, float]:
+    """(volume with its hot voxels replaced, how many there were, the threshold used).
+
+    A hot voxel is brighter than ``HOT_VOXEL_FACTOR`` x the 99.99th percentile of the non-zero
+    voxels; it takes the median of its 3 x 3 x 3 neighbours that are not hot themselves. With no
+    hot voxel the same Volume is returned, untouched.
+    """
+    array = volume.array
+    positive = array[array > 0]
+    if positive.size == 0:
+        return volume, 0, float("inf")
+    threshold = HOT_VOXEL_FACTOR * float(np.percentile(positive, 99.99))
+    hot = np.argwhere(array > threshold)
+    if len(hot) == 0:
+        return volume, 0, threshold
+    padded = np.pad(array, 1, mode="edge")
+    offsets = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
+    neighbours = padded[tuple((hot[:, None, :] + offsets[None, :, :]).transpose(2, 0, 1))]  # [n, 27]
+    neighbours = np.where(neighbours > threshold, np.nan, neighbours)
+    replacement = np.nanmedian(np.where(np.isnan(neighbours).all(axis=1, keepdims=True), threshold, neighbours), axis=1)
+    cleaned = array.copy()
+    cleaned[tuple(hot.T)] = replacement.astype(np.float32)
+    return volume.with_array(cleaned), len(hot), threshold
+
+
 def n4_shrink_for(config: PreprocessConfig, spacing: Sequence[float]) -> int:
     """N4's shrink factor for an input of ``spacing`` (mm): ``n4_shrink_factor`` voxels, or, with
     ``n4_grid_mm``, the factor that brings the finest axis closest to that voxel size."""
@@ -109,6 +145,24 @@ def _shrink_to_grid(grid_mm: float, spacing: Sequence[float]) -> int:
 def _volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
     """Volume of a boolean mask on a grid of ``spacing`` (mm), in millilitres."""
     return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
+
+
+#: Threads N4 runs on, whatever the machine or the run: N4's B-spline fit sums per-thread parts,
+#: so its field (and, through 8-bit quantisation, the slices and the age) changed with the thread
+#: count: an IXI head was 53.866 years in a batch worker (1 thread) and 53.870 from the command
+#: line (2). One thread gives the same field everywhere.
+N4_THREADS = 1
+
+
+@contextmanager
+def _itk_threads(n: int) -> Iterator[None]:
+    """SimpleITK filters made inside run on ``n`` threads (the global default, restored after)."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def n4_bias_correction(
@@ -147,19 +201,42 @@ def n4_bias_correction(
     mask_image.CopyInformation(image)
     small = sitk.Shrink(image, [factor] * 3)
     small_mask = sitk.Shrink(mask_image, [factor] * 3)
-    corrector = sitk.N4BiasFieldCorrectionImageFilter()
-    corrector.SetMaximumNumberOfIterations(list(iterations))
-    corrector.Execute(small, small_mask)
-    log_bias = sitk_to_array(corrector.GetLogBiasFieldAsImage(image)).astype(np.float32)
+    with _itk_threads(N4_THREADS):
+        corrector = sitk.N4BiasFieldCorrectionImageFilter()
+        corrector.SetMaximumNumberOfIterations(list(iterations))
+        corrector.Execute(small, small_mask)
+        log_bias = sitk_to_array(corrector.GetLogBiasFieldAsImage(image)).astype(np.float32)
     corrected = array.copy()
     corrected[box] = array[box] * np.exp(-log_bias)
     return Volume(corrected, volume.affine)
 
 
+def check_brain_volume(mask: np.ndarray, volume: Volume, method: str) -> None:
+    """Refuse a brain extraction whose mask cannot be a brain (the QC flags narrower ranges)."""
+    brain_ml = _volume_ml(mask, volume.spacing)
+    if not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
+        raise InvalidVolumeError(
+            f"skull stripping ({method}) found a brain of {brain_ml:.0f} ml (expected {MIN_BRAIN_ML:.0f}-"
+            f"{MAX_BRAIN_ML:.0f} ml): is this a T1-weighted head MRI? If it is skull-stripped "
+            "already, say so (skull_stripped=True)"
+        )
+
+
+def deepbet_strip(volume: Volume, device: str = "cpu") -> Tuple[Volume, np.ndarray]:
+    """Brain only with deepbet's mask: (stripped volume, 0 outside the brain; brain mask)."""
+    from .brain_extraction import deepbet_brain_mask
+
+    mask = deepbet_brain_mask(volume, device)
+    check_brain_volume(mask, volume, "deepbet")
+    stripped = np.where(mask, volume.array, 0.0).astype(np.float32)
+    return Volume(stripped, volume.affine), mask
+
+
 def skull_strip(
     volume: Volume, registration_spacing_mm: float = 3.0
 ) -> Tuple[Volume, np.ndarray, np.ndarray]:
-    """Brain only: (stripped volume with 0 outside the brain, brain mask, input->template 4x4).
+    """Brain only by template registration: (stripped volume with 0 outside the brain, brain
+    mask, input->template 4x4).
 
     A strong intensity bias (a surface coil, 7 T) can keep the registration from matching the
     template; then the registration is tried once more on a bias-corrected copy of the head (N4
@@ -178,13 +255,7 @@ def skull_strip(
             f"{-result.registration.metric:.2f}, a T1-weighted head gives 0.5-1.2, also after bias "
             "correction): is this a T1-weighted head MRI?"
         )
-    brain_ml = _volume_ml(result.brain_mask, volume.spacing)
-    if not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
-        raise InvalidVolumeError(
-            f"skull stripping found a brain of {brain_ml:.0f} ml (expected {MIN_BRAIN_ML:.0f}-"
-            f"{MAX_BRAIN_ML:.0f} ml): is this a T1-weighted head MRI? If it is skull-stripped "
-            "already, say so (skull_stripped=True)"
-        )
+    check_brain_volume(result.brain_mask, volume, "template")
     stripped = np.where(result.brain_mask, volume.array, 0.0).astype(np.float32)
     return Volume(stripped, volume.affine), result.brain_mask, result.registration.input_to_template
 
@@ -321,6 +392,9 @@ class Prepared:
     crop_start: Tuple[int, int, int]        # crop box in the RAS-reoriented voxel grid
     crop_shape: Tuple[int, int, int]
     config: PreprocessConfig = field(default_factory=PreprocessConfig)
+    qc: QualityControl = field(default_factory=QualityControl)
+    input_brain_mask: Optional[np.ndarray] = None   # bool, the brain mask on the input's own grid
+    warnings: List[str] = field(default_factory=list)  # what preprocessing changed or doubted
     peak_memory_mb: Dict[str, float] = field(default_factory=dict)  # only under tracemalloc
     cpu_timings: Dict[str, float] = field(default_factory=dict)     # CPU seconds, all threads
 
@@ -363,6 +437,12 @@ class Prepared:
             nib.orientations.axcodes2ornt(("R", "A", "S")),
             nib.orientations.io_orientation(self.input_affine),
         )
+
+    def brain_mask_volume(self) -> Optional[Volume]:
+        """The brain mask on the input's grid as a uint8 Volume (1 = brain), or None."""
+        if self.input_brain_mask is None:
+            return None
+        return Volume(self.input_brain_mask.astype(np.uint8), self.input_affine.copy())
 
     def to_input_grid(self, model_map: np.ndarray, order: int = 1) -> Volume:
         """A map in model space [S, H, W] on the input volume's own voxel grid.
@@ -438,18 +518,11 @@ def _decide_skull_stripped(volume: Volume, config: PreprocessConfig,
                            declared: Optional[bool]) -> Tuple[bool, bool]:
     """(the input is skull-stripped already, strip it now).
 
-    ``skull_strip="auto"`` detects stripped inputs and strips the others; ``"template"``
-    strips unless the caller declares the input stripped; ``"none"`` never strips (but still
-    detects, so that the brain mask is the stripped input's foreground).
+    Every method detects stripped inputs unless the caller declares it (``skull_stripped``);
+    ``"none"`` never strips, but still detects, so that the brain mask is the stripped input's
+    foreground.
     """
-    if config.skull_strip not in ("auto", "template", "none"):
-        raise ValueError(f"skull_strip must be 'auto', 'template' or 'none', got {config.skull_strip!r}")
-    if declared is not None:
-        stripped = bool(declared)
-    elif config.skull_strip == "template":
-        stripped = False
-    else:
-        stripped = detect_skull_stripped(volume)
+    stripped = detect_skull_stripped(volume) if declared is None else bool(declared)
     return stripped, (not stripped and config.skull_strip != "none")
 
 
@@ -457,21 +530,30 @@ def prepare(
     volume: Volume,
     preset: PresetLike = "paper",
     skull_stripped: Optional[bool] = None,
+    device: str = "cpu",
 ) -> Prepared:
     """Run the preprocessing of ``preset`` on a T1 ``volume`` (see the module docstring).
 
     ``preset``: a preset name ("paper", "demo", "tiny"), a ``ModelConfig`` or a
     ``PreprocessConfig``. ``skull_stripped``: True if the input is already skull-stripped,
-    False if it certainly is not, None to detect it (``skull_strip="auto"``).
+    False if it certainly is not, None to detect it. ``device``: where deepbet's networks run
+    (a torch device string).
     """
     config = preprocess_config(preset)
     steps = _StepRecorder()
     started, cpu_started = time.perf_counter(), time.process_time()
+    warnings: List[str] = []
 
     with steps.step("reorient_to_ras"):
         ras = reorient_to_ras(volume)
     if min(ras.shape) < 2:
         raise InvalidVolumeError(f"volume of shape {ras.shape} is too thin to preprocess")
+    with steps.step("suppress_hot_voxels"):
+        ras, n_hot, hot_threshold = suppress_hot_voxels(ras)
+    if n_hot:
+        warnings.append(
+            f"{n_hot} isolated voxel{'s' if n_hot > 1 else ''} brighter than {hot_threshold:.6g} ({HOT_VOXEL_FACTOR:g} "
+            "times the image's 99.99th percentile) took the median of their neighbours")
 
     with steps.step("detect_skull_stripped"):
         is_stripped, strip_now = _decide_skull_stripped(ras, config, skull_stripped)
@@ -482,7 +564,10 @@ def prepare(
     input_to_template = None
     if strip_now:
         with steps.step("skull_strip"):
-            ras, brain, input_to_template = skull_strip(ras, config.registration_spacing_mm)
+            if config.skull_strip == "deepbet":
+                ras, brain = deepbet_strip(ras, device)
+            else:
+                ras, brain, input_to_template = skull_strip(ras, config.registration_spacing_mm)
 
     if config.n4_bias_correction:
         with steps.step("n4_bias_correction"):
@@ -493,6 +578,9 @@ def prepare(
         scaled = minmax(ras.array)
     if not (is_stripped or strip_now):
         brain = scaled > config.crop_threshold   # no skull stripping: the bright foreground
+    with steps.step("quality_control"):
+        method = "already stripped" if is_stripped else config.skull_strip
+        qc = assess(ras.array, brain, ras.spacing, method)
     with steps.step("crop_to_largest_component"):
         box = crop_to_largest_component(scaled, config.crop_threshold)
         # As in the authors' code the crop keeps the unscaled intensities (float64); the
@@ -520,6 +608,8 @@ def prepare(
         crop_start=tuple(int(s.start) for s in box),
         crop_shape=tuple(int(s.stop - s.start) for s in box),
         config=config,
+        qc=qc,
+        warnings=warnings,
     )
     with steps.step("brain_mask"):
         ras_mask = brain[box].astype(np.float32)
@@ -529,6 +619,8 @@ def prepare(
             ras_mask, inverse, offset=-offset * inverse, output_shape=slices.shape, order=1,
             mode="nearest",
         ) > 0.5
+        prepared.input_brain_mask = np.ascontiguousarray(
+            nib.orientations.apply_orientation(brain, prepared._orientation_to_input()), dtype=bool)
     prepared.timings = dict(steps.seconds, total=time.perf_counter() - started)
     prepared.peak_memory_mb = dict(steps.peak_mb)
     prepared.cpu_timings = dict(steps.cpu_seconds, total=time.process_time() - cpu_started)

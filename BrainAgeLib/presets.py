@@ -14,6 +14,12 @@ from typing import Any, Dict, Optional, Tuple
 #: Precision names the ViT may run in (``devices.autocast_dtype``); here, free of torch, so the
 #: command line can list them without importing torch.
 PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+#: Brain extraction methods (``PreprocessConfig.skull_strip``): a trained extractor (deepbet, see
+#: ``brain_extraction.py``), the template registration of ``skull_strip.py``, or none. Inputs
+#: that are skull-stripped already are detected and kept with every method.
+SKULL_STRIP_METHODS: Tuple[str, ...] = ("deepbet", "template", "none")
+#: Names older checkpoints recorded: "auto" was the template method with detection.
+_LEGACY_SKULL_STRIP = {"auto": "template"}
 
 
 @dataclass(frozen=True)
@@ -23,12 +29,18 @@ class PreprocessConfig:
     n4_bias_correction: bool = True
     n4_shrink_factor: int = 4            # N4 runs on the image shrunk by this factor (speed)
     n4_grid_mm: Optional[float] = None   # instead: shrink to about this voxel size (mm), whatever the input's
-    skull_strip: str = "auto"           # "auto" (detect stripped input), "template", "none"
+    skull_strip: str = "deepbet"         # one of SKULL_STRIP_METHODS
     registration_spacing_mm: float = 3.0  # grid the template registration runs on
     crop_threshold: float = 0.1          # largest connected component above this (after min-max)
     n_slices: int = 160                  # sagittal slices after resampling the L-R axis (cubic)
     image_size: int = 224                # each slice resized to image_size x image_size
     quantize_8bit: bool = True           # floor(255 x) as the authors' ToPILImage does
+
+    def __post_init__(self) -> None:
+        method = _LEGACY_SKULL_STRIP.get(self.skull_strip, self.skull_strip)
+        if method not in SKULL_STRIP_METHODS:
+            raise ValueError(f"skull_strip must be one of {', '.join(SKULL_STRIP_METHODS)}, got {self.skull_strip!r}")
+        object.__setattr__(self, "skull_strip", method)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -93,3 +93,23 @@ def write_qc_figure(volume: Volume, brain_mask: np.ndarray, path: PathLike, titl
 
     fig = qc_figure(volume, brain_mask, title)
     return save_figure(fig, path, dpi=int(fig.dpi))
+
+
+def qc_figure_path(out_dir: PathLike, stem: str) -> Path:
+    """Where a prediction's QC picture goes: ``OUT/<stem>_qc.png``."""
+    return Path(out_dir) / f"{stem}_qc.png"
+
+
+def write_result_qc_figure(result: Any, volume: Volume, out_dir: PathLike, stem: str) -> Path:
+    """The QC picture of one prediction: its brain mask over ``volume`` (the input), titled with
+    the subject, the mask's volume and method, and the QC flags (or "QC: no flags")."""
+    import textwrap
+
+    mask = getattr(result, "brain_mask", None)
+    if mask is None:
+        raise BrainAgeError("the result carries no brain mask to draw")
+    qc = result.qc
+    volume_text = "" if qc.brain_volume_ml is None else f"{qc.brain_volume_ml:.0f} ml, "
+    flags = "QC: " + ("; ".join(qc.flags) if qc.flags else "no flags")
+    title = f"{stem}: brain mask {volume_text}{qc.skull_strip}\n" + "\n".join(textwrap.wrap(flags, 120))
+    return write_qc_figure(volume, np.asarray(mask.array) > 0, qc_figure_path(out_dir, stem), title)

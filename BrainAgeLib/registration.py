@@ -248,6 +248,10 @@ def register_to_template(
         method.SetSmoothingSigmasPerLevel([0.5 * spacing_mm * f if f > 1 else 0.0 for f in levels])
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         method.SetInitialTransform(initial, inPlace=True)
+        # One work unit: with several, ITK sums the metric's per-thread parts in the order the
+        # threads finish, so the same head registered twice ended a little apart (an IXI head's
+        # age moved by 0.4 years between runs). One unit gives the same transform every run.
+        method.SetNumberOfWorkUnits(1)
         method.Execute(fixed, moving)
         return method.GetMetricValue(), method.GetOptimizerIteration()
 

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .qc import QualityControl
 from .volume import Volume
 
 DEMO_DISCLAIMER = (
@@ -36,6 +37,12 @@ class Result:
     model_intended_use: str = ""
     model_is_demo: bool = False
     warnings: List[str] = field(default_factory=list)
+    #: quality control of the input (``qc.py``): measurements and the flags they raised
+    qc: QualityControl = field(default_factory=QualityControl)
+    #: the brain mask preprocessing used, uint8 (1 = brain) on the input's grid; not in ``to_dict``
+    brain_mask: Optional[Volume] = None
+    #: SHA-256 of the model's weights (its card's ``weights_sha256``; empty when unknown)
+    model_weights_sha256: str = ""
     #: 4x4 input RAS (mm) -> template RAS (mm) when preprocessing registered to the template
     #: (``Prepared.input_to_template``); used for cohort attention maps. Not in ``to_dict``.
     input_to_template: Optional[np.ndarray] = None
@@ -58,7 +65,9 @@ class Result:
             "model_name": self.model_name,
             "model_intended_use": self.model_intended_use,
             "model_is_demo": bool(self.model_is_demo),
+            "model_weights_sha256": self.model_weights_sha256,
             "warnings": [str(w) for w in self.warnings],
+            "qc": self.qc.to_dict(),
         }
         if self.model_is_demo:
             summary["disclaimer"] = DEMO_DISCLAIMER
@@ -82,6 +91,9 @@ class Result:
         lines.append(model)
         if self.model_is_demo:
             lines.append(f"NOTE: {DEMO_DISCLAIMER}")
+        if self.qc.brain_volume_ml is not None:
+            lines.append(f"Brain mask: {self.qc.brain_volume_ml:.0f} ml ({self.qc.skull_strip})")
+        lines.extend(f"QC flag: {flag}" for flag in self.qc.flags)
         lines.extend(f"Warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 

@@ -9,7 +9,8 @@ conversion and check it relies on lives here, where pytest can reach it:
   is a transpose plus a copy of the matrix. ``volume_from_kji`` / ``kji_from_volume`` do it.
 - Colour tables: ``color_table_rows`` turns (label, name, RGBA 0-255) entries into the rows a
   ``vtkMRMLColorTableNode`` takes (``SetColor(index, name, r, g, b, a)`` with 0-1 components).
-- The results panel text (``result_text``), widget input checks (``check_inputs``), the pinned
+- The results panel text (``result_text``, with the quality control from ``qc_html``), which
+  labelmap the slice views show (``label_layer_node``), widget input checks (``check_inputs``), the pinned
   pip requirements installed on first use (``missing_requirements``), and the progress/cancel
   relay between the worker thread and the GUI timer (``ProgressRelay``).
 
@@ -18,10 +19,13 @@ dependencies are installed); anything heavier is imported inside the function th
 """
 from __future__ import annotations
 
+import hashlib
 import html
+import importlib.metadata
 import math
 import os
 import threading
+import urllib.parse
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,6 +35,7 @@ from .sex import InvalidSexError, parse_sex
 
 if TYPE_CHECKING:  # pragma: no cover
     from .attention_labelmap import ColorEntry
+    from .qc import QualityControl
     from .result import Result
     from .volume import Volume
 
@@ -51,6 +56,12 @@ PIP_REQUIREMENTS: Dict[str, str] = {
     "pillow": "13.0.0",
     "matplotlib": "3.11.2",
     "tqdm": "4.70.1",
+    # brain extraction (BrainAgeLib.brain_extraction) and what it imports; pip brings deepbet's
+    # other requirement, customtkinter, for deepbet's GUI, which BrainAge never imports.
+    "deepbet": "1.0.2",
+    "connected-components-3d": "4.1.1",
+    "fill_voids": "2.1.2",
+    "pandas": "3.1.1",
 }
 #: What BrainAge asks of the torch that PyTorchUtils installs.
 TORCH_REQUIREMENT = ">=2.1"
@@ -129,7 +140,8 @@ def color_table_rows(colors: Sequence["ColorEntry"]) -> Tuple[int, List[Tuple[in
 # --- the results panel ----------------------------------------------------------------------
 
 def result_text(result: "Result") -> str:
-    """The results panel as HTML: ages and gaps (years), the model and what it is meant for.
+    """The results panel as HTML: ages and gaps (years), the model and what it is meant for,
+    the quality control of the input (``qc_html``) and the prediction's warnings.
 
     The demo model's disclaimer (synthetic training data, not for clinical use) is shown in
     red, first, so nobody reads the numbers without it.
@@ -161,10 +173,62 @@ def result_text(result: "Result") -> str:
     parts.append("<table>" + "".join(
         f"<tr><td><b>{html.escape(label)}:</b></td><td>{html.escape(value)}</td></tr>" for label, value in rows
     ) + "</table>")
+    parts.append(qc_html(result.qc))
     if result.warnings:
         parts.append("<p><b>Warnings:</b></p><ul>" + "".join(
             f"<li>{html.escape(str(w))}</li>" for w in result.warnings) + "</ul>")
     return "\n".join(parts)
+
+
+#: Colour of a QC flag's line in the results panel (dark amber: a warning, not an error).
+QC_FLAG_COLOR = "#a84e00"
+#: What the results panel says when quality control raised nothing.
+QC_NO_FLAGS = "QC: no flags"
+#: How the panel names each ``QualityControl.skull_strip`` method (others are shown as they are).
+SKULL_STRIP_NAMES = {
+    "deepbet": "deepbet (trained brain extractor)",
+    "template": "template registration",
+    "none": "none (no skull stripping)",
+    "already stripped": "none: the input was already skull-stripped",
+}
+
+
+def qc_html(qc: "QualityControl") -> str:
+    """The quality-control part of the results panel, as HTML.
+
+    One line with the brain mask's volume (ml, against the adult range of :mod:`BrainAgeLib.qc`),
+    the method that made it and the voxel size; then each QC flag as its own line in
+    ``QC_FLAG_COLOR`` with a warning sign, or ``QC_NO_FLAGS`` when there is none.
+    """
+    from .qc import ADULT_BRAIN_ML
+
+    method = SKULL_STRIP_NAMES.get(qc.skull_strip, qc.skull_strip) or "unknown method"
+    if qc.brain_volume_ml is None or not math.isfinite(float(qc.brain_volume_ml)):
+        volume = "not measured"
+    else:
+        volume = (f"{float(qc.brain_volume_ml):.0f} ml (adult range {ADULT_BRAIN_ML[0]:.0f}-{ADULT_BRAIN_ML[1]:.0f} ml), "
+                  f"by {method}")
+    line = f"<b>Brain mask:</b> {html.escape(volume)}"
+    if qc.voxel_size_mm and min(float(s) for s in qc.voxel_size_mm) > 0:
+        line += html.escape(f"; voxels {' x '.join(f'{float(s):.3g}' for s in qc.voxel_size_mm)} mm")
+    parts = [f"<p>{line}</p>"]
+    for flag in qc.flags:
+        sentence = str(flag).strip()
+        sentence = sentence[:1].upper() + sentence[1:]
+        if not sentence.endswith((".", "?", "!")):
+            sentence += "."
+        parts.append(f'<p style="color:{QC_FLAG_COLOR}"><b>&#9888; QC flag:</b> {html.escape(sentence)}</p>')
+    if not qc.flags:
+        parts.append(f"<p>&#10003; {html.escape(QC_NO_FLAGS)}</p>")
+    return "\n".join(parts)
+
+
+def label_layer_node(show_brain_mask: bool, attention_node, brain_mask_node):
+    """The labelmap node the slice views' label layer shows: the brain mask when asked for and
+    there is one, else the attention labelmap (None: neither exists, leave the layer alone)."""
+    if show_brain_mask and brain_mask_node is not None:
+        return brain_mask_node
+    return attention_node
 
 
 def _years(value: Optional[float], signed: bool = False) -> str:
@@ -232,7 +296,24 @@ def torch_missing(installed_version: Callable[[str], Optional[str]]) -> bool:
     return any(installed_version(name) is None for name in ("torch", "torchvision"))
 
 
-def missing_requirements(installed_version: Callable[[str], Optional[str]]) -> List[str]:
+def installed_version(name: str) -> Optional[str]:
+    """The installed version of the distribution ``name``, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def model_download_path(url: str) -> str:
+    """Where the module keeps a model downloaded from ``url``: BrainAge's cache, the file named
+    after the URL's last path part behind a digest of the whole URL (two URLs never share a file)."""
+    from .resources import cache_dir
+
+    file_name = os.path.basename(urllib.parse.urlparse(url).path) or "model.safetensors"
+    return str(cache_dir() / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{file_name}")
+
+
+def missing_requirements(installed_version: Callable[[str], Optional[str]] = installed_version) -> List[str]:
     """Pinned pip specs (``name==version``) of the ``PIP_REQUIREMENTS`` not installed yet.
 
     ``installed_version(name)`` returns the installed version or None (in Slicer: a wrapper of

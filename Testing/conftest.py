@@ -53,3 +53,20 @@ def colin27_path() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+REAL_T1 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-t1"
+
+
+@pytest.fixture(scope="session")
+def real_heads() -> list:
+    """The 8 real IXI T1 heads of ../shared/data/real-t1 as dicts (id, path, age, sex): for
+    checking preprocessing on real anatomy, never for training or tuning."""
+    import csv
+
+    table = REAL_T1 / "participants.csv"
+    if not table.exists():
+        pytest.skip(f"the real heads are not here ({REAL_T1} is missing: ../shared beside the checkout)")
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{"id": r["id"], "path": REAL_T1 / r["path"], "age": float(r["age"]), "sex": r["sex"]} for r in rows]

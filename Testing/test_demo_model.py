@@ -5,11 +5,14 @@ head), nothing downloaded or generated.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
+from BrainAgeLib.io import load_volume
+from BrainAgeLib.preprocess import prepare
 from BrainAgeLib.resources import resource_path
 
 MODEL = resource_path("Models", "brainage_demo.safetensors")
@@ -89,8 +92,11 @@ def test_shipped_model_reproduces_its_heldout_predictions(demo_model, tmp_path):
         assert (spec.age, spec.sex, spec.spacing, spec.has_skull) == (
             row["age"], row["sex"], row["spacing_mm"], row["has_skull"])
         written = write_phantom(spec, tmp_path)          # the same int16 NIfTI training read
-        result = demo_model.predict(tmp_path / written["path"], spec.sex, age=spec.age, device="cpu",
-                                    use_cache=False)
+        # the brain extraction its training used (the card says so); predictions use deepbet
+        assert demo_model.metadata["training_data"]["skull_strip"] == "template"
+        config = dataclasses.replace(demo_model.config.preprocess, skull_strip="template")
+        prepared = prepare(load_volume(tmp_path / written["path"]), config)
+        result = demo_model.predict_prepared(prepared, spec.sex, spec.age, device="cpu")
         assert result.predicted_age == pytest.approx(row["predicted_age"], abs=0.05), row["id"]
 
 

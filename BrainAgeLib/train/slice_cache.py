@@ -42,7 +42,7 @@ def file_signature(path: "str | os.PathLike") -> Dict[str, object]:
 
 
 #: Modules whose code decides what ``prepare`` outputs; their source is part of the cache key.
-PREPROCESSING_MODULES = ("io", "preprocess", "skull_strip", "registration", "template")
+PREPROCESSING_MODULES = ("io", "preprocess", "skull_strip", "brain_extraction", "qc", "registration", "template")
 
 
 def preprocessing_code_digest() -> str:
