@@ -398,6 +398,10 @@ class Prepared:
     peak_memory_mb: Dict[str, float] = field(default_factory=dict)  # only under tracemalloc
     cpu_timings: Dict[str, float] = field(default_factory=dict)     # CPU seconds, all threads
 
+    def __repr__(self) -> str:   # the arrays would fill a screen (test failures, the console)
+        return (f"Prepared(slices {'x'.join(map(str, self.slices.shape))}, input {'x'.join(map(str, self.input_shape))}, "
+                f"brain extraction {self.qc.skull_strip or 'none'}, {len(self.qc.flags)} QC flag(s))")
+
     @property
     def model_shape(self) -> Tuple[int, int, int]:
         return tuple(int(n) for n in self.slices.shape)  # type: ignore[return-value]

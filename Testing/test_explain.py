@@ -516,7 +516,8 @@ def test_predict_command_writes_the_explanation(old_phantom, tmp_path, capsys):
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir())
     assert names == ["sub-02_T1w_attention.json", "sub-02_T1w_attention.nrrd", "sub-02_T1w_attention.png",
-                     "sub-02_T1w_attention_label.ctbl", "sub-02_T1w_attention_label.nrrd", "sub-02_T1w_brainage.json"]
+                     "sub-02_T1w_attention_label.ctbl", "sub-02_T1w_attention_label.nrrd", "sub-02_T1w_brainage.json",
+                     "sub-02_T1w_qc.png"]
     attention = load_volume(out / "sub-02_T1w_attention.nrrd")
     assert attention.shape == old_phantom.volume.shape and 0 < attention.array.max() <= 1.0
     report = json.loads((out / "sub-02_T1w_brainage.json").read_text())

@@ -139,11 +139,12 @@ def test_result_to_dict_is_json_and_summary_is_human(female_result):
     assert "disclaimer" not in data and demo.to_dict()["disclaimer"] == DEMO_DISCLAIMER
 
 
-def test_out_of_range_age_is_warned_about(mni_3mm):
+def test_out_of_range_age_is_a_qc_flag(mni_3mm):
     model = build_model("tiny", seed=0)
     model.metadata.update(trained=True, training_data={"age_range": [20, 90]})
     result = model.predict(mni_3mm, "F", age=8, device="cpu")
-    assert any("outside the training ages 20-90" in w for w in result.warnings)
+    assert any("outside the training ages 20-90" in flag for flag in result.qc.flags)
+    assert not any("outside the training ages" in flag for flag in model.predict(mni_3mm, "F", age=50).qc.flags)
 
 
 # ---------------------------------------------------------------------------- devices

@@ -155,3 +155,20 @@ def test_one_head_in_three_orientations_and_formats_gives_the_same_mask(real_hea
         resampled = ndimage.affine_transform(mask.astype(np.float32), voxel_map[:3, :3], offset=voxel_map[:3, 3],
                                              output_shape=original.shape, order=0) > 0.5
         assert dice(resampled, reference) >= 0.98, codes
+
+
+def test_attention_is_zero_outside_an_already_stripped_brain(colin27_path):
+    """ch2bet is skull-stripped (0 outside the brain): 146.6 ml of attention lay on that zero
+    background, spread by the map's interpolation; the map is 0 outside the brain mask."""
+    from BrainAgeLib.checkpoint import load_model
+
+    path = colin27_path.parent / "ch2bet.nii.gz"
+    if not path.exists():
+        pytest.skip("ch2bet (mricron-data) is not installed")
+    volume = load_volume(path)
+    result = load_model("demo").predict(volume, "M", explain=True, device="cpu", use_cache=False)
+    background = volume.array == 0
+    outside_ml = np.count_nonzero(result.attention.array[background] > 0) * np.prod(volume.spacing) / 1000
+    assert outside_ml == 0.0
+    assert np.count_nonzero(result.attention.array > 0) * np.prod(volume.spacing) / 1000 > 800
+    assert result.qc.skull_strip == "already stripped"
