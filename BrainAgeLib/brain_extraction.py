@@ -68,7 +68,9 @@ def deepbet_brain_mask(volume: Volume, device: str = "cpu") -> np.ndarray:
     extractor = _extractor(str(torch.device(device)))
     array = np.ascontiguousarray(volume.array, dtype=np.float32)
     try:
-        with _LOCK, torch.inference_mode():
+        # cuDNN's autotuner may pick a nondeterministic algorithm: ask for deterministic ones
+        with _LOCK, torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=False,
+                                                                      deterministic=True):
             probability = extractor.run_model(array.copy())
             mask = extractor.postprocess(probability > THRESHOLD)
     except (AssertionError, ValueError) as error:   # deepbet's own checks: no foreground found

@@ -48,6 +48,7 @@ grid (``input_brain_mask``) and the input's quality control (``qc``, see ``qc.py
 from __future__ import annotations
 
 import os
+import threading
 import time
 import tracemalloc
 from contextlib import contextmanager
@@ -62,7 +63,7 @@ from scipy import ndimage
 
 from .errors import InvalidVolumeError
 from .presets import ModelConfig, PreprocessConfig, get_preset
-from .qc import QualityControl, assess
+from .qc import ALREADY_STRIPPED, QualityControl, assess, mask_volume_ml
 from .registration import sitk_to_array, volume_to_sitk
 from .skull_strip import detect_skull_stripped
 from .skull_strip import skull_strip as _skull_strip_mask
@@ -107,23 +108,25 @@ def reorient_to_ras(volume: Volume) -> Volume:
 def suppress_hot_voxels(volume: Volume) -> Tuple[Volume, int, float]:
     """(volume with its hot voxels replaced, how many there were, the threshold used).
 
-    A hot voxel is brighter than ``HOT_VOXEL_FACTOR`` x the 99.99th percentile of the non-zero
-    voxels; it takes the median of its 3 x 3 x 3 neighbours that are not hot themselves. With no
-    hot voxel the same Volume is returned, untouched.
+    A hot voxel lies further from 0 than ``HOT_VOXEL_FACTOR`` x the 99.99th percentile of the
+    non-zero voxels' magnitudes (a bright spike, or a dark one far below 0, which would set the
+    minimum); it takes the median of its 3 x 3 x 3 neighbours that are not hot themselves. With
+    no hot voxel the same Volume is returned, untouched.
     """
     array = volume.array
-    positive = array[array > 0]
-    if positive.size == 0:
+    magnitude = np.abs(array)
+    nonzero = magnitude[magnitude > 0]
+    if nonzero.size == 0:
         return volume, 0, float("inf")
-    threshold = HOT_VOXEL_FACTOR * float(np.percentile(positive, 99.99))
-    hot = np.argwhere(array > threshold)
+    threshold = HOT_VOXEL_FACTOR * float(np.percentile(nonzero, 99.99))
+    hot = np.argwhere(magnitude > threshold)
     if len(hot) == 0:
         return volume, 0, threshold
     padded = np.pad(array, 1, mode="edge")
     offsets = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), axis=-1).reshape(-1, 3)
     neighbours = padded[tuple((hot[:, None, :] + offsets[None, :, :]).transpose(2, 0, 1))]  # [n, 27]
-    neighbours = np.where(neighbours > threshold, np.nan, neighbours)
-    replacement = np.nanmedian(np.where(np.isnan(neighbours).all(axis=1, keepdims=True), threshold, neighbours), axis=1)
+    neighbours = np.where(np.abs(neighbours) > threshold, np.nan, neighbours)
+    replacement = np.nanmedian(np.where(np.isnan(neighbours).all(axis=1, keepdims=True), 0.0, neighbours), axis=1)
     cleaned = array.copy()
     cleaned[tuple(hot.T)] = replacement.astype(np.float32)
     return volume.with_array(cleaned), len(hot), threshold
@@ -142,27 +145,27 @@ def _shrink_to_grid(grid_mm: float, spacing: Sequence[float]) -> int:
     return max(1, int(round(float(grid_mm) / float(min(spacing)))))
 
 
-def _volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
-    """Volume of a boolean mask on a grid of ``spacing`` (mm), in millilitres."""
-    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
-
-
 #: Threads N4 runs on, whatever the machine or the run: N4's B-spline fit sums per-thread parts,
 #: so its field (and, through 8-bit quantisation, the slices and the age) changed with the thread
 #: count: an IXI head was 53.866 years in a batch worker (1 thread) and 53.870 from the command
 #: line (2). One thread gives the same field everywhere.
 N4_THREADS = 1
+_ITK_THREADS_LOCK = threading.Lock()
 
 
 @contextmanager
 def _itk_threads(n: int) -> Iterator[None]:
-    """SimpleITK filters made inside run on ``n`` threads (the global default, restored after)."""
-    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    """SimpleITK filters made inside run on ``n`` threads: ITK's process-wide default (N4's inner
+    B-spline fit follows only that), set and restored under a lock, so two threads preparing at
+    once (Slicer, a user's pool) take turns instead of undoing each other's setting. Meanwhile
+    every other ITK filter of the process also gets ``n`` threads."""
+    with _ITK_THREADS_LOCK:
+        before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+        try:
+            yield
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
 def n4_bias_correction(
@@ -213,7 +216,7 @@ def n4_bias_correction(
 
 def check_brain_volume(mask: np.ndarray, volume: Volume, method: str) -> None:
     """Refuse a brain extraction whose mask cannot be a brain (the QC flags narrower ranges)."""
-    brain_ml = _volume_ml(mask, volume.spacing)
+    brain_ml = mask_volume_ml(mask, volume.spacing)
     if not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
         raise InvalidVolumeError(
             f"skull stripping ({method}) found a brain of {brain_ml:.0f} ml (expected {MIN_BRAIN_ML:.0f}-"
@@ -279,7 +282,7 @@ def check_stripped_brain(volume: Volume, brain: np.ndarray) -> None:
     """Refuse an input taken as skull-stripped already that cannot be a brain: one that is too
     small, or whose intensities have no spatial structure (noise, a uniform blob). Without a
     skull there is no registration to the template, whose mutual information checks other inputs."""
-    brain_ml = _volume_ml(brain, volume.spacing)
+    brain_ml = mask_volume_ml(brain, volume.spacing)
     if brain_ml < MIN_BRAIN_ML:
         raise InvalidVolumeError(
             f"the image's foreground is {brain_ml:.0f} ml, too small for a brain (at least {MIN_BRAIN_ML:.0f} ml); "
@@ -399,8 +402,9 @@ class Prepared:
     cpu_timings: Dict[str, float] = field(default_factory=dict)     # CPU seconds, all threads
 
     def __repr__(self) -> str:   # the arrays would fill a screen (test failures, the console)
+        qc = getattr(self, "qc", None) or QualityControl()
         return (f"Prepared(slices {'x'.join(map(str, self.slices.shape))}, input {'x'.join(map(str, self.input_shape))}, "
-                f"brain extraction {self.qc.skull_strip or 'none'}, {len(self.qc.flags)} QC flag(s))")
+                f"brain extraction {qc.skull_strip or 'none'}, {len(qc.flags)} QC flag(s))")
 
     @property
     def model_shape(self) -> Tuple[int, int, int]:
@@ -556,8 +560,8 @@ def prepare(
         ras, n_hot, hot_threshold = suppress_hot_voxels(ras)
     if n_hot:
         warnings.append(
-            f"{n_hot} isolated voxel{'s' if n_hot > 1 else ''} brighter than {hot_threshold:.6g} ({HOT_VOXEL_FACTOR:g} "
-            "times the image's 99.99th percentile) took the median of their neighbours")
+            f"{n_hot} isolated voxel{'s' if n_hot > 1 else ''} further from 0 than {hot_threshold:.6g} "
+            f"({HOT_VOXEL_FACTOR:g} times the image's 99.99th percentile) took the median of their neighbours")
 
     with steps.step("detect_skull_stripped"):
         is_stripped, strip_now = _decide_skull_stripped(ras, config, skull_stripped)
@@ -583,7 +587,7 @@ def prepare(
     if not (is_stripped or strip_now):
         brain = scaled > config.crop_threshold   # no skull stripping: the bright foreground
     with steps.step("quality_control"):
-        method = "already stripped" if is_stripped else config.skull_strip
+        method = ALREADY_STRIPPED if is_stripped else config.skull_strip
         qc = assess(ras.array, brain, ras.spacing, method)
     with steps.step("crop_to_largest_component"):
         box = crop_to_largest_component(scaled, config.crop_threshold)

@@ -22,16 +22,17 @@ import numpy as np
 from scipy import ndimage
 
 #: Adult intracranial brain masks (deepbet keeps the CSF around the brain, as a TIV mask):
-#: 1.1-1.9 litres in most adults (women smaller than men), the 8 IXI heads 1,250-1,700 ml. A
-#: template mask that kept skull and scalp measures 2.2 litres and more; one that lost the top
-#: of the brain, or a child's brain, less than 0.9.
+#: 1.1-1.9 litres in most adults (women smaller than men), the 8 IXI heads 1,150-1,555 ml. A
+#: template mask that kept skull and scalp measured 2.1-2.4 litres on them; one that lost the
+#: top of the brain 720-946 ml (so the T1-contrast check, not this one, catches most of those).
 ADULT_BRAIN_ML: Tuple[float, float] = (900.0, 2000.0)
 #: Below this the brain is a child's or an infant's (a newborn's is about 400 ml).
 CHILD_BRAIN_ML = 700.0
 MAX_VOXEL_MM = 3.0
 MAX_ANISOTROPY = 3.0
 #: Deep tissue (more than ``DEEP_MM`` inside the mask's edge) over the outer rind (within
-#: ``RIND_MM``): T1 heads 1.3-1.6 (IXI, Colin27, phantoms), an inverted T1 below 0.8.
+#: ``RIND_MM``): T1 heads with a good mask 1.3-1.7 (IXI, Colin27, phantoms); an inverted T1, or
+#: a mask that is not the brain (template masks of the IXI heads: 1.05-1.07), less than 1.1.
 MIN_T1_CONTRAST = 1.1
 DEEP_MM = 15.0
 RIND_MM = 5.0
@@ -39,6 +40,8 @@ RIND_MM = 5.0
 #: inferior face is allowed a brainstem's cross-section.
 MAX_BORDER_MM2 = 50.0
 MAX_INFERIOR_BORDER_MM2 = 600.0
+#: ``QualityControl.skull_strip`` of an input that came skull-stripped (nothing was extracted).
+ALREADY_STRIPPED = "already stripped"
 #: RAS voxel axes: the face at index 0 and at the last index of each axis.
 _SIDES = (("left", "right"), ("posterior", "anterior"), ("inferior", "superior"))
 
@@ -53,10 +56,13 @@ class QualityControl:
     t1_contrast: Optional[float] = None
     skull_strip: str = ""
     flags: List[str] = field(default_factory=list)
+    #: False for a QualityControl that ``assess`` never filled (nothing was checked)
+    measured: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.flags
+        """Measured, and nothing flagged."""
+        return self.measured and not self.flags
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -66,19 +72,20 @@ class QualityControl:
             "t1_contrast": None if self.t1_contrast is None else round(float(self.t1_contrast), 3),
             "skull_strip": self.skull_strip,
             "flags": list(self.flags),
+            "measured": bool(self.measured),
         }
 
 
 def assess(array: np.ndarray, mask: np.ndarray, spacing: Sequence[float], skull_strip: str) -> QualityControl:
     """QC of a RAS-oriented ``array`` (after bias correction) and its brain ``mask`` (same grid)."""
     spacing = tuple(float(s) for s in spacing)
-    qc = QualityControl(voxel_size_mm=spacing, skull_strip=skull_strip)
+    qc = QualityControl(voxel_size_mm=spacing, skull_strip=skull_strip, measured=True)
     qc.flags.extend(voxel_flags(spacing))
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         qc.flags.append("the brain mask is empty")
         return qc
-    qc.brain_volume_ml = float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
+    qc.brain_volume_ml = mask_volume_ml(mask, spacing)
     qc.flags.extend(volume_flags(qc.brain_volume_ml))
     qc.border_sides = border_sides(mask, spacing)
     if qc.border_sides:
@@ -88,10 +95,16 @@ def assess(array: np.ndarray, mask: np.ndarray, spacing: Sequence[float], skull_
     qc.t1_contrast = t1_contrast(array, mask, spacing)
     if qc.t1_contrast is not None and qc.t1_contrast < MIN_T1_CONTRAST:
         qc.flags.append(
-            f"the image does not look T1-weighted: deep brain tissue is {qc.t1_contrast:.2f} times as bright as "
-            f"the outer {RIND_MM:g} mm of the brain (a T1 gives {MIN_T1_CONTRAST:g} or more, as white matter is "
-            "brighter than grey matter and CSF): a T2, FLAIR or inverted image, or a mask that is not the brain?")
+            f"the brain mask may not be the brain, or the image is not T1-weighted: deep tissue inside the mask is "
+            f"{qc.t1_contrast:.2f} times as bright as its outer {RIND_MM:g} mm (a T1 with a good mask gives "
+            f"{MIN_T1_CONTRAST:g} or more, as white matter is brighter than grey matter and CSF; a T2, FLAIR or "
+            "inverted image, or a mask holding skull or missing brain, gives less)")
     return qc
+
+
+def mask_volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """Volume of a boolean mask on a grid of ``spacing`` (mm), in millilitres."""
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
 
 
 def voxel_flags(spacing: Sequence[float]) -> List[str]:

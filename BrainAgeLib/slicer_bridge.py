@@ -189,8 +189,9 @@ SKULL_STRIP_NAMES = {
     "deepbet": "deepbet (trained brain extractor)",
     "template": "template registration",
     "none": "none (no skull stripping)",
-    "already stripped": "none: the input was already skull-stripped",
+    "already stripped": "none: the input was already skull-stripped",   # qc.ALREADY_STRIPPED
 }
+QC_NOT_RUN = "QC: not run (nothing was checked)"
 
 
 def qc_html(qc: "QualityControl") -> str:
@@ -218,7 +219,9 @@ def qc_html(qc: "QualityControl") -> str:
         if not sentence.endswith((".", "?", "!")):
             sentence += "."
         parts.append(f'<p style="color:{QC_FLAG_COLOR}"><b>&#9888; QC flag:</b> {html.escape(sentence)}</p>')
-    if not qc.flags:
+    if not getattr(qc, "measured", True):
+        parts.append(f'<p style="color:{QC_FLAG_COLOR}"><b>&#9888; {html.escape(QC_NOT_RUN)}</b></p>')
+    elif not qc.flags:
         parts.append(f"<p>&#10003; {html.escape(QC_NO_FLAGS)}</p>")
     return "\n".join(parts)
 

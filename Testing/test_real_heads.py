@@ -97,18 +97,23 @@ def test_colin27_deepbet_mask_holds_the_extracted_brain(colin27_path):
 
 
 def test_the_contrast_check_flags_an_inverted_real_head(real_heads):
+    """The head's intensities inverted (background kept): through the whole pipeline, and with
+    the normal head's own mask, the contrast check flags it; the normal head passes."""
     head = real_heads[0]
-    prepared = prepared_head(head)
     volume = load_volume(head["path"])
-    mask = prepared.input_brain_mask
-    ras_mask = reorient_to_ras(Volume(mask.astype(np.uint8), volume.affine)).array > 0
+    array = volume.array
+    background = otsu_threshold(array[::2, ::2, ::2].ravel())
+    inverted = volume.with_array(np.where(array > background, array.max() - array + background, array))
+    prepared = prepare(inverted, DEEPBET)
+    assert prepared.qc.t1_contrast < MIN_T1_CONTRAST
+    assert any("or the image is not T1-weighted" in flag for flag in prepared.qc.flags)
+    # the check alone, on the normal head's mask
+    ras_mask = reorient_to_ras(Volume(prepared_head(head).input_brain_mask.astype(np.uint8), volume.affine)).array > 0
     ras = reorient_to_ras(volume)
     normal = assess(ras.array, ras_mask, ras.spacing, "deepbet")
-    inverted = ras.array.max() - ras.array
-    flagged = assess(inverted, ras_mask, ras.spacing, "deepbet")
-    assert normal.flags == [] and normal.t1_contrast > MIN_T1_CONTRAST
-    assert flagged.t1_contrast < MIN_T1_CONTRAST
-    assert any("does not look T1-weighted" in flag for flag in flagged.flags)
+    flagged = assess(ras.array.max() - ras.array, ras_mask, ras.spacing, "deepbet")
+    assert normal.flags == [] and normal.t1_contrast > MIN_T1_CONTRAST and normal.ok
+    assert flagged.t1_contrast < MIN_T1_CONTRAST and not flagged.ok
 
 
 def test_the_border_check_flags_a_head_cropped_through_the_brain(real_heads):
@@ -172,3 +177,29 @@ def test_attention_is_zero_outside_an_already_stripped_brain(colin27_path):
     assert outside_ml == 0.0
     assert np.count_nonzero(result.attention.array > 0) * np.prod(volume.spacing) / 1000 > 800
     assert result.qc.skull_strip == "already stripped"
+
+
+def test_batch_and_the_command_line_give_the_same_age_and_qc(real_heads, tmp_path):
+    """A batch worker prepares on one thread, the command line on all cores: the same age, to
+    the last digit predictions.csv keeps, and the same QC; --qc draws each subject's mask."""
+    import json
+    import subprocess
+    import sys
+
+    from BrainAgeLib.batch import run_batch
+    from BrainAgeLib.predictions_csv import FILENAME, read_predictions
+
+    head = real_heads[4]
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text(f"id,path,age,sex\nsubj,{head['path']},{head['age']},{head['sex']}\n")
+    summary = run_batch(cohort, tmp_path / "batch", model="demo", device="cpu", workers=1, qc=True)
+    assert summary.n_done == 1
+    row = read_predictions(tmp_path / "batch" / FILENAME)[0]
+    assert (tmp_path / "batch" / "qc" / "subj_qc.png").stat().st_size > 10_000
+    command = subprocess.run([sys.executable, "-m", "BrainAgeLib", "predict", str(head["path"]), "--sex", head["sex"],
+                              "--age", str(head["age"]), "--device", "cpu", "--json", "--out", str(tmp_path / "one")],
+                             capture_output=True, text=True, check=True)
+    report = json.loads(command.stdout)
+    assert f"{report['predicted_age']:.4f}" == f"{row.predicted_age:.4f}"
+    assert row.brain_volume_ml == pytest.approx(report["qc"]["brain_volume_ml"], abs=0.05)
+    assert row.qc_flags == report["qc"]["flags"] == []

@@ -142,7 +142,8 @@ def test_color_table_rows_are_0_to_1_and_fill_gaps_with_transparent_black():
 
 
 def demo_qc(**changes):
-    values = dict(brain_volume_ml=1432.4, voxel_size_mm=(1.0, 1.0, 1.2), t1_contrast=1.45, skull_strip="deepbet")
+    values = dict(brain_volume_ml=1432.4, voxel_size_mm=(1.0, 1.0, 1.2), t1_contrast=1.45, skull_strip="deepbet",
+                  measured=True)
     values.update(changes)
     return QualityControl(**values)
 
@@ -187,6 +188,8 @@ def test_result_text_shows_the_brain_mask_volume_and_method_and_says_when_qc_has
     assert QC_NO_FLAGS in text and "QC flag" not in text and QC_FLAG_COLOR not in text
     # the QC comes after the ages and before the prediction's warnings
     assert text.index("Predicted brain age") < text.index("Brain mask:") < text.index(QC_NO_FLAGS) < text.index("Warnings")
+    not_run = result_text(demo_result(qc=QualityControl()))   # never measured: not shown as passed
+    assert QC_NO_FLAGS not in not_run and "QC: not run" in not_run
     template = result_text(demo_result(qc=demo_qc(skull_strip="template")))
     assert "by template registration" in template and "deepbet" not in template
 

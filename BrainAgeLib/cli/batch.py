@@ -88,6 +88,12 @@ def _text(summary: Any, statistics: Optional[Dict[str, Any]]) -> str:
         lines.extend(f"  skipped {entry}" for entry in summary.excluded[:10])
         if len(summary.excluded) > 10:
             lines.append(f"  ... and {len(summary.excluded) - 10} more (--json lists them all)")
+    flagged = [row for row in summary.rows if row.ok and row.qc_flags]
+    if flagged:  # still predicted, and in the statistics below: say which
+        lines.append(f"QC flags on {len(flagged)} of {summary.n_succeeded_total} predictions (the qc_flags column):")
+        lines.extend(f"  {row.id}: {' | '.join(row.qc_flags)}" for row in flagged[:10])
+        if len(flagged) > 10:
+            lines.append(f"  ... and {len(flagged) - 10} more")
     failed = [row for row in summary.rows if not row.ok]
     for row in failed[:10]:
         lines.append(f"  failed {row.id}: {row.error}")

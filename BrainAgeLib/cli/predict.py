@@ -107,9 +107,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"Montage: {outputs['montage']}")
         if "qc_figure" in outputs:
             print(f"QC picture: {outputs['qc_figure']}")
-    if args.strict_qc and result.qc.flags:
-        print(f"error: {source}: {len(result.qc.flags)} QC flag(s) (--strict-qc): " + "; ".join(result.qc.flags),
-              file=sys.stderr)
+    if args.strict_qc and not result.qc.ok:
+        problems = result.qc.flags if result.qc.measured else ["quality control did not run"]
+        print(f"error: {source}: {len(problems)} QC flag(s) (--strict-qc): " + "; ".join(problems), file=sys.stderr)
         return STRICT_QC_EXIT
     return 0
 

@@ -23,7 +23,7 @@ from ..devices import (
 )
 from ..errors import BrainAgeError
 from ..presets import ModelConfig, PreprocessConfig, get_preset
-from ..qc import QualityControl, age_flags
+from ..qc import ALREADY_STRIPPED, QualityControl, age_flags
 from ..result import Result
 from ..sex import SEX_CODES, parse_sex
 from ..volume import Volume
@@ -459,7 +459,7 @@ def extractor_warnings(metadata: Dict[str, Any], qc: Optional[QualityControl]) -
     """A warning when this input's brain extraction is not the one the model was trained with."""
     trained = training_extractor(metadata)
     used = getattr(qc, "skull_strip", "")
-    if not trained or not used or used == "already stripped" or used == trained:
+    if not trained or not used or used == ALREADY_STRIPPED or used == trained:
         return []
     return [f"the model's training inputs were skull-stripped with {trained!r}; this input with {used!r}"]
 
