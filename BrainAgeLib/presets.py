@@ -18,8 +18,10 @@ PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 #: ``brain_extraction.py``), the template registration of ``skull_strip.py``, or none. Inputs
 #: that are skull-stripped already are detected and kept with every method.
 SKULL_STRIP_METHODS: Tuple[str, ...] = ("deepbet", "template", "none")
-#: Names older checkpoints recorded: "auto" was the template method with detection.
-_LEGACY_SKULL_STRIP = {"auto": "template"}
+#: Names older checkpoints recorded: "auto" (the template method, which fails on most real heads
+#: with necks) now predicts with deepbet; the card's training extraction stays "template"
+#: (``brain_age_model.training_extractor``), so such predictions say that they differ.
+LEGACY_SKULL_STRIP = {"auto": "deepbet"}
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class PreprocessConfig:
     quantize_8bit: bool = True           # floor(255 x) as the authors' ToPILImage does
 
     def __post_init__(self) -> None:
-        method = _LEGACY_SKULL_STRIP.get(self.skull_strip, self.skull_strip)
+        method = LEGACY_SKULL_STRIP.get(self.skull_strip, self.skull_strip)
         if method not in SKULL_STRIP_METHODS:
             raise ValueError(f"skull_strip must be one of {', '.join(SKULL_STRIP_METHODS)}, got {self.skull_strip!r}")
         object.__setattr__(self, "skull_strip", method)

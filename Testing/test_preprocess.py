@@ -31,11 +31,11 @@ from BrainAgeLib.registration import resample_to_spacing
 COLIN27_BRAIN = Path("/usr/share/mricron/templates/ch2better.nii.gz")
 
 # Small but complete: N4 and (where needed) template skull stripping, 48 slices of 64 x 64.
-SMALL = PreprocessConfig(n4_bias_correction=True, n4_shrink_factor=2, skull_strip="auto",
+SMALL = PreprocessConfig(n4_bias_correction=True, n4_shrink_factor=2, skull_strip="template",
                          registration_spacing_mm=4.0, n_slices=48, image_size=64)
-NO_N4 = PreprocessConfig(n4_bias_correction=False, skull_strip="auto", n_slices=48, image_size=64)
+NO_N4 = PreprocessConfig(n4_bias_correction=False, skull_strip="template", n_slices=48, image_size=64)
 # For 2 mm whole heads: N4 on 8 mm voxels, registration on 4 mm voxels.
-HEAD = PreprocessConfig(n4_bias_correction=True, n4_shrink_factor=4, skull_strip="auto",
+HEAD = PreprocessConfig(n4_bias_correction=True, n4_shrink_factor=4, skull_strip="template",
                         registration_spacing_mm=4.0, n_slices=48, image_size=64)
 
 

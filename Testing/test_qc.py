@@ -136,3 +136,19 @@ def test_strict_qc_exits_4_and_qc_writes_the_picture(tmp_path):
     strict = subprocess.run(command + ["--strict-qc"], capture_output=True, text=True)
     assert strict.returncode == 4 and "QC flag" in strict.stderr and "thick.nii.gz" in strict.stderr
     assert (out / "thick_brainage.json").exists()   # the results are still written
+
+
+def test_old_cards_predict_with_deepbet_and_say_their_training_differed():
+    from BrainAgeLib.model.brain_age_model import extractor_warnings, training_extractor
+    from BrainAgeLib.presets import PreprocessConfig
+    from BrainAgeLib.qc import QualityControl
+
+    assert PreprocessConfig.from_dict({"skull_strip": "auto"}).skull_strip == "deepbet"
+    old_card = {"preprocessing": {"skull_strip": "auto"}}
+    assert training_extractor(old_card) == "template"
+    assert training_extractor({"training_data": {"skull_strip": "deepbet"}, **old_card}) == "deepbet"
+    warned = extractor_warnings(old_card, QualityControl(skull_strip="deepbet"))
+    assert warned and "'template'" in warned[0] and "'deepbet'" in warned[0]
+    assert extractor_warnings(old_card, QualityControl(skull_strip="already stripped")) == []
+    with pytest.raises(ValueError, match="skull_strip must be one of deepbet, template, none"):
+        PreprocessConfig(skull_strip="bet")

@@ -449,10 +449,10 @@ def training_extractor(metadata: Dict[str, Any]) -> Optional[str]:
     recorded = (metadata.get("training_data") or {}).get("skull_strip")
     if recorded:
         return str(recorded)
-    preprocessing = metadata.get("preprocessing") or {}
-    if "skull_strip" not in preprocessing:
-        return None
-    return PreprocessConfig.from_dict({"skull_strip": preprocessing["skull_strip"]}).skull_strip
+    recorded = (metadata.get("preprocessing") or {}).get("skull_strip")
+    if recorded == "auto":        # cards written before deepbet: the template method with detection
+        return "template"
+    return PreprocessConfig.from_dict({"skull_strip": recorded}).skull_strip if recorded else None
 
 
 def extractor_warnings(metadata: Dict[str, Any], qc: Optional[QualityControl]) -> List[str]:
