@@ -42,18 +42,29 @@ def file_signature(path: "str | os.PathLike") -> Dict[str, object]:
 
 
 #: Modules whose code decides what ``prepare`` outputs; their source is part of the cache key.
-PREPROCESSING_MODULES = ("io", "preprocess", "skull_strip", "brain_extraction", "qc", "registration", "template")
+PREPROCESSING_MODULES = ("io", "volume", "presets", "preprocess", "skull_strip", "brain_extraction", "qc",
+                         "registration", "template")
+#: Packages whose release decides it too (deepbet's networks ship inside its wheel).
+PREPROCESSING_PACKAGES = ("deepbet",)
 
 
 def preprocessing_code_digest() -> str:
-    """SHA-1 of the source of :data:`PREPROCESSING_MODULES` (those present in this installation)."""
+    """SHA-1 of the source of :data:`PREPROCESSING_MODULES` and the versions of
+    :data:`PREPROCESSING_PACKAGES` (a module missing from the installation is an error: a key
+    without it would reuse slices made by other code)."""
+    import importlib.metadata
+
     package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha1()
     for name in PREPROCESSING_MODULES:
-        source = package / f"{name}.py"
-        if source.exists():
-            digest.update(name.encode())
-            digest.update(source.read_bytes())
+        digest.update(name.encode())
+        digest.update((package / f"{name}.py").read_bytes())
+    for name in PREPROCESSING_PACKAGES:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        digest.update(f"{name}=={version}".encode())
     return digest.hexdigest()
 
 
