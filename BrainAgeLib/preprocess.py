@@ -66,7 +66,7 @@ from .presets import ModelConfig, PreprocessConfig, get_preset
 from .qc import ALREADY_STRIPPED, QualityControl, assess, mask_volume_ml
 from .registration import sitk_to_array, volume_to_sitk
 from .skull_strip import detect_skull_stripped
-from .skull_strip import skull_strip as _skull_strip_mask
+from .skull_strip import skull_strip as template_skull_strip
 from .volume import Volume
 
 PresetLike = Union[str, ModelConfig, PreprocessConfig]
@@ -235,7 +235,7 @@ def deepbet_strip(volume: Volume, device: str = "cpu") -> Tuple[Volume, np.ndarr
     return Volume(stripped, volume.affine), mask
 
 
-def skull_strip(
+def template_strip(
     volume: Volume, registration_spacing_mm: float = 3.0
 ) -> Tuple[Volume, np.ndarray, np.ndarray]:
     """Brain only by template registration: (stripped volume with 0 outside the brain, brain
@@ -246,10 +246,10 @@ def skull_strip(
     over the whole head on an ~8 mm grid). Only the mask and transform come from that copy: the
     intensities kept are the input's, corrected later on the brain alone as usual.
     """
-    result = _skull_strip_mask(volume, registration_spacing_mm=registration_spacing_mm)
+    result = template_skull_strip(volume, registration_spacing_mm=registration_spacing_mm)
     if result.registration.metric > -MIN_MUTUAL_INFORMATION:
         corrected = n4_bias_correction(volume, _shrink_to_grid(BIAS_RETRY_GRID_MM, volume.spacing))
-        retry = _skull_strip_mask(corrected, registration_spacing_mm=registration_spacing_mm)
+        retry = template_skull_strip(corrected, registration_spacing_mm=registration_spacing_mm)
         if retry.registration.metric < result.registration.metric:
             result = retry
     if result.registration.metric > -MIN_MUTUAL_INFORMATION:
@@ -575,7 +575,7 @@ def prepare(
             if config.skull_strip == "deepbet":
                 ras, brain = deepbet_strip(ras, device)
             else:
-                ras, brain, input_to_template = skull_strip(ras, config.registration_spacing_mm)
+                ras, brain, input_to_template = template_strip(ras, config.registration_spacing_mm)
 
     if config.n4_bias_correction:
         with steps.step("n4_bias_correction"):

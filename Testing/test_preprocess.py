@@ -274,15 +274,15 @@ def test_whole_head_is_skull_stripped_in_any_orientation(colin27):
 def test_a_strong_intensity_bias_does_not_stop_skull_stripping(colin27):
     """A strong smooth bias (x0.3 to x6, as near a surface coil) spoils the first registration;
     the retry on a bias-corrected copy finds the brain, and the mask matches the unbiased head's."""
-    from BrainAgeLib.preprocess import MIN_MUTUAL_INFORMATION, _skull_strip_mask, skull_strip
+    from BrainAgeLib.preprocess import MIN_MUTUAL_INFORMATION, template_skull_strip, template_strip
 
     head = resample_to_spacing(colin27, 2.0)
     i, j, k = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in head.shape], indexing="ij")
     biased = head.with_array((head.array * np.exp(0.6 * i + 0.5 * j - 0.4 * k + 0.3 * i * j)).astype(np.float32))
-    first = _skull_strip_mask(biased, registration_spacing_mm=4.0)
+    first = template_skull_strip(biased, registration_spacing_mm=4.0)
     assert first.registration.metric > -MIN_MUTUAL_INFORMATION   # the case the retry is for
-    _, mask, _ = skull_strip(biased, 4.0)
-    _, reference, _ = skull_strip(head, 4.0)
+    _, mask, _ = template_strip(biased, 4.0)
+    _, reference, _ = template_strip(head, 4.0)
     dice = 2 * np.count_nonzero(mask & reference) / (np.count_nonzero(mask) + np.count_nonzero(reference))
     assert dice > 0.9
 
@@ -377,7 +377,7 @@ def test_a_brain_of_implausible_size_is_refused(mni_2mm, monkeypatch):
     sliver = np.zeros(mni_2mm.shape, dtype=bool)
     sliver[40:50, 40:50, 40:50] = True                       # 8 ml
     registration = RegistrationResult(np.eye(4), metric=-0.8, iterations=10, seconds=0.1)
-    monkeypatch.setattr(preprocess, "_skull_strip_mask",
+    monkeypatch.setattr(preprocess, "template_skull_strip",
                         lambda volume, **kw: SkullStripResult(sliver, registration))
     with pytest.raises(InvalidVolumeError, match="found a brain of 8 ml"):
         prepare(mni_2mm, NO_N4, skull_stripped=False)
