@@ -214,8 +214,9 @@ def n4_bias_correction(
     return Volume(corrected, volume.affine)
 
 
-def check_brain_volume(mask: np.ndarray, volume: Volume, method: str) -> None:
-    """Refuse a brain extraction whose mask cannot be a brain (the QC flags narrower ranges)."""
+def keep_brain(volume: Volume, mask: np.ndarray, method: str) -> Volume:
+    """``volume`` with 0 outside ``mask``; refused when the mask cannot be a brain (the QC flags
+    narrower ranges). ``method`` names the extraction in the message."""
     brain_ml = mask_volume_ml(mask, volume.spacing)
     if not MIN_BRAIN_ML <= brain_ml <= MAX_BRAIN_ML:
         raise InvalidVolumeError(
@@ -223,6 +224,7 @@ def check_brain_volume(mask: np.ndarray, volume: Volume, method: str) -> None:
             f"{MAX_BRAIN_ML:.0f} ml): is this a T1-weighted head MRI? If it is skull-stripped "
             "already, say so (skull_stripped=True)"
         )
+    return Volume(np.where(mask, volume.array, 0.0).astype(np.float32), volume.affine)
 
 
 def deepbet_strip(volume: Volume, device: str = "cpu") -> Tuple[Volume, np.ndarray]:
@@ -230,9 +232,7 @@ def deepbet_strip(volume: Volume, device: str = "cpu") -> Tuple[Volume, np.ndarr
     from .brain_extraction import deepbet_brain_mask
 
     mask = deepbet_brain_mask(volume, device)
-    check_brain_volume(mask, volume, "deepbet")
-    stripped = np.where(mask, volume.array, 0.0).astype(np.float32)
-    return Volume(stripped, volume.affine), mask
+    return keep_brain(volume, mask, "deepbet"), mask
 
 
 def template_strip(
@@ -258,9 +258,7 @@ def template_strip(
             f"{-result.registration.metric:.2f}, a T1-weighted head gives 0.5-1.2, also after bias "
             "correction): is this a T1-weighted head MRI?"
         )
-    check_brain_volume(result.brain_mask, volume, "template")
-    stripped = np.where(result.brain_mask, volume.array, 0.0).astype(np.float32)
-    return Volume(stripped, volume.affine), result.brain_mask, result.registration.input_to_template
+    return keep_brain(volume, result.brain_mask, "template"), result.brain_mask, result.registration.input_to_template
 
 
 def neighbour_correlation(array: np.ndarray, mask: np.ndarray) -> float:
