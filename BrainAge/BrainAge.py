@@ -273,7 +273,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
     def loadModel(self, model="demo"):
         """A BrainAge model by name ("demo"), file path, or https URL (downloaded once)."""
         from BrainAgeLib.atomic_files import atomic_path
-        from BrainAgeLib.checkpoint import load_model
+        from BrainAgeLib.model.checkpoint import load_model
         from BrainAgeLib.slicer_bridge import model_download_path
 
         if model not in self._models:
@@ -338,7 +338,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         (resumable). Runs in Slicer's own process (workers=0): multiprocessing workers would start Slicer's
         executable, not Python."""
         self.setupPythonRequirements()
-        from BrainAgeLib.batch import run_batch
+        from BrainAgeLib.cohort.batch import run_batch
 
         return run_batch(pathsOrCohortCsv, outputDir, model=self.loadModel(model), explain=explain, device=device,
                          workers=0, progress=progress)
@@ -348,7 +348,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         """Put the attention labelmap (with its colour table) and the brain mask (labelmap "<input> brain mask",
         1 = brain, reused on a rerun) on the input's grid; the slice views show the mask when showBrainMask, else
         the attention labelmap, over the input. Returns (attention labelmap, brain mask); None where not in result."""
-        from BrainAgeLib.attention_labelmap import attention_labelmap
+        from BrainAgeLib.explain.labelmap import attention_labelmap
         from BrainAgeLib.slicer_bridge import label_layer_node
 
         maskNode = labelmapNode = None

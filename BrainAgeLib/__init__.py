@@ -16,11 +16,11 @@ _LAZY = {
     "Volume": ("volume", "Volume"),
     "load_volume": ("io", "load_volume"),
     "save_volume": ("io", "save_volume"),
-    "prepare": ("preprocess", "prepare"),
-    "Prepared": ("preprocess", "Prepared"),
+    "prepare": ("preprocess.pipeline", "prepare"),
+    "Prepared": ("preprocess.pipeline", "Prepared"),
     "build_model": ("model", "build_model"),
     "BrainAgeModel": ("model", "BrainAgeModel"),
-    "load_model": ("checkpoint", "load_model"),
+    "load_model": ("model.checkpoint", "load_model"),
     "Result": ("result", "Result"),
 }
 

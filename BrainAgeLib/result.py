@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .qc import QualityControl
+from .preprocess.qc import QualityControl
 from .volume import Volume
 
 DEMO_DISCLAIMER = (

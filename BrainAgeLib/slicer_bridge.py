@@ -34,8 +34,8 @@ from .errors import BrainAgeError
 from .sex import InvalidSexError, parse_sex
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .attention_labelmap import ColorEntry
-    from .qc import QualityControl
+    from .explain.labelmap import ColorEntry
+    from .preprocess.qc import QualityControl
     from .result import Result
     from .volume import Volume
 
@@ -56,7 +56,7 @@ PIP_REQUIREMENTS: Dict[str, str] = {
     "pillow": "13.0.0",
     "matplotlib": "3.11.2",
     "tqdm": "4.70.1",
-    # brain extraction (BrainAgeLib.brain_extraction) and what it imports; pip brings deepbet's
+    # brain extraction (BrainAgeLib.preprocess.brain_extraction) and what it imports; pip brings deepbet's
     # other requirement, customtkinter, for deepbet's GUI, which BrainAge never imports.
     "deepbet": "1.0.2",
     "connected-components-3d": "4.1.1",
@@ -197,11 +197,11 @@ QC_NOT_RUN = "QC: not run (nothing was checked)"
 def qc_html(qc: "QualityControl") -> str:
     """The quality-control part of the results panel, as HTML.
 
-    One line with the brain mask's volume (ml, against the adult range of :mod:`BrainAgeLib.qc`),
+    One line with the brain mask's volume (ml, against the adult range of :mod:`BrainAgeLib.preprocess.qc`),
     the method that made it and the voxel size; then each QC flag as its own line in
     ``QC_FLAG_COLOR`` with a warning sign, or ``QC_NO_FLAGS`` when there is none.
     """
-    from .qc import ADULT_BRAIN_ML
+    from .preprocess.qc import ADULT_BRAIN_ML
 
     method = SKULL_STRIP_NAMES.get(qc.skull_strip, qc.skull_strip) or "unknown method"
     if qc.brain_volume_ml is None or not math.isfinite(float(qc.brain_volume_ml)):
@@ -372,15 +372,15 @@ def phantom_head(spacing_mm: float = 2.0, use_template: bool = True) -> "Volume"
     """A synthetic T1-like head made offline, for the Slicer self-test.
 
     With ``use_template`` and the MNI template available (nilearn), it is BrainAgeLib's ageing
-    phantom (70-year-old woman, see :mod:`BrainAgeLib.synth`); otherwise a numpy ellipsoid head
+    phantom (70-year-old woman, see :mod:`BrainAgeLib.synth.phantoms`); otherwise a numpy ellipsoid head
     (scalp, skull, CSF, grey and white matter, T1-like intensities) on a grid rotated 8 degrees
     about S, 192 x 224 x 192 mm like the phantoms.
     """
-    from .synth import ellipsoid_head
+    from .synth.phantoms import ellipsoid_head
 
     if use_template:
         try:
-            from .synth import make_phantom
+            from .synth.phantoms import make_phantom
 
             return make_phantom(age=70.0, sex="F", seed=7, spacing=spacing_mm).volume
         except (ImportError, BrainAgeError):

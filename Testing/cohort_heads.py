@@ -19,7 +19,7 @@ HEAD_AGES = ((34.0, "F"), (52.0, "M"), (71.0, "F"))
 def write_heads(folder: Path, spacing: float = 3.0) -> List[Tuple[Path, float, str]]:
     """Phantom heads (path, age in years, sex), one per entry of :data:`HEAD_AGES`."""
     from BrainAgeLib.io import save_volume
-    from BrainAgeLib.synth import make_phantom
+    from BrainAgeLib.synth.phantoms import make_phantom
 
     folder.mkdir(parents=True, exist_ok=True)
     heads = []

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from BrainAgeLib import Volume
-from BrainAgeLib.attention_labelmap import (
+from BrainAgeLib.explain.labelmap import (
     DEFAULT_LEVELS,
     attention_colors,
     attention_labelmap,

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from BrainAgeLib.batch import cohort_subjects, run_batch
-from BrainAgeLib.checkpoint import load_model
+from BrainAgeLib.cohort.batch import cohort_subjects, run_batch
+from BrainAgeLib.model.checkpoint import load_model
 from BrainAgeLib.errors import CohortError
-from BrainAgeLib.predictions_csv import FILENAME, PredictionsFileError, read_predictions
+from BrainAgeLib.cohort.predictions_csv import FILENAME, PredictionsFileError, read_predictions
 
 from cohort_heads import tiny_checkpoint, write_bad_inputs, write_cohort_csv, write_heads
 
@@ -270,7 +270,7 @@ def test_resume_refuses_other_weights_or_preprocessing_under_the_same_name(cohor
     preprocessing, must not add its predictions to the file (issue 20, item 4)."""
     import dataclasses
 
-    from BrainAgeLib.checkpoint import read_metadata
+    from BrainAgeLib.model.checkpoint import read_metadata
     from BrainAgeLib.model import BrainAgeModel, build_model
 
     checkpoint = cohort_files["checkpoint"]
@@ -303,7 +303,7 @@ def test_resume_refuses_other_weights_or_preprocessing_under_the_same_name(cohor
 
 
 def test_cli_resume_with_other_weights_exits_2_naming_both_digests(cohort_files, tmp_path):
-    from BrainAgeLib.checkpoint import read_metadata
+    from BrainAgeLib.model.checkpoint import read_metadata
     from BrainAgeLib.model import build_model
 
     checkpoint = cohort_files["checkpoint"]
@@ -324,7 +324,7 @@ def test_the_terminal_summary_prints_every_flag_and_no_corrected_mae_of_a_refuse
     reference subjects was printed as a "corrected MAE"."""
     import json
 
-    from BrainAgeLib.batch import cohort_statistics
+    from BrainAgeLib.cohort.batch import cohort_statistics
     from BrainAgeLib.cli.batch import _text
 
     checkpoint = str(cohort_files["checkpoint"])

@@ -7,8 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from BrainAgeLib import bench
-from BrainAgeLib.bench import run_benchmark
+from BrainAgeLib.bench import single as bench
+from BrainAgeLib.bench.single import run_benchmark
 from BrainAgeLib.cli import main
 from BrainAgeLib.io import save_volume
 from BrainAgeLib.volume import Volume

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from BrainAgeLib import __version__
 from BrainAgeLib.bias_correction import BiasCorrection
-from BrainAgeLib.checkpoint import (
+from BrainAgeLib.model.checkpoint import (
     REGISTRY, ModelEntry, file_sha256, load_model, read_metadata, register_model, save_checkpoint,
 )
 from BrainAgeLib.errors import CheckpointError

@@ -53,7 +53,7 @@ def explanation_folder(folder: Path) -> Path:
     """One subject's map and sidecar, as `brainage predict --explain` leaves them."""
     import numpy as np
 
-    from BrainAgeLib.explain_outputs import write_sidecar
+    from BrainAgeLib.explain.outputs import write_sidecar
     from BrainAgeLib.io import save_volume
     from BrainAgeLib.result import Result
     from BrainAgeLib.volume import Volume

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from BrainAgeLib.cohort import Subject, parse_age, parse_cohort_sex, read_cohort
+from BrainAgeLib.cohort.tables import Subject, parse_age, parse_cohort_sex, read_cohort
 from BrainAgeLib.errors import CohortError
 
 
@@ -186,7 +186,7 @@ def test_bids_ages_of_every_subject_and_the_skipped_subjects_listed(tmp_path, ca
     make_infant_bids(tmp_path / "bids")
     for check_files in (True, False):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="BrainAgeLib.cohort"):
+        with caplog.at_level(logging.WARNING, logger="BrainAgeLib.cohort.tables"):
             cohort = read_cohort(tmp_path / "bids", check_files=check_files)
         ages = {s.id: s.age for s in cohort}
         assert ages == {"sub-01": 0.75, "sub-02_ses-1": 0.25, "sub-02_ses-2": 0.2,  # n/a: the participant's

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from BrainAgeLib.cli import main
-from BrainAgeLib.cohort_maps import (
+from BrainAgeLib.explain.cohort_maps import (
     CohortSubject,
     attention_in_template_space,
     cohort_attention_maps,
@@ -21,7 +21,7 @@ from BrainAgeLib.cohort_maps import (
     write_cohort_maps,
 )
 from BrainAgeLib.errors import CohortError
-from BrainAgeLib.explain_outputs import write_sidecar
+from BrainAgeLib.explain.outputs import write_sidecar
 from BrainAgeLib.io import load_volume, save_volume
 from BrainAgeLib.result import Result
 from BrainAgeLib.volume import Volume
@@ -179,8 +179,8 @@ def test_cohort_maps_command(batch_folder, tmp_path, capsys):
 def test_skull_stripped_inputs_without_stored_registration_are_registered_from_the_batch_table(tmp_path):
     """Preprocessing does not register already skull-stripped inputs, so their sidecar has no
     transform; cohort maps then register the input image that predictions.csv names."""
-    from BrainAgeLib.predictions_csv import PredictionRow, write_predictions
-    from BrainAgeLib.template import load_template
+    from BrainAgeLib.cohort.predictions_csv import PredictionRow, write_predictions
+    from BrainAgeLib.preprocess.template import load_template
 
     template = load_template().t1
     truth = rigid(15, 2, [10, -8, 6])                                # subject RAS -> MNI RAS
@@ -208,7 +208,7 @@ def test_skull_stripped_inputs_without_stored_registration_are_registered_from_t
 
 def test_a_sidecar_naming_its_input_file_is_enough_to_register_it(tmp_path):
     """`brainage predict --explain` leaves no predictions.csv: the sidecar names the input image."""
-    from BrainAgeLib.template import load_template
+    from BrainAgeLib.preprocess.template import load_template
 
     template = load_template().t1
     truth = rigid(-12, 1, [4, 6, -5])
@@ -267,7 +267,7 @@ def _sign(batch_folder, **fields):
 @pytest.fixture
 def cohort_figures(monkeypatch):
     """The cohort figures, as handed to save_figure."""
-    import BrainAgeLib.explain_outputs as explain_outputs
+    import BrainAgeLib.explain.outputs as explain_outputs
 
     figures = []
     original = explain_outputs.save_figure

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from BrainAgeLib.io import load_volume
-from BrainAgeLib.preprocess import prepare
+from BrainAgeLib.preprocess.pipeline import prepare
 from BrainAgeLib.resources import resource_path
 
 MODEL = resource_path("Models", "brainage_demo.safetensors")
@@ -23,7 +23,7 @@ TARGET_MAE, TARGET_R = 3.0, 0.95
 
 @pytest.fixture(scope="module")
 def demo_model():
-    from BrainAgeLib.checkpoint import load_model
+    from BrainAgeLib.model.checkpoint import load_model
 
     return load_model("demo")
 
@@ -80,7 +80,7 @@ def test_shipped_model_reproduces_its_heldout_predictions(demo_model, tmp_path):
     """Three held-out test phantoms, regenerated from their cohort seed, through today's
     preprocessing and the shipped weights: the ages the training run predicted (and the card's
     metrics summarise) come out again, so the reported metrics describe the shipped model."""
-    from BrainAgeLib.synth import cohort_specs, write_phantom
+    from BrainAgeLib.synth.phantoms import cohort_specs, write_phantom
 
     heldout = json.loads(HELDOUT.read_text())
     assert len(heldout) == demo_model.metadata["training_data"]["n_test"]

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from BrainAgeLib.cli import main
-from BrainAgeLib.predictions_csv import FILENAME, read_predictions
+from BrainAgeLib.cohort.predictions_csv import FILENAME, read_predictions
 
 from cohort_heads import write_cohort_csv
 from test_io import write_dicom_series
@@ -24,7 +24,7 @@ HEADER_SEX = "M"
 def dicom_head(tmp_path_factory) -> Path:
     """A 3 mm phantom head as a DICOM series whose header says PatientAge 052Y, PatientSex M."""
     from BrainAgeLib.io import save_volume
-    from BrainAgeLib.synth import make_phantom
+    from BrainAgeLib.synth.phantoms import make_phantom
 
     folder = tmp_path_factory.mktemp("dicom")
     phantom = make_phantom(float(HEADER_AGE), HEADER_SEX, seed=1, spacing=3.0, skull=False, with_tissue=False)

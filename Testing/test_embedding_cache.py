@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import BrainAgeLib.preprocess as preprocess
+import BrainAgeLib.preprocess.pipeline as preprocess
 from BrainAgeLib.embedding_cache import EmbeddingCache, default_cache, volume_checksum, weights_fingerprint
 from BrainAgeLib.model import build_model
 from BrainAgeLib.volume import Volume
@@ -13,7 +13,7 @@ from BrainAgeLib.volume import Volume
 
 @pytest.fixture(scope="module")
 def head() -> Volume:
-    from BrainAgeLib.synth import make_phantom
+    from BrainAgeLib.synth.phantoms import make_phantom
 
     return make_phantom(63.0, "F", seed=5, spacing=3.0, skull=False, with_tissue=False).volume
 

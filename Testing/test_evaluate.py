@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from BrainAgeLib.errors import CohortError
-from BrainAgeLib.evaluate import (bootstrap_mae_ci, choose_reference, compute_metrics, decade_label,
+from BrainAgeLib.cohort.evaluate import (bootstrap_mae_ci, choose_reference, compute_metrics, decade_label,
                                   evaluate_predictions, read_predictions)
 
 # Four subjects: errors (predicted - age) are +9, -8, +5, -2.
@@ -185,7 +185,7 @@ def test_a_batch_table_with_failed_subjects_and_missing_ages_is_evaluated_on_the
 
 def test_predictions_of_the_demo_model_carry_its_disclaimer_and_few_rows_are_flagged(tmp_path, capsys):
     from BrainAgeLib.cli import main
-    from BrainAgeLib.evaluate import FEW_ROWS, demo_model_names
+    from BrainAgeLib.cohort.evaluate import FEW_ROWS, demo_model_names
     from BrainAgeLib.result import DEMO_DISCLAIMER
 
     names = demo_model_names()

@@ -19,11 +19,11 @@ from scipy import ndimage
 from scipy.stats import spearmanr
 from torch import nn
 
-from BrainAgeLib.attention_labelmap import read_color_table
-from BrainAgeLib.checkpoint import load_model
+from BrainAgeLib.explain.labelmap import read_color_table
+from BrainAgeLib.model.checkpoint import load_model
 from BrainAgeLib.cli import main
 from BrainAgeLib.errors import BrainAgeError
-from BrainAgeLib.explain import (
+from BrainAgeLib.explain.methods import (
     MAP_PARTS,
     explain_components,
     explain_slices,
@@ -33,10 +33,10 @@ from BrainAgeLib.explain import (
     method_inputs,
     slice_saliency,
 )
-from BrainAgeLib.explain_outputs import attention_peak, montage_title, write_explanation_outputs
+from BrainAgeLib.explain.outputs import attention_peak, montage_title, write_explanation_outputs
 from BrainAgeLib.io import load_volume, save_volume
 from BrainAgeLib.model import build_model
-from BrainAgeLib.preprocess import prepare
+from BrainAgeLib.preprocess.pipeline import prepare
 from BrainAgeLib.resources import resource_path
 from BrainAgeLib.result import Result
 from BrainAgeLib.volume import Volume
@@ -232,7 +232,7 @@ AGING_REGION_THRESHOLD = 0.3
 @pytest.fixture(scope="module")
 def old_phantom():
     """A skull-stripped 72-year-old phantom at 3 mm (small, and no registration needed)."""
-    from BrainAgeLib.synth import make_phantom
+    from BrainAgeLib.synth.phantoms import make_phantom
 
     return make_phantom(72, "F", seed=101, spacing=3.0, skull=False, with_tissue=False)
 
@@ -392,7 +392,7 @@ def test_no_cnn_head_could_bring_the_demo_map_below_the_target(demo_model, old_p
 @pytest.fixture(scope="module")
 def demo_localisation(demo_model):
     """Localisation ratios of the demo model's maps on three held-out old phantoms."""
-    from BrainAgeLib.synth import make_phantom
+    from BrainAgeLib.synth.phantoms import make_phantom
 
     ratios = []
     for age, sex, seed in ((68.0, "F", 9001), (76.0, "M", 9002), (83.0, "F", 9003)):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import BrainAgeLib.explain_outputs as explain_outputs
-from BrainAgeLib.explain_outputs import montage_title, write_montage
+import BrainAgeLib.explain.outputs as explain_outputs
+from BrainAgeLib.explain.outputs import montage_title, write_montage
 from BrainAgeLib.result import DEMO_DISCLAIMER, Result
 from BrainAgeLib.volume import Volume
 

@@ -26,10 +26,10 @@ if int(transformers.__version__.split(".")[0]) >= 5:  # their checkpoints use tr
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
-from BrainAgeLib.checkpoint import load_model, read_metadata  # noqa: E402
+from BrainAgeLib.model.checkpoint import load_model, read_metadata  # noqa: E402
 from BrainAgeLib.cli import main as brainage  # noqa: E402
 from BrainAgeLib.errors import CheckpointError  # noqa: E402
-from BrainAgeLib.import_official import (  # noqa: E402
+from BrainAgeLib.model.import_official import (  # noqa: E402
     OFFICIAL_CNN_FILENAME, OFFICIAL_VIT_FILENAME, class_layout, find_official_files, hf_vit_to_timm,
     import_official, merge_dora_weight, merge_peft_state_dict, official_class_labels,
 )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from BrainAgeLib.checkpoint import REGISTRY, load_model
+from BrainAgeLib.model.checkpoint import REGISTRY, load_model
 from BrainAgeLib.devices import (
     DeviceUnavailableError, autocast_dtype, cpu_supports_bf16, resolve_device, slice_batch_size,
 )
@@ -53,7 +53,7 @@ def test_predict_reports_age_gap_and_timings(female_result):
 
 
 def test_predict_equals_embed_then_regress_on_the_prepared_slices(tiny_model, mni_3mm, female_result):
-    from BrainAgeLib.preprocess import prepare
+    from BrainAgeLib.preprocess.pipeline import prepare
 
     prepared = prepare(mni_3mm, tiny_model.config)
     with torch.no_grad():
@@ -192,7 +192,7 @@ def test_batch_size_does_not_change_embeddings(tiny_model):
 
 
 def demo_sized_slices(mni_3mm: Volume) -> np.ndarray:
-    from BrainAgeLib.preprocess import prepare
+    from BrainAgeLib.preprocess.pipeline import prepare
 
     config = dataclasses.replace(PRESETS["demo"].preprocess, n4_bias_correction=False, skull_strip="none")
     return prepare(mni_3mm, config).slices

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from BrainAgeLib.predictions_csv import (
+from BrainAgeLib.cohort.predictions_csv import (
     COLUMNS, FILENAME, PredictionRow, PredictionsFileError, PredictionsWriter, check_model_matches,
     finished_ids, merge_predictions, part_path, read_predictions, write_predictions,
 )
@@ -105,7 +105,7 @@ def test_rows_written_before_a_kill_are_whole(tmp_path):
     """A writer killed (SIGKILL) while appending as fast as it can leaves only complete rows."""
     path = tmp_path / FILENAME
     script = textwrap.dedent(f"""
-        from BrainAgeLib.predictions_csv import PredictionRow, PredictionsWriter
+        from BrainAgeLib.cohort.predictions_csv import PredictionRow, PredictionsWriter
         with PredictionsWriter({str(path)!r}, fsync=False) as writer:
             for n in range(10**7):
                 writer.append(PredictionRow(id=f"sub-{{n:07d}}", path="/data/" + "x" * 300,

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from BrainAgeLib import PRESETS, InvalidVolumeError, PreprocessConfig, Volume, get_preset
 from BrainAgeLib.io import load_volume, save_volume
-from BrainAgeLib.preprocess import (
+from BrainAgeLib.preprocess.pipeline import (
     MIN_NEIGHBOUR_CORRELATION,
     Prepared,
     check_stripped_brain,
@@ -26,7 +26,7 @@ from BrainAgeLib.preprocess import (
     profile_prepare,
     resize_slices,
 )
-from BrainAgeLib.registration import resample_to_spacing
+from BrainAgeLib.preprocess.registration import resample_to_spacing
 
 COLIN27_BRAIN = Path("/usr/share/mricron/templates/ch2better.nii.gz")
 
@@ -274,7 +274,7 @@ def test_whole_head_is_skull_stripped_in_any_orientation(colin27):
 def test_a_strong_intensity_bias_does_not_stop_skull_stripping(colin27):
     """A strong smooth bias (x0.3 to x6, as near a surface coil) spoils the first registration;
     the retry on a bias-corrected copy finds the brain, and the mask matches the unbiased head's."""
-    from BrainAgeLib.preprocess import MIN_MUTUAL_INFORMATION, template_skull_strip, template_strip
+    from BrainAgeLib.preprocess.pipeline import MIN_MUTUAL_INFORMATION, template_skull_strip, template_strip
 
     head = resample_to_spacing(colin27, 2.0)
     i, j, k = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in head.shape], indexing="ij")
@@ -370,9 +370,9 @@ def test_profile_prepare_reports_time_and_memory_per_step(mni_2mm):
 def test_a_brain_of_implausible_size_is_refused(mni_2mm, monkeypatch):
     """If stripping ever returns a brain far from 250-3000 ml, prepare stops with a clear error
     instead of feeding the model a sliver (the stripping itself is replaced here)."""
-    import BrainAgeLib.preprocess as preprocess
-    from BrainAgeLib.registration import RegistrationResult
-    from BrainAgeLib.skull_strip import SkullStripResult
+    import BrainAgeLib.preprocess.pipeline as preprocess
+    from BrainAgeLib.preprocess.registration import RegistrationResult
+    from BrainAgeLib.preprocess.template_strip import SkullStripResult
 
     sliver = np.zeros(mni_2mm.shape, dtype=bool)
     sliver[40:50, 40:50, 40:50] = True                       # 8 ml
@@ -386,7 +386,7 @@ def test_a_brain_of_implausible_size_is_refused(mni_2mm, monkeypatch):
 def test_n4_grid_in_mm_gives_the_same_fitting_grid_for_any_input_spacing():
     """The demo preset fits its bias field on an ~8 mm grid: shrink 8 at 1 mm, 4 at 2 mm, 5 at
     1.5 mm (the finest axis decides); presets without n4_grid_mm shrink by n4_shrink_factor."""
-    from BrainAgeLib.preprocess import n4_shrink_for
+    from BrainAgeLib.preprocess.pipeline import n4_shrink_for
     from BrainAgeLib.presets import PRESETS
 
     demo = PRESETS["demo"].preprocess
@@ -400,7 +400,7 @@ def test_n4_grid_in_mm_gives_the_same_fitting_grid_for_any_input_spacing():
 
 def test_n4_removes_a_smooth_bias_on_a_coarse_grid(mni_2mm):
     """N4 on the 8 mm grid still takes out most of a multiplicative linear bias (brain only)."""
-    from BrainAgeLib.preprocess import n4_bias_correction
+    from BrainAgeLib.preprocess.pipeline import n4_bias_correction
 
     brain = mni_2mm.array > 0.2 * mni_2mm.array.max()
     x = np.linspace(-1, 1, mni_2mm.shape[0])[:, None, None]

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from BrainAgeLib.io import load_volume, save_volume
-from BrainAgeLib.preprocess import (
+from BrainAgeLib.preprocess.pipeline import (
     HOT_VOXEL_FACTOR, prepare, reorient_to_ras, suppress_hot_voxels,
 )
-from BrainAgeLib.qc import (
+from BrainAgeLib.preprocess.qc import (
     ADULT_BRAIN_ML, CHILD_BRAIN_ML, MAX_BORDER_MM2, border_sides, volume_flags, voxel_flags,
 )
-from BrainAgeLib.registration import register_to_template
-from BrainAgeLib.synth import make_phantom
+from BrainAgeLib.preprocess.registration import register_to_template
+from BrainAgeLib.synth.phantoms import make_phantom
 from BrainAgeLib.volume import Volume
 
 
@@ -98,7 +98,7 @@ def _n4_in_a_process(path: str, threads: int) -> list:
         "import sys, json, numpy as np, SimpleITK as sitk\n"
         f"sitk.ProcessObject.SetGlobalDefaultNumberOfThreads({threads})\n"
         "from BrainAgeLib.io import load_volume\n"
-        "from BrainAgeLib.preprocess import n4_bias_correction, reorient_to_ras\n"
+        "from BrainAgeLib.preprocess.pipeline import n4_bias_correction, reorient_to_ras\n"
         f"v = reorient_to_ras(load_volume({path!r}))\n"
         "out = n4_bias_correction(v, 2, mask=v.array > np.percentile(v.array, 60)).array\n"
         "print(json.dumps([float(out.sum(dtype=np.float64)), float(out.max()), float(out[40:50, 50:60, 50:60].sum())]))\n"
@@ -141,7 +141,7 @@ def test_strict_qc_exits_4_and_qc_writes_the_picture(tmp_path):
 def test_old_cards_predict_with_deepbet_and_say_their_training_differed():
     from BrainAgeLib.model.brain_age_model import extractor_warnings, training_extractor
     from BrainAgeLib.presets import PreprocessConfig
-    from BrainAgeLib.qc import QualityControl
+    from BrainAgeLib.preprocess.qc import QualityControl
 
     assert PreprocessConfig.from_dict({"skull_strip": "auto"}).skull_strip == "deepbet"
     old_card = {"preprocessing": {"skull_strip": "auto"}}

@@ -12,8 +12,8 @@ import pytest
 from scipy import ndimage
 
 from BrainAgeLib.errors import BrainAgeError
-from BrainAgeLib.qc_figure import qc_figure, qc_frame, write_qc_figure
-from BrainAgeLib.slice_views import PLANES
+from BrainAgeLib.explain.qc_figure import qc_figure, qc_frame, write_qc_figure
+from BrainAgeLib.explain.slice_views import PLANES
 from BrainAgeLib.volume import Volume
 
 SPACING = (1.5, 1.2, 2.0)

@@ -15,10 +15,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from BrainAgeLib.io import load_volume, save_volume
-from BrainAgeLib.preprocess import prepare, reorient_to_ras
+from BrainAgeLib.preprocess.pipeline import prepare, reorient_to_ras
 from BrainAgeLib.presets import PRESETS
-from BrainAgeLib.qc import ADULT_BRAIN_ML, MIN_T1_CONTRAST, age_flags, assess
-from BrainAgeLib.skull_strip import otsu_threshold
+from BrainAgeLib.preprocess.qc import ADULT_BRAIN_ML, MIN_T1_CONTRAST, age_flags, assess
+from BrainAgeLib.preprocess.template_strip import otsu_threshold
 from BrainAgeLib.volume import Volume
 
 from conftest import COLIN27_BRAIN
@@ -135,7 +135,7 @@ def test_an_age_outside_the_training_range_is_flagged():
 
 
 def test_a_prediction_at_age_3_carries_the_flag(real_heads):
-    from BrainAgeLib.checkpoint import load_model
+    from BrainAgeLib.model.checkpoint import load_model
 
     model = load_model("demo")
     result = model.predict_prepared(prepared_head(real_heads[1]), "F", 3.0, device="cpu")
@@ -165,7 +165,7 @@ def test_one_head_in_three_orientations_and_formats_gives_the_same_mask(real_hea
 def test_attention_is_zero_outside_an_already_stripped_brain(colin27_path):
     """ch2bet is skull-stripped (0 outside the brain): 146.6 ml of attention lay on that zero
     background, spread by the map's interpolation; the map is 0 outside the brain mask."""
-    from BrainAgeLib.checkpoint import load_model
+    from BrainAgeLib.model.checkpoint import load_model
 
     path = colin27_path.parent / "ch2bet.nii.gz"
     if not path.exists():
@@ -186,8 +186,8 @@ def test_batch_and_the_command_line_give_the_same_age_and_qc(real_heads, tmp_pat
     import subprocess
     import sys
 
-    from BrainAgeLib.batch import run_batch
-    from BrainAgeLib.predictions_csv import FILENAME, read_predictions
+    from BrainAgeLib.cohort.batch import run_batch
+    from BrainAgeLib.cohort.predictions_csv import FILENAME, read_predictions
 
     head = real_heads[4]
     cohort = tmp_path / "cohort.csv"

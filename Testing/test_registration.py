@@ -14,14 +14,14 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from BrainAgeLib.registration import (
+from BrainAgeLib.preprocess.registration import (
     register_to_template,
     resample_template_mask,
     resample_to_spacing,
     volume_to_sitk,
 )
-from BrainAgeLib.skull_strip import detect_skull_stripped, skull_strip
-from BrainAgeLib.template import load_template
+from BrainAgeLib.preprocess.template_strip import detect_skull_stripped, skull_strip
+from BrainAgeLib.preprocess.template import load_template
 from BrainAgeLib.volume import Volume
 
 COLIN27_BRAIN = Path("/usr/share/mricron/templates/ch2better.nii.gz")
@@ -188,10 +188,10 @@ def test_colin27_skull_strip_matches_its_extracted_brain(colin27, colin27_truth)
 
 
 def test_small_synthetic_head_is_not_fitted_to_its_scalp():
-    """A brain 18 % smaller (linear) than MNI152 inside a bright scalp (BrainAgeLib.synth):
+    """A brain 18 % smaller (linear) than MNI152 inside a bright scalp (BrainAgeLib.synth.phantoms):
     with sparse random metric sampling the registration once locked onto the scalp."""
     pytest.importorskip("torch")
-    from BrainAgeLib.synth import make_phantom
+    from BrainAgeLib.synth.phantoms import make_phantom
 
     phantom = make_phantom(40, "F", 1, spacing=2.0, skull=True)
     tissue = phantom.tissue
@@ -209,7 +209,7 @@ def test_template_side_is_computed_once_per_template_and_grid():
     (read-only, shared); another template object, or another grid, gets its own."""
     import dataclasses
 
-    from BrainAgeLib import registration
+    from BrainAgeLib.preprocess import registration
 
     template = load_template()
     grid = registration._template_grid(template, 4.0, 4.0)

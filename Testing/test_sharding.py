@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from BrainAgeLib.batch import run_batch
-from BrainAgeLib.predictions_csv import FILENAME, read_predictions
-from BrainAgeLib.sharding import ShardContext
+from BrainAgeLib.cohort.batch import run_batch
+from BrainAgeLib.cohort.predictions_csv import FILENAME, read_predictions
+from BrainAgeLib.cohort.sharding import ShardContext
 
 from cohort_heads import tiny_checkpoint, write_bad_inputs, write_cohort_csv, write_heads
 

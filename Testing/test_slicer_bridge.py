@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from BrainAgeLib import Volume
-from BrainAgeLib.attention_labelmap import attention_colors
-from BrainAgeLib.qc import ADULT_BRAIN_ML, QualityControl
+from BrainAgeLib.explain.labelmap import attention_colors
+from BrainAgeLib.preprocess.qc import ADULT_BRAIN_ML, QualityControl
 from BrainAgeLib.result import Result
 from BrainAgeLib.slicer_bridge import (
     PIP_REQUIREMENTS,
@@ -381,7 +381,7 @@ def test_the_module_flow_from_kji_arrays_to_a_labelmap_on_the_input_grid():
     """What BrainAgeLogic.process does between slicer.util.arrayFromVolume and updateVolumeFromArray,
     with a small random-weight model (the bundled demo model is checked by the Slicer self-test)."""
     pytest.importorskip("torch")
-    from BrainAgeLib.attention_labelmap import attention_labelmap
+    from BrainAgeLib.explain.labelmap import attention_labelmap
     from BrainAgeLib.io import validate_volume
     from BrainAgeLib.model import build_model
     from BrainAgeLib.slicer_bridge import phantom_head

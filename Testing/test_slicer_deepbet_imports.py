@@ -21,9 +21,9 @@ CHILD = """
 import json, sys
 import torch
 torch.set_num_threads(2)
-from BrainAgeLib.brain_extraction import deepbet_brain_mask
-from BrainAgeLib.preprocess import reorient_to_ras
-from BrainAgeLib.synth import ellipsoid_head
+from BrainAgeLib.preprocess.brain_extraction import deepbet_brain_mask
+from BrainAgeLib.preprocess.pipeline import reorient_to_ras
+from BrainAgeLib.synth.phantoms import ellipsoid_head
 
 after_import = sorted(sys.modules)
 mask = deepbet_brain_mask(reorient_to_ras(ellipsoid_head(3.0)), device="cpu")

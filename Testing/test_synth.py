@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from BrainAgeLib import lifespan
-from BrainAgeLib.synth import (FIELD_OF_VIEW_MM, HEAD_SCALE, SynthError, aging_region_map, cohort_specs,
+from BrainAgeLib.synth import lifespan
+from BrainAgeLib.synth.phantoms import (FIELD_OF_VIEW_MM, HEAD_SCALE, SynthError, aging_region_map, cohort_specs,
                                draw_subject, make_cohort, make_phantom, template_dir)
 
 pytest.importorskip("nilearn")
@@ -160,7 +160,7 @@ def test_missing_nilearn_says_how_to_install_it(monkeypatch):
 
 
 def test_cohort_is_written_readable_and_resumes(tmp_path):
-    from BrainAgeLib.cohort import read_cohort
+    from BrainAgeLib.cohort.tables import read_cohort
     from BrainAgeLib.io import load_volume
 
     table = make_cohort(3, tmp_path / "cohort", seed=5, spacing=3.0, skull_fraction=0.5, progress=False)
@@ -249,7 +249,7 @@ def test_aging_regions_lie_on_their_aal_labels():
 
 def test_ellipsoid_head_is_a_ras_head_with_brain_inside_skull():
     """The template-free stand-in head (bench and the Slicer self-test fall back to it)."""
-    from BrainAgeLib.synth import ellipsoid_head
+    from BrainAgeLib.synth.phantoms import ellipsoid_head
 
     head = ellipsoid_head(3.0)
     assert head.shape == (64, 75, 64) and head.orientation == ("R", "A", "S")

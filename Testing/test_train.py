@@ -48,7 +48,7 @@ def test_split_refuses_too_few_subjects():
 @pytest.fixture(scope="module")
 def tiny_cohort(tmp_path_factory) -> Path:
     pytest.importorskip("nilearn")
-    from BrainAgeLib.synth import make_cohort
+    from BrainAgeLib.synth.phantoms import make_cohort
 
     out = tmp_path_factory.mktemp("phantoms")
     return make_cohort(N_PHANTOMS, out, seed=11, spacing=4.0, skull_fraction=0.0, progress=False)
@@ -74,7 +74,7 @@ def _interrupt_after(marker: str, messages: list):
 
 
 def test_tiny_preset_trains_both_stages_resumes_and_loads(tiny_cohort, tmp_path):
-    from BrainAgeLib.checkpoint import load_model
+    from BrainAgeLib.model.checkpoint import load_model
     from BrainAgeLib.train.pipeline import run_training
 
     run_dir = tmp_path / "run"

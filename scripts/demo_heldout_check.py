@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from BrainAgeLib.checkpoint import load_model
+from BrainAgeLib.model.checkpoint import load_model
 from BrainAgeLib.io import load_volume
-from BrainAgeLib.preprocess import prepare
-from BrainAgeLib.synth import cohort_specs, write_phantom
+from BrainAgeLib.preprocess.pipeline import prepare
+from BrainAgeLib.synth.phantoms import cohort_specs, write_phantom
 
 HELDOUT = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "brainage_demo_heldout.json"
 

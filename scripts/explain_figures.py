@@ -41,7 +41,7 @@ def overhead(args: argparse.Namespace) -> None:
         volume = load_volume(args.input)
         print(f"input: {args.input} {volume.shape} at {volume.spacing[0]:.2f} mm", end="")
     else:
-        from BrainAgeLib.synth import make_phantom
+        from BrainAgeLib.synth.phantoms import make_phantom
 
         volume = make_phantom(67.0, "F", seed=4242, spacing=args.spacing, skull=True, with_tissue=False).volume
         print(f"input: phantom {volume.shape} at {args.spacing} mm with skull", end="")
@@ -84,14 +84,14 @@ def overhead(args: argparse.Namespace) -> None:
 
 
 def _demo_model(path):
-    from BrainAgeLib.checkpoint import load_model
+    from BrainAgeLib.model.checkpoint import load_model
     from BrainAgeLib.resources import resource_path
 
     return load_model(path or resource_path("Models", "brainage_demo.safetensors"))
 
 
 def _phantoms(n: int, spacing: float = 2.0):
-    from BrainAgeLib.synth import make_phantom
+    from BrainAgeLib.synth.phantoms import make_phantom
 
     rng = np.random.default_rng(31337)
     for i in range(n):
@@ -101,7 +101,7 @@ def _phantoms(n: int, spacing: float = 2.0):
 
 
 def _maps(model, prepared, sex: str, parts=("fused",)):
-    from BrainAgeLib.explain import explain_components
+    from BrainAgeLib.explain.methods import explain_components
 
     return explain_components(model, prepared, model.embed_explain(prepared.slices, precision="fp32"),
                               1.0 if sex == "F" else 0.0, parts=parts)
@@ -112,8 +112,8 @@ def _map(model, prepared, sex: str):
 
 
 def localisation(args: argparse.Namespace) -> None:
-    from BrainAgeLib.explain import MAP_PARTS, localisation_ratio
-    from BrainAgeLib.preprocess import prepare
+    from BrainAgeLib.explain.methods import MAP_PARTS, localisation_ratio
+    from BrainAgeLib.preprocess.pipeline import prepare
 
     model = _demo_model(args.model)
     ratios = {part: [] for part in MAP_PARTS + ("oracle",)}
@@ -141,7 +141,7 @@ def _oracle_map(model, prepared, aging_map):
     import torch
     import torch.nn.functional as F
 
-    from BrainAgeLib.explain import fuse_slice_attention
+    from BrainAgeLib.explain.methods import fuse_slice_attention
 
     side = model.config.image_size // model.config.patch_size
     truth = torch.from_numpy(prepared.to_model_space(aging_map))[:, None]
@@ -159,8 +159,8 @@ def sanity(args: argparse.Namespace) -> None:
     import torch
     from scipy.stats import spearmanr
 
-    from BrainAgeLib.explain import MAP_PARTS, fuse_slice_attention, method_inputs
-    from BrainAgeLib.preprocess import prepare
+    from BrainAgeLib.explain.methods import MAP_PARTS, fuse_slice_attention, method_inputs
+    from BrainAgeLib.preprocess.pipeline import prepare
 
     model = _demo_model(args.model)
     randomisations = (("randomised CNN head", lambda m: list(m.regressor.modules())),

@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from BrainAgeLib.attention_labelmap import DEFAULT_LEVELS, attention_colors, write_color_table  # noqa: E402
+from BrainAgeLib.explain.labelmap import DEFAULT_LEVELS, attention_colors, write_color_table  # noqa: E402
 
 if __name__ == "__main__":
     target = REPO / "Resources" / "ColorTables" / "BrainAgeAttention.ctbl"

@@ -1,7 +1,7 @@
 """Make Resources/Screenshots/BrainAge-attention.png, the extension's screenshot and README figure.
 
 It is the montage ``brainage predict --explain`` writes, for the bundled demo model on a synthetic
-75-year-old head (BrainAgeLib.synth, with skull): the input with the attention map in axial,
+75-year-old head (BrainAgeLib.synth.phantoms, with skull): the input with the attention map in axial,
 coronal and sagittal planes through the centre of its top-decile region, predicted age and BAG in the title, and the
 demo model's warning. Run from the repository root (about a minute on a CPU):
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from BrainAgeLib.cli import main as brainage  # noqa: E402
 from BrainAgeLib.io import save_volume  # noqa: E402
-from BrainAgeLib.synth import make_phantom  # noqa: E402
+from BrainAgeLib.synth.phantoms import make_phantom  # noqa: E402
 
 TARGET = REPO / "Resources" / "Screenshots" / "BrainAge-attention.png"
 AGE, SEX, SEED = 75.0, "F", 11

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from BrainAgeLib.checkpoint import load_model
+from BrainAgeLib.model.checkpoint import load_model
 from BrainAgeLib.io import load_volume
-from BrainAgeLib.preprocess import prepare
+from BrainAgeLib.preprocess.pipeline import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def main() -> None:
                 "predicted_age": result.predicted_age, "prepare_s": seconds, "flags": result.qc.flags,
             })
             if args.figures:
-                from BrainAgeLib.qc_figure import write_qc_figure
+                from BrainAgeLib.explain.qc_figure import write_qc_figure
 
                 Path(args.figures).mkdir(parents=True, exist_ok=True)
                 write_qc_figure(volume, prepared.input_brain_mask, Path(args.figures) / f"{person['id']}_{method}.png",

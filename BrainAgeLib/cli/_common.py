@@ -30,7 +30,7 @@ def load_model_from_args(args: argparse.Namespace):
         print(f"WARNING: --preset {args.preset} builds a model with RANDOM, UNTRAINED weights; its "
               "predictions mean nothing. Use it only to test the software.", file=sys.stderr)
         return build_model(args.preset, seed=0)
-    from ..checkpoint import load_model
+    from ..model.checkpoint import load_model
 
     return load_model(args.model or "demo")
 

@@ -2,7 +2,7 @@
 
 COHORT is a CSV/TSV table (image path, sex, optional age, id and site), a BIDS dataset folder
 (or its participants.tsv) or a folder of images. Rows go to ``DIR/predictions.csv`` as each
-subject finishes (see ``BrainAgeLib.predictions_csv``); running the same command again skips
+subject finishes (see ``BrainAgeLib.cohort.predictions_csv``); running the same command again skips
 the finished subjects. At the end: done/failed counts and, when ages are given, MAE and
 brain-age-gap statistics with the plots of ``brainage evaluate`` in ``DIR/evaluation``.
 Under ``torchrun`` every rank takes its share of the cohort and rank 0 prints the summary.
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch import cohort_statistics, cohort_subjects, run_batch
+    from ..cohort.batch import cohort_statistics, cohort_subjects, run_batch
 
     subjects = cohort_subjects(args.cohort)  # a bad table fails before the model loads
     check_device(args.device)

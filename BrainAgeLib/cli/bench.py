@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the model stages N times and keep each one's fastest time (default: 1)")
     parser.add_argument("--cohort", type=positive_int, default=None, metavar="N",
                         help="instead: volumes/minute for N generated heads: one `brainage predict` command per "
-                             "head, in-process predict calls and batch mode (BrainAgeLib.bench_cohort)")
+                             "head, in-process predict calls and batch mode (BrainAgeLib.bench.cohort)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="with --cohort: batch mode's preprocessing workers (default: as brainage batch)")
     parser.add_argument("--no-cli-baseline", dest="cli_baseline", action="store_false",
@@ -34,11 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import run_benchmark
+    from ..bench.single import run_benchmark
 
     verbose = not args.json and sys.stderr.isatty()
     if args.cohort is not None:
-        from ..bench_cohort import run_cohort_benchmark
+        from ..bench.cohort import run_cohort_benchmark
 
         cohort = run_cohort_benchmark(
             args.cohort, preset=args.preset or "demo", device=args.device, workers=args.workers,

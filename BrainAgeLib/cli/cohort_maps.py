@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from ..cohort_maps import cohort_attention_maps, read_batch_explanations, write_cohort_maps
+    from ..explain.cohort_maps import cohort_attention_maps, read_batch_explanations, write_cohort_maps
 
     subjects = read_batch_explanations(args.folders)
     writable_folder(args.out)

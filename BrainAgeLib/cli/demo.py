@@ -1,7 +1,7 @@
 """``brainage demo``: the bundled demo model on a sample head, end to end, offline.
 
 By default it reads the sample phantom bundled in ``Resources/Samples`` (a synthetic head of
-known age and sex, made by ``BrainAgeLib.synth`` with a seed that no training phantom used);
+known age and sex, made by ``BrainAgeLib.synth.phantoms`` with a seed that no training phantom used);
 ``--generate`` makes a new phantom instead (needs nilearn's MNI152 template, no network). It
 prints the predicted age and the brain-age gap, and says plainly that the demo model is trained
 on synthetic phantoms and means nothing clinically.
@@ -50,14 +50,14 @@ def sample_head():
 
 def generated_head(age: float, sex: str, seed: int, skull: bool = True):
     """A freshly generated phantom at 2 mm: (Volume, age, sex, description)."""
-    from ..synth import make_phantom
+    from ..synth.phantoms import make_phantom
 
     phantom = make_phantom(age, sex, seed, spacing=2.0, skull=skull, with_tissue=False)
     return phantom.volume, float(age), sex, f"generated phantom (seed {seed}, {'with' if skull else 'without'} skull)"
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_model
+    from ..model.checkpoint import load_model
     from ..sex import parse_sex
 
     told_sex = None if args.sex is None else parse_sex(args.sex)  # bad input fails before any heavy work

@@ -34,7 +34,7 @@ def _line(name: str, metrics) -> str:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..evaluate import evaluate_predictions
+    from ..cohort.evaluate import evaluate_predictions
 
     if args.out:
         writable_folder(args.out)

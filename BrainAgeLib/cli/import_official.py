@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import CheckpointError
-    from ..import_official import find_official_files, import_official
+    from ..model.import_official import find_official_files, import_official
 
     if args.folder is not None:
         if args.vit or args.cnn:

@@ -82,13 +82,13 @@ def run(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)  # made only now that there is something to write
     outputs: Dict[str, str] = {}
     if args.explain:
-        from ..explain_outputs import write_explanation_outputs
+        from ..explain.outputs import write_explanation_outputs
 
         written = write_explanation_outputs(result, out_dir, stem, args.explain_format, volume=volume,
                                             input_path=source)
         outputs.update({key: str(path) for key, path in written.items()})
     if args.qc or args.explain:
-        from ..qc_figure import write_result_qc_figure
+        from ..explain.qc_figure import write_result_qc_figure
 
         outputs["qc_figure"] = str(write_result_qc_figure(result, volume, out_dir, stem))
     report = {**result.to_dict(), "input": str(source), "model": _model_label(args), "outputs": outputs}

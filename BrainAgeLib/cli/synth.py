@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..synth import SynthError, make_cohort
+    from ..synth.phantoms import SynthError, make_cohort
 
     if len(args.spacing) not in (1, 2):
         raise SynthError("--spacing takes one value or a LOW HIGH range (mm)")

@@ -23,7 +23,7 @@ from ..devices import (
 )
 from ..errors import BrainAgeError
 from ..presets import ModelConfig, PreprocessConfig, get_preset
-from ..qc import ALREADY_STRIPPED, QualityControl, age_flags
+from ..preprocess.qc import ALREADY_STRIPPED, QualityControl, age_flags
 from ..result import Result
 from ..sex import SEX_CODES, parse_sex
 from ..volume import Volume
@@ -130,7 +130,7 @@ class BrainAgeModel(nn.Module):
 
     def save(self, path: Union[str, Path], metadata: Optional[Dict[str, Any]] = None) -> Path:
         """Write a safetensors checkpoint (weights + this model's metadata, updated by ``metadata``)."""
-        from ..checkpoint import save_checkpoint
+        from .checkpoint import save_checkpoint
 
         merged = dict(self.metadata)
         merged.update(metadata or {})
@@ -285,7 +285,7 @@ class BrainAgeModel(nn.Module):
                 precision=precision, encoded=cached.encoded, timings=timings, started=started)
 
         report(0.05, "Preparing sagittal slices")
-        from ..preprocess import prepare
+        from ..preprocess.pipeline import prepare
 
         tic = time.perf_counter()
         prepared = prepare(volume, self.config, device=str(target))
@@ -466,11 +466,11 @@ def extractor_warnings(metadata: Dict[str, Any], qc: Optional[QualityControl]) -
 
 def _explain_function() -> Callable:
     try:
-        from ..explain import explain_slices
+        from ..explain.methods import explain_slices
     except ModuleNotFoundError as error:
-        if error.name and error.name.endswith("BrainAgeLib.explain"):
+        if error.name and error.name.endswith("BrainAgeLib.explain.methods"):
             raise NotImplementedError(
-                "attention maps need BrainAgeLib.explain, which this installation does not have yet") from error
+                "attention maps need BrainAgeLib.explain.methods, which this installation does not have yet") from error
         raise
     return explain_slices
 

@@ -73,7 +73,7 @@ class TrainingSubject:
 
 def load_training_subjects(cohort_path: "str | os.PathLike") -> List[TrainingSubject]:
     """Cohort rows usable for training: each needs a readable path, an age (years) and a known sex."""
-    from ..cohort import read_cohort
+    from ..cohort.tables import read_cohort
     from ..sex import SEX_CODES, parse_sex
 
     subjects = []
@@ -112,7 +112,7 @@ def initial_encoder_weights(source: "str | os.PathLike") -> Dict[str, torch.Tens
                     return {k: handle.get_tensor(k) for k in keys}
         except Exception:  # noqa: BLE001 - not a safetensors file: load_model says what is wrong with it
             pass
-    from ..checkpoint import load_model
+    from ..model.checkpoint import load_model
 
     return load_model(source).encoder.state_dict()
 
@@ -366,7 +366,7 @@ def _embedding_set(subjects, entries, cache: SliceCache, key: str):
 def _finish(model, groups, sets, predictions, entries, cache, config, state, result2, timings, run_dir,
             cohort_path, metadata, log):
     from ..bias_correction import BiasCorrection
-    from ..evaluate import compute_metrics
+    from ..cohort.evaluate import compute_metrics
     from .baselines import cohort_volume_features, run_baselines
 
     correction = BiasCorrection.fit(sets["val"].age.numpy(), predictions["val"])

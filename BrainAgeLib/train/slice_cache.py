@@ -189,7 +189,7 @@ def _single_thread() -> None:
 def prepare_entry(entry: CacheEntry, config_dict: Dict[str, object]) -> None:
     """Load one volume, prepare it with the preset's preprocessing, and cache slices + features."""
     from ..io import load_volume
-    from ..preprocess import prepare
+    from ..preprocess.pipeline import prepare
     from .baselines import tissue_features
 
     config = ModelConfig.from_dict(config_dict)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -24,7 +23,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .volume import Volume
+from ..volume import Volume
+from .profile_prepare import peak_rss_mb
 
 
 @dataclass
@@ -87,7 +87,7 @@ class BenchResult:
 def generated_head(age: float = 60.0, sex: str = "F", seed: int = 0) -> Tuple[Volume, str]:
     """A whole-head T1 at 1 mm for timing: a synthetic phantom with skull, else MNI152, else an ellipsoid."""
     try:
-        from .synth import make_phantom
+        from ..synth.phantoms import make_phantom
 
         phantom = make_phantom(age, sex, seed=seed, spacing=1.0, skull=True, with_tissue=False)
         return phantom.volume, f"synthetic phantom ({age:g} y, {sex}, with skull)"
@@ -102,7 +102,7 @@ def generated_head(age: float = 60.0, sex: str = "F", seed: int = 0) -> Tuple[Vo
         return Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine), "MNI152 2009a T1 (brain only)"
     except Exception:
         pass
-    from .synth import ellipsoid_head
+    from ..synth.phantoms import ellipsoid_head
 
     return ellipsoid_head(1.0), f"ellipsoid head (no phantom generator: {reason})"
 
@@ -111,7 +111,7 @@ def write_generated_head(path: Path) -> str:
     """Write ``generated_head()`` to ``path`` from a child Python process; returns its description."""
     import subprocess
 
-    code = ("import sys; from pathlib import Path; from BrainAgeLib.bench import generated_head; "
+    code = ("import sys; from pathlib import Path; from BrainAgeLib.bench.single import generated_head; "
             "from BrainAgeLib.io import save_volume; v, name = generated_head(); "
             "save_volume(v, Path(sys.argv[1])); print(name)")
     package_root = str(Path(__file__).resolve().parent.parent)
@@ -119,7 +119,7 @@ def write_generated_head(path: Path) -> str:
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env)
     if done.returncode == 0 and path.is_file():
         return done.stdout.strip().splitlines()[-1]
-    from .io import save_volume
+    from ..io import save_volume
 
     volume, name = generated_head()  # the child failed (odd environment): generate here instead
     save_volume(volume, path)
@@ -142,11 +142,11 @@ def run_benchmark(
     interleaved, and keeps each one's fastest time: on a shared machine that is the best
     estimate of the cost itself. ``head_file`` times a given T1 file instead of a generated head.
     """
-    from .devices import autocast, autocast_dtype, precision_name, resolve_device, slice_batch_size, to_device
-    from .io import load_volume, save_volume
-    from .model import build_model
-    from .model.brain_age_model import _explain_function
-    from .preprocess import prepare
+    from ..devices import autocast, autocast_dtype, precision_name, resolve_device, slice_batch_size, to_device
+    from ..io import load_volume, save_volume
+    from ..model import build_model
+    from ..model.brain_age_model import _explain_function
+    from ..preprocess.pipeline import prepare
 
     target = resolve_device(device)
     explain_slices = None
@@ -257,12 +257,6 @@ def run_benchmark(
         prepare_steps={k: float(v) for k, v in (getattr(prepared, "timings", None) or {}).items()},
         torch_threads=torch.get_num_threads(),
     )
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _sync(device: torch.device) -> None:

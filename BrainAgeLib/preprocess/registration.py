@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .template import Template, load_template
-from .volume import Volume
+from ..volume import Volume
 
 # RAS <-> LPS: negate x and y.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

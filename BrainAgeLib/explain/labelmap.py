@@ -26,9 +26,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .atomic_files import write_text_atomic
-from .errors import BrainAgeError
-from .volume import Volume
+from ..atomic_files import write_text_atomic
+from ..errors import BrainAgeError
+from ..volume import Volume
 
 #: One colour-table entry: (label value, name without spaces, (R, G, B, A) each 0-255).
 ColorEntry = Tuple[int, str, Tuple[int, int, int, int]]

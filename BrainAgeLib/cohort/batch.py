@@ -1,7 +1,7 @@
 """Cohort inference: every subject of a cohort through one model, results never lost.
 
 ``run_batch(cohort, out_dir)`` writes ``out_dir/predictions.csv`` (see
-:mod:`BrainAgeLib.predictions_csv`): one row per subject, appended and flushed the moment the
+:mod:`BrainAgeLib.cohort.predictions_csv`): one row per subject, appended and flushed the moment the
 subject is done, with an ``error`` column, so a bad scan is recorded and the run goes on, a
 re-run resumes where the last one stopped, and Ctrl-C leaves a consistent file.
 
@@ -13,7 +13,7 @@ hands back a ``Prepared`` (numpy arrays, cheap to pickle between our own process
 are started with "spawn" (no fork of a process whose torch/OpenMP threads are running) and
 limited to a share of the CPU threads, so they do not fight the ViT for cores.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) the cohort is sharded: see :mod:`BrainAgeLib.sharding`.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the cohort is sharded: see :mod:`BrainAgeLib.cohort.sharding`.
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .atomic_files import write_bytes_atomic
-from .errors import BrainAgeError, CohortError, message_naming
-from .result import DEMO_DISCLAIMER
+from ..atomic_files import write_bytes_atomic
+from ..errors import BrainAgeError, CohortError, message_naming
+from ..result import DEMO_DISCLAIMER
 from .predictions_csv import (
     FILENAME, PredictionRow, PredictionsFileError, PredictionsWriter, check_model_matches, finished_ids,
     latest_rows, merge_predictions, part_path, read_all_predictions,
@@ -133,7 +133,7 @@ def cohort_subjects(cohort: Union[PathLike, Sequence[Any]]) -> List[Any]:
     ``Subject``-like objects (``id``, ``path``, ``age``, ``sex``, ``site``), or a list of image
     paths (ids from the file names, sex unknown, no age). Ids must be unique. Returns a
     ``cohort.Cohort`` (its ``skipped``: the dataset's subjects left out, kept from a Cohort given)."""
-    from .cohort import Cohort, read_cohort
+    from .tables import Cohort, read_cohort
 
     if isinstance(cohort, (str, os.PathLike)):
         subjects = read_cohort(cohort, check_files=False)  # a missing scan is an error row
@@ -151,7 +151,7 @@ def cohort_subjects(cohort: Union[PathLike, Sequence[Any]]) -> List[Any]:
 
 
 def _subject_from_path(path: PathLike) -> CohortSubject:
-    from .io import image_stem
+    from ..io import image_stem
 
     return CohortSubject(id=image_stem(path) or str(path), path=str(path))
 
@@ -193,8 +193,8 @@ def _warm_up() -> None:
     """Import what preparing needs, so the first subject does not pay for it."""
     import importlib
 
-    for module in ("io", "preprocess"):
-        importlib.import_module(f"{__package__}.{module}")
+    for module in ("io", "preprocess.pipeline"):
+        importlib.import_module(f"BrainAgeLib.{module}")
 
 
 def _exit_with_parent(sentinel: int) -> None:
@@ -208,8 +208,8 @@ def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool, devi
     """Read and preprocess one subject (runs in a worker; never raises for a bad subject)."""
     started, cpu = time.perf_counter(), time.process_time()
     try:
-        from .io import load_volume
-        from .preprocess import prepare
+        from ..io import load_volume
+        from ..preprocess.pipeline import prepare
 
         notes: List[str] = []
         header: Dict[str, Any] = {}
@@ -328,8 +328,8 @@ class _Preparer:
 # --------------------------------------------------------------------------------------------
 
 def _resolve_model(model: Any, device: Any):
-    from .checkpoint import load_model
-    from .devices import resolve_device
+    from ..model.checkpoint import load_model
+    from ..devices import resolve_device
 
     target = resolve_device(device)
     if isinstance(model, (str, os.PathLike)):
@@ -341,7 +341,7 @@ def _resolve_model(model: Any, device: Any):
 
 
 def _sex_of(subject: Any) -> str:
-    from .sex import parse_sex
+    from ..sex import parse_sex
 
     value = getattr(subject, "sex", None)
     if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
@@ -384,14 +384,14 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
         row.error = item.error
         return row
     try:
-        from .demographics import with_header_defaults
+        from ..demographics import with_header_defaults
 
         given_sex = _sex_of(subject)  # a row without age or sex takes a DICOM series' header values
         age, sex, header_notes = with_header_defaults(_age_of(subject), None if given_sex == "unknown" else given_sex,
                                                       item.dicom_header)
         result = model.predict_prepared(item.prepared, sex, age, explain=explain, precision=precision)
         if explain:
-            from .explain_outputs import write_explanation_outputs
+            from ..explain.outputs import write_explanation_outputs
 
             maps_dir = out_dir / "attention"
             maps_dir.mkdir(exist_ok=True)
@@ -400,7 +400,7 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
                 input_to_template=getattr(item.prepared, "input_to_template", None), input_path=subject.path)
             row.attention_map = str(paths["attention"].relative_to(out_dir))
         if (qc or explain) and item.volume is not None:   # as predict: --explain draws the mask too
-            from .qc_figure import write_result_qc_figure
+            from ..explain.qc_figure import write_result_qc_figure
 
             qc_dir = out_dir / "qc"
             qc_dir.mkdir(exist_ok=True)
@@ -486,7 +486,7 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     except BaseException:
         preparer.close()
         raise
-    from .presets import get_preset
+    from ..presets import get_preset
 
     preparer.preset = get_preset(model.config)
     preparer.device = str(target)
@@ -552,7 +552,7 @@ def model_identity(model: Any) -> Dict[str, Any]:
     """What makes a model's predictions comparable: its name, the SHA-256 of its weights (as in
     a checkpoint card's ``weights_sha256``, computed from the weights in memory) and its
     preprocessing settings."""
-    from .checkpoint import weights_digest
+    from ..model.checkpoint import weights_digest
 
     return {"model": model.name, "weights_sha256": weights_digest(model.state_dict()),
             "preprocessing": model.config.preprocess.to_dict()}

@@ -28,11 +28,11 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from . import __version__
-from .atomic_files import atomic_path
-from .errors import CheckpointError
-from .presets import ModelConfig
-from .resources import cache_dir, resource_path
+from .. import __version__
+from ..atomic_files import atomic_path
+from ..errors import CheckpointError
+from ..presets import ModelConfig
+from ..resources import cache_dir, resource_path
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional
     bias_correction (a BiasCorrection or its dict) and any other JSON-safe entries; the
     architecture, preprocessing, classes, versions and weights digest are filled in here.
     """
-    from .model.brain_age_model import class_names
+    from .brain_age_model import class_names
 
     path = Path(path)
     config: ModelConfig = model.config
@@ -201,8 +201,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", ve
     """A BrainAgeModel from a BrainAge ``.safetensors`` file (see the module docstring for the checks)."""
     from safetensors import safe_open
 
-    from .devices import resolve_device
-    from .model.brain_age_model import BrainAgeModel
+    from ..devices import resolve_device
+    from .brain_age_model import BrainAgeModel
 
     path = Path(path)
     card = read_metadata(path)

@@ -36,8 +36,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .errors import CheckpointError
-from .presets import PRESETS, ModelConfig
+from ..errors import CheckpointError
+from ..presets import PRESETS, ModelConfig
 
 PathLike = Union[str, Path]
 
@@ -452,7 +452,7 @@ def load_official_vit(path: PathLike) -> OfficialCheckpoint:
 
 def load_official_cnn(path: PathLike) -> OfficialCheckpoint:
     """Read their CNN ``.pkl`` through the restricted unpickler (a ``.pt``/``.pth`` weights-only)."""
-    from .safe_pickle import load_restricted_pickle
+    from ..safe_pickle import load_restricted_pickle
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -633,8 +633,8 @@ def convert_official(
 
 def _official_metadata(config: ModelConfig, vit: OfficialCheckpoint, cnn: OfficialCheckpoint,
                        merge: PeftMergeReport, labels: Sequence[str], matches_paper: bool) -> Dict[str, Any]:
-    from . import __version__
-    from .model import class_names
+    from .. import __version__
+    from . import class_names
 
     def source(role: str, checkpoint: OfficialCheckpoint, **extra: Any) -> Dict[str, Any]:
         entry = {
@@ -711,7 +711,7 @@ def import_official(
     and in Slicer like any BrainAge model. Raises :class:`CheckpointError` for unreadable,
     unsafe or mismatched files.
     """
-    from .model import BrainAgeModel
+    from . import BrainAgeModel
 
     out_path = Path(out_path).expanduser()
     if out_path.suffix.lower() != ".safetensors":

@@ -21,8 +21,8 @@ from typing import Dict
 
 import numpy as np
 
-from .errors import BrainAgeError, InvalidVolumeError
-from .volume import Volume
+from ..errors import BrainAgeError, InvalidVolumeError
+from ..volume import Volume
 
 #: deepbet's probability threshold (its default, and what its paper uses).
 THRESHOLD = 0.5

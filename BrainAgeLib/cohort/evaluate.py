@@ -32,8 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .atomic_files import write_bytes_atomic, write_json_atomic
-from .errors import BrainAgeError, CohortError
+from ..atomic_files import write_bytes_atomic, write_json_atomic
+from ..errors import BrainAgeError, CohortError
 
 PathLike = Union[str, Path]
 
@@ -111,7 +111,7 @@ def compute_metrics(age: Sequence[float], predicted: Sequence[float], sex: Optio
         decades[label] = {"n": int(chosen.sum()), "mae": float(np.mean(np.abs(error[chosen])))}
     metrics["per_decade"] = decades
     if sex is not None:
-        from .cohort import parse_cohort_sex
+        from .tables import parse_cohort_sex
 
         sexes = [parse_cohort_sex(s) for s in sex]
         if len(sexes) != age.size:
@@ -151,7 +151,7 @@ def read_predictions(path: PathLike) -> Predictions:
     whose age is blank or "n/a" (subjects without a chronological age) are left out and listed
     in ``Predictions.skipped``; any other unreadable value is an error naming its line.
     """
-    from .cohort import MAX_AGE_YEARS, MISSING, _first, _read_rows, parse_cohort_sex
+    from .tables import MAX_AGE_YEARS, MISSING, _first, _read_rows, parse_cohort_sex
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -227,8 +227,8 @@ FEW_ROWS = 10
 
 def demo_model_names() -> List[str]:
     """The name of the bundled demo model, whose predictions must always carry its disclaimer."""
-    from .checkpoint import read_metadata
-    from .resources import resource_path
+    from ..model.checkpoint import read_metadata
+    from ..resources import resource_path
 
     try:
         return [str(read_metadata(resource_path("Models", "brainage_demo.safetensors"))["name"])]
@@ -238,7 +238,7 @@ def demo_model_names() -> List[str]:
 
 def report_notes(models: Sequence[str], n_evaluated: int) -> List[str]:
     """The disclaimer when a demo model made the predictions, and a warning for few rows."""
-    from .result import DEMO_DISCLAIMER
+    from ..result import DEMO_DISCLAIMER
 
     notes = []
     if set(models) & set(demo_model_names()):
@@ -269,7 +269,7 @@ def evaluate_predictions(path: Union[PathLike, Predictions], out_dir: Optional[P
     """Evaluate a predictions table (a file, or a :class:`Predictions` already in memory; see the
     module docstring); with ``out_dir``, write ``metrics.json``, ``scatter.png`` and
     ``bland_altman.png`` there."""
-    from .bias_correction import BiasCorrection
+    from ..bias_correction import BiasCorrection
 
     table = path if isinstance(path, Predictions) else read_predictions(path)
     reference = choose_reference(table, reference_fraction, seed)

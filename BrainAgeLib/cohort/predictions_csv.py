@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from .atomic_files import write_bytes_atomic
-from .errors import BrainAgeError
+from ..atomic_files import write_bytes_atomic
+from ..errors import BrainAgeError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -23,10 +23,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .atomic_files import atomic_path, write_json_atomic
-from .errors import BrainAgeError
+from ..atomic_files import atomic_path, write_json_atomic
+from ..errors import BrainAgeError
 from .slice_views import PLANES, Frame, figure_layout, frame_for, head_mask, style_panel, top_region_centre, window
-from .volume import Volume
+from ..volume import Volume
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -83,8 +83,8 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
                                or not np.allclose(volume.affine, attention.affine, atol=1e-3)):
         raise BrainAgeError(
             f"the input volume {volume.shape} and the attention map {attention.shape} are on different grids")
-    from .attention_labelmap import attention_labelmap, write_color_table
-    from .io import save_volume
+    from .labelmap import attention_labelmap, write_color_table
+    from ..io import save_volume
 
     paths = explanation_paths(out_dir, stem, fmt)
     if write_map:
@@ -221,7 +221,7 @@ def montage_frame(attention_ras: Volume, display: np.ndarray, brain: np.ndarray)
 
 def add_demo_note(fig: Any, y: float = 0.055) -> None:
     """The demo model's disclaimer (:data:`BrainAgeLib.result.DEMO_DISCLAIMER`), in red across the figure."""
-    from .result import DEMO_DISCLAIMER
+    from ..result import DEMO_DISCLAIMER
 
     fig.text(0.5, y, "DEMO MODEL: " + DEMO_DISCLAIMER, color="#ff5050", fontsize=8.5, ha="center",
              va="center", weight="bold", wrap=True)

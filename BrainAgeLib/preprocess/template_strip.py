@@ -12,7 +12,7 @@ Against Colin27's extracted brain (ch2better) the carried mask alone scores Dice
 refined one 0.96 (0.957 after a 10 degree / 10 mm motion; 0.94 for Colin27 placed in a
 256 x 256 x 200 mm field with a synthetic neck, noise and bias, moved by up to 15 degrees and
 20 mm). The refinement removes the dark CSF at the brain's surface, as ch2better (and most
-brain-extraction tools) do; against masks that keep that CSF (BrainAgeLib.synth phantoms'
+brain-extraction tools) do; against masks that keep that CSF (BrainAgeLib.synth.phantoms phantoms'
 gm + wm + csf) it lowers the Dice, from 0.97-0.98 to 0.88-0.96.
 
 Inputs that are already skull-stripped are recognised by ``detect_skull_stripped`` (a
@@ -34,7 +34,7 @@ from .registration import (
     resample_template_mask,
 )
 from .template import Template, load_template
-from .volume import Volume
+from ..volume import Volume
 
 REFINE_OUTSIDE_MM = 3.0   # how far outside the carried template mask tissue may be added
 REFINE_INSIDE_MM = 5.0    # how far inside it dark voxels (CSF, dura) may be removed

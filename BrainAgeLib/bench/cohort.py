@@ -109,11 +109,11 @@ def run_cohort_benchmark(
     """
     import torch
 
-    from .batch import default_workers, run_batch
-    from .cohort import read_cohort
-    from .devices import resolve_device
-    from .model import build_model
-    from .synth import make_cohort
+    from ..cohort.batch import default_workers, run_batch
+    from ..cohort.tables import read_cohort
+    from ..devices import resolve_device
+    from ..model import build_model
+    from ..synth.phantoms import make_cohort
 
     if n_heads < 1:
         raise ValueError(f"the cohort benchmark needs at least one head, got {n_heads}")
@@ -151,8 +151,8 @@ def run_cohort_benchmark(
                 result = model.predict(subject.path, subject.sex, age=subject.age, explain=explain, device=target,
                                        precision=precision, use_cache=False)
                 if explain:
-                    from .explain_outputs import write_explanation_outputs
-                    from .io import load_volume
+                    from ..explain.outputs import write_explanation_outputs
+                    from ..io import load_volume
 
                     out = root / "sequential"
                     out.mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .errors import BrainAgeError
+from ..errors import BrainAgeError
 
 #: How long a rank that finished early waits at the barrier for the slowest one.
 BARRIER_TIMEOUT = datetime.timedelta(days=7)

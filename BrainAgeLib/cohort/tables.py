@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-from .errors import CohortError
-from .io import DICOM_EXTENSIONS, image_stem
+from ..errors import CohortError
+from ..io import DICOM_EXTENSIONS, image_stem
 
 PathLike = Union[str, Path]
 
@@ -121,7 +121,7 @@ def parse_cohort_sex(value: Optional[str]) -> str:
         if number == 0.0:
             return "M"
         raise ValueError(f"numeric sex {text!r} is ambiguous: use 1 (female), 0 (male), F or M")
-    from .sex import parse_sex
+    from ..sex import parse_sex
 
     try:
         return parse_sex(text)

@@ -4,7 +4,7 @@ A glance at it says whether skull stripping kept the whole brain and nothing els
 should follow the brain's surface, not cut off the top of the brain nor take in skull, scalp or
 face. The planes pass through the mask's centre; each panel shows the head (the input's
 non-background voxels and the mask) plus a small margin, to scale in mm, axial and coronal in
-radiological view (as the attention montage; both are framed by :mod:`BrainAgeLib.slice_views`).
+radiological view (as the attention montage; both are framed by :mod:`BrainAgeLib.explain.slice_views`).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any, Tuple, Union
 
 import numpy as np
 
-from .errors import BrainAgeError
+from ..errors import BrainAgeError
 from .slice_views import PLANES, Frame, figure_layout, frame_for, head_mask, mask_centre, style_panel, window
-from .volume import Volume
+from ..volume import Volume
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -89,7 +89,7 @@ def write_qc_figure(volume: Volume, brain_mask: np.ndarray, path: PathLike, titl
     planes through the mask's centre, each panel cropped to the head and drawn to scale in mm.
     Raises ``BrainAgeError`` when the mask is not on the volume's grid.
     """
-    from .explain_outputs import save_figure
+    from .outputs import save_figure
 
     fig = qc_figure(volume, brain_mask, title)
     return save_figure(fig, path, dpi=int(fig.dpi))

@@ -4,7 +4,7 @@ As in the paper's figure of attention by decade, each subject's attention map (o
 grid, as ``brainage predict --explain`` or a batch run writes it) is first carried into template
 space with the subject's ``input_to_template`` transform (4x4, input RAS mm -> template RAS mm,
 from the registration done in preprocessing, stored in the ``<stem>_attention.json`` sidecar that
-:func:`BrainAgeLib.explain_outputs.write_explanation_outputs` writes; inputs that were already
+:func:`BrainAgeLib.explain.outputs.write_explanation_outputs` writes; inputs that were already
 skull-stripped are not registered by preprocessing, so they are registered here from the input
 image named in the batch run's ``predictions.csv``), resampled (trilinear) onto
 the bundled 2 mm MNI152 grid, and averaged. Decades are of chronological age (years): a subject
@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 import numpy as np
 
-from .errors import BrainAgeError, CohortError
-from .volume import Volume
+from ..errors import BrainAgeError, CohortError
+from ..volume import Volume
 
 PathLike = Union[str, Path]
 SIDECAR_SUFFIX = "_attention.json"
@@ -121,7 +121,7 @@ def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> Lis
 
 def _inputs_of_batch_table(table: Path) -> Dict[Path, Path]:
     """{attention map -> input image} from a batch run's predictions.csv (columns path, attention_map)."""
-    from .predictions_csv import read_predictions
+    from ..cohort.predictions_csv import read_predictions
 
     try:
         rows = read_predictions(table)
@@ -181,9 +181,9 @@ def attention_in_template_space(attention: Volume, input_to_template: Optional[n
 def register_subject(subject: CohortSubject) -> np.ndarray:
     """The input -> template transform of a subject whose preprocessing did not register it
     (a skull-stripped input): its input image registered to the bundled MNI152 template."""
-    from .io import load_volume
-    from .registration import register_to_template
-    from .skull_strip import detect_skull_stripped
+    from ..io import load_volume
+    from ..preprocess.registration import register_to_template
+    from ..preprocess.template_strip import detect_skull_stripped
 
     if subject.input_path is None or not Path(subject.input_path).exists():
         what = ("its input image is not known" if subject.input_path is None
@@ -209,10 +209,10 @@ def cohort_attention_maps(subjects: Iterable[CohortSubject], template_grid: Opti
     is an error, since its map would land on the wrong anatomy. ``progress(i, name)`` is called
     per subject.
     """
-    from .io import load_volume
+    from ..io import load_volume
 
     if template_grid is None:
-        from .template import load_template
+        from ..preprocess.template import load_template
 
         template_grid = load_template().t1
     total = np.zeros(template_grid.shape, dtype=np.float64)
@@ -259,7 +259,7 @@ def cohort_attention_maps(subjects: Iterable[CohortSubject], template_grid: Opti
     }
     counts = {"all": counts["all"], **{label: counts[label] for label in labels}}
     if model["name"] and not model["is_demo"]:
-        from .evaluate import demo_model_names
+        from ..cohort.evaluate import demo_model_names
 
         model["is_demo"] = model["name"] in demo_model_names()
     return CohortMaps(mean=mean, by_decade=by_decade, counts=counts, subjects=names, model=model)
@@ -274,9 +274,9 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
     demo model; not named ``*_attention.json``, so a folder holding these maps can be searched
     for subjects again) and ``cohort_attention.png``.
     """
-    from .atomic_files import write_json_atomic
-    from .explain_outputs import FORMATS
-    from .io import save_volume
+    from ..atomic_files import write_json_atomic
+    from .outputs import FORMATS
+    from ..io import save_volume
 
     if fmt not in FORMATS:
         raise BrainAgeError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -290,7 +290,7 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
     summary = {"model": dict(maps.model), "counts": maps.counts, "subjects": maps.subjects,
                "files": {key: path.name for key, path in paths.items()}}
     if maps.model.get("is_demo"):
-        from .result import DEMO_DISCLAIMER
+        from ..result import DEMO_DISCLAIMER
 
         summary["disclaimer"] = DEMO_DISCLAIMER
     paths["summary"] = write_json_atomic(out_dir / "cohort_maps.json", summary)
@@ -308,12 +308,12 @@ def write_cohort_figure(maps: CohortMaps, path: PathLike, background: Optional[V
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .explain_outputs import add_colour_bar, add_demo_note, overlay_rgba, save_figure
+    from .outputs import add_colour_bar, add_demo_note, overlay_rgba, save_figure
     from .slice_views import PLANES, figure_layout, frame_for, head_mask, style_panel, top_region_centre
 
     if background is None:
         try:
-            from .template import load_template
+            from ..preprocess.template import load_template
 
             background = load_template().t1
         except BrainAgeError:

@@ -3,7 +3,7 @@
 No labelled MRI can be downloaded where BrainAge is built, so the demo model learns from heads
 made here. A phantom of age *t* (years, 20-90) and sex is the MNI152 2009a template (nilearn's
 1 mm T1 and GM/WM probability maps; CSF = brain - GM - WM) with its anatomy changed the way
-the lifespan curves of :mod:`BrainAgeLib.lifespan` say (sources are listed there):
+the lifespan curves of :mod:`BrainAgeLib.synth.lifespan` say (sources are listed there):
 
 - **Ventricles widen**: a smooth radial displacement field around the lateral and third
   ventricles (the gradient of the Gaussian-smoothed ventricle mask) pushes periventricular
@@ -50,9 +50,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from . import lifespan
-from .atomic_files import write_text_atomic
-from .errors import BrainAgeError
-from .volume import Volume
+from ..atomic_files import write_text_atomic
+from ..errors import BrainAgeError
+from ..volume import Volume
 
 #: Output field of view (mm, R-L x A-P x S-I), centred on the world origin.
 FIELD_OF_VIEW_MM = (200.0, 232.0, 200.0)
@@ -354,7 +354,7 @@ class SubjectDraws:
 def draw_subject(seed: int, sex: SexLike) -> SubjectDraws:
     """The subject- and scan-level draws of phantom ``seed`` (always drawn in this order, so age
     and skull never change the person). Males get larger heads on average (:data:`HEAD_SCALE`)."""
-    from .sex import parse_sex
+    from ..sex import parse_sex
 
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
     scale_mean, scale_sd = HEAD_SCALE[parse_sex(sex)]
@@ -376,7 +376,7 @@ def draw_subject(seed: int, sex: SexLike) -> SubjectDraws:
 
 
 def _check_inputs(age: float, sex: str, spacing: float) -> str:
-    from .sex import parse_sex
+    from ..sex import parse_sex
 
     if not (isinstance(age, (int, float)) and math.isfinite(age)) or not 0 < age < 120:
         raise SynthError(f"phantom age must be a number of years in (0, 120), got {age!r}")
@@ -584,7 +584,7 @@ def write_phantom(spec: PhantomSpec, out_dir: Union[str, Path]) -> Dict[str, obj
 
     A member whose row sidecar already exists is not made again (an interrupted run resumes).
     """
-    from .io import save_volume
+    from ..io import save_volume
 
     out_dir = Path(out_dir)
     row_path = out_dir / "rows" / f"{spec.id}.json"

@@ -12,9 +12,9 @@ from functools import lru_cache
 import nibabel as nib
 import numpy as np
 
-from .errors import BrainAgeError
-from .resources import resource_path
-from .volume import Volume
+from ..errors import BrainAgeError
+from ..resources import resource_path
+from ..volume import Volume
 
 T1_FILE = "mni152_2009a_t1_brain_2mm.nii.gz"
 BRAIN_MASK_FILE = "mni152_2009a_brain_mask_2mm.nii.gz"
