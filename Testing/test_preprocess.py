@@ -23,9 +23,9 @@ from BrainAgeLib.preprocess.pipeline import (
     cubic_zoom_matrix,
     neighbour_correlation,
     prepare,
-    profile_prepare,
     resize_slices,
 )
+from BrainAgeLib.bench.profile_prepare import profile_prepare
 from BrainAgeLib.preprocess.registration import resample_to_spacing
 
 COLIN27_BRAIN = Path("/usr/share/mricron/templates/ch2better.nii.gz")
