@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 
 from BrainAgeLib import __version__
 from BrainAgeLib.bias_correction import BiasCorrection
+from BrainAgeLib.digests import file_sha256
 from BrainAgeLib.model.checkpoint import (
-    REGISTRY, ModelEntry, file_sha256, load_model, read_metadata, register_model, save_checkpoint,
+    REGISTRY, ModelEntry, load_model, read_metadata, register_model, save_checkpoint,
 )
 from BrainAgeLib.errors import CheckpointError
 from BrainAgeLib.model import build_model
@@ -21,7 +22,7 @@ from BrainAgeLib.model import build_model
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     model = build_model("tiny", seed=5)
-    path = model.save(tmp_path / "tiny.safetensors", metadata={
+    path = save_checkpoint(model, tmp_path / "tiny.safetensors", {
         "name": "tiny-test",
         "intended_use": "unit tests",
         "trained": True,
@@ -75,7 +76,7 @@ def test_loaded_weights_are_aligned_whatever_the_header_length(tmp_path, name_le
     """The header's length sets where tensors start in the file; CPU kernels on unaligned
     weights round differently, so the loader hands the model 64-byte-aligned copies."""
     model = build_model("tiny", seed=5)
-    path = model.save(tmp_path / "tiny.safetensors", metadata={"name": "n" * name_length})
+    path = save_checkpoint(model, tmp_path / "tiny.safetensors", {"name": "n" * name_length})
     loaded = load_model(path)
     misaligned = [name for name, value in loaded.state_dict().items() if value.data_ptr() % 64]
     assert misaligned == []

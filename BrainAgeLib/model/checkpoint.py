@@ -30,6 +30,7 @@ import torch
 
 from .. import __version__
 from ..atomic_files import atomic_path
+from ..digests import file_sha256
 from ..errors import CheckpointError
 from ..presets import ModelConfig
 from ..resources import cache_dir, resource_path
@@ -89,16 +90,17 @@ def available_models() -> List[ModelEntry]:
 def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``model`` (a BrainAgeModel) to ``path`` atomically; returns the path.
 
-    ``metadata`` may hold name, intended_use, is_demo, source, trained, training_data, metrics,
-    bias_correction (a BiasCorrection or its dict) and any other JSON-safe entries; the
-    architecture, preprocessing, classes, versions and weights digest are filled in here.
+    The card is the model's own ``metadata`` updated by ``metadata``, which may hold name,
+    intended_use, is_demo, source, trained, training_data, metrics, bias_correction (a
+    BiasCorrection or its dict) and any other JSON-safe entries; the architecture,
+    preprocessing, classes, versions and weights digest are filled in here.
     """
     from .brain_age_model import class_names
 
     path = Path(path)
     config: ModelConfig = model.config
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
-    card = build_metadata(config, metadata or {})
+    card = build_metadata(config, {**getattr(model, "metadata", {}), **(metadata or {})})
     card["weights_sha256"] = weights_digest(tensors)
     card["class_names"] = class_names(config)
     header = {METADATA_KEY: json.dumps(card, sort_keys=True, default=_json_default), "format": "pt"}
@@ -311,14 +313,6 @@ def _verify_sha256(path: Path, entry: ModelEntry) -> None:
         raise CheckpointError(
             f"SHA-256 {actual} differs from the expected {entry.sha256} for model {entry.name!r}: "
             "the file was modified or damaged; do not use it", path)
-
-
-def file_sha256(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(entry: ModelEntry, destination: Path, timeout_s: float = 60.0) -> Path:

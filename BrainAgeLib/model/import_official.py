@@ -27,7 +27,6 @@ is unpickled unsafely: the ``.pth`` goes through ``torch.load(weights_only=True)
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..digests import file_sha256
 from ..errors import CheckpointError
 from ..presets import PRESETS, ModelConfig
 
@@ -394,15 +394,6 @@ def class_layout(labels: Sequence[str]) -> Tuple[Tuple[float, ...], List[int]]:
 
 
 # ------------------------------------------------------------------------------ file reading
-def sha256_of(path: PathLike, chunk_bytes: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class OfficialCheckpoint:
     """One of the authors' files, loaded: its state dict and what came with it."""
@@ -640,7 +631,7 @@ def _official_metadata(config: ModelConfig, vit: OfficialCheckpoint, cnn: Offici
         entry = {
             "role": role,
             "file": checkpoint.path.name,
-            "sha256": sha256_of(checkpoint.path),
+            "sha256": file_sha256(checkpoint.path),
             "bytes": checkpoint.path.stat().st_size,
             "original_format": checkpoint.file_format,
             "epoch": checkpoint.epoch,
@@ -739,4 +730,4 @@ def import_official(
         raise CheckpointError(f"the conversion leaves tensors unset: {unset[:3]}", out_path)
     model.eval()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(model.save(out_path))
+    return save_checkpoint(model, out_path)
