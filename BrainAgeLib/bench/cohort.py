@@ -173,7 +173,7 @@ def run_cohort_benchmark(
             if seconds < batch_s:
                 batch_s = seconds
                 # the workers' CPU time (in-process preparing is already in this process's)
-                batch_cpu = time.process_time() - cpu + (summary.timings.get("cpu", 0.0) if summary.workers else 0.0)
+                batch_cpu = time.process_time() - cpu + (summary.timings["cpu"] if summary.workers else 0.0)
                 batch_stages = dict(summary.timings)
 
     failed = [row for row in summary.rows if not row.ok]

@@ -1,8 +1,8 @@
 """Where the time of one prediction goes, measured against the bare ViT forward pass.
 
-``run_benchmark(preset)`` makes a head (a synthetic ageing phantom with skull; the MNI152 T1
-from nilearn, or an ellipsoid head, where the generator is not available), writes it as NIfTI,
-and times each stage of a prediction with random weights of the preset: load, prepare, embed
+``run_benchmark(preset)`` makes a head (a synthetic ageing phantom with skull; an ellipsoid
+head where the generator is not available), writes it as NIfTI, and times each stage of a
+prediction with random weights of the preset: load, prepare, embed
 (the ViT over all sagittal slices, capturing the attention the explanation needs), regress and
 explain. In the same run it times the bare ViT forward (``vit.forward_features`` on the
 already-normalised slices on the device, same batch size and autocast), so the cost of
@@ -85,26 +85,15 @@ class BenchResult:
 
 
 def generated_head(age: float = 60.0, sex: str = "F", seed: int = 0) -> Tuple[Volume, str]:
-    """A whole-head T1 at 1 mm for timing: a synthetic phantom with skull, else MNI152, else an ellipsoid."""
-    try:
-        from ..synth.phantoms import make_phantom
+    """A whole-head T1 at 1 mm for timing: a synthetic phantom with skull, or an ellipsoid head
+    where the phantom generator cannot run (nilearn, which holds its MNI152 template, is not installed)."""
+    from ..synth.phantoms import SynthError, ellipsoid_head, make_phantom
 
+    try:
         phantom = make_phantom(age, sex, seed=seed, spacing=1.0, skull=True, with_tissue=False)
-        return phantom.volume, f"synthetic phantom ({age:g} y, {sex}, with skull)"
-    except Exception as error:  # generator missing or its template unavailable: fall back
-        reason = f"{type(error).__name__}: {error}"
-    try:
-        import nibabel as nib
-        import nilearn
-
-        path = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-        image = nib.load(path)
-        return Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine), "MNI152 2009a T1 (brain only)"
-    except Exception:
-        pass
-    from ..synth.phantoms import ellipsoid_head
-
-    return ellipsoid_head(1.0), f"ellipsoid head (no phantom generator: {reason})"
+    except SynthError as error:
+        return ellipsoid_head(1.0), f"ellipsoid head (no phantom generator: {type(error).__name__}: {error})"
+    return phantom.volume, f"synthetic phantom ({age:g} y, {sex}, with skull)"
 
 
 def write_generated_head(path: Path) -> str:
@@ -143,18 +132,12 @@ def run_benchmark(
     estimate of the cost itself. ``head_file`` times a given T1 file instead of a generated head.
     """
     from ..devices import autocast, autocast_dtype, precision_name, resolve_device, slice_batch_size, to_device
+    from ..explain.methods import explain_slices
     from ..io import load_volume, save_volume
     from ..model import build_model
-    from ..model.brain_age_model import _explain_function
     from ..preprocess.pipeline import prepare
 
     target = resolve_device(device)
-    explain_slices = None
-    if explain:
-        try:
-            explain_slices = _explain_function()
-        except NotImplementedError:
-            explain_slices = None
 
     folder = tempfile.TemporaryDirectory(prefix="brainage_bench_")
     head_path = Path(folder.name) / "head.nii.gz"
@@ -199,9 +182,9 @@ def run_benchmark(
         images = to_device(torch.from_numpy(np.ascontiguousarray(prepared.slices)), target)
         images = model.encoder.normalize(images).contiguous()
     embed_s = regress_s = vit_s = math.inf
-    explain_s = math.inf if explain_slices is not None else None
+    explain_s = math.inf if explain else None
     for attempt in range(max(1, int(repeats))):
-        log(f"timing embed, regress{', explain' if explain_slices else ''} and the bare ViT ({attempt + 1}/{repeats})")
+        log(f"timing embed, regress{', explain' if explain else ''} and the bare ViT ({attempt + 1}/{repeats})")
         tic = time.perf_counter()
         encoded = model.embed_explain(prepared.slices, batch_size=batch, precision=precision)
         _sync(target)
@@ -215,7 +198,7 @@ def run_benchmark(
         if not math.isfinite(age):
             raise RuntimeError(f"the benchmark model produced a non-finite age ({age})")
 
-        if explain_slices is not None:
+        if explain:
             tic = time.perf_counter()
             slice_map = explain_slices(model, prepared, encoded, 1.0)
             prepared.to_input_grid(np.asarray(slice_map, dtype=np.float32))
@@ -254,7 +237,7 @@ def run_benchmark(
         peak_memory_mb=peak_rss_mb(),
         cuda_peak_memory_mb=(torch.cuda.max_memory_allocated(target) / 2**20) if target.type == "cuda" else None,
         build_model_s=build_s,
-        prepare_steps={k: float(v) for k, v in (getattr(prepared, "timings", None) or {}).items()},
+        prepare_steps={k: float(v) for k, v in prepared.timings.items()},
         torch_threads=torch.get_num_threads(),
     )
 
