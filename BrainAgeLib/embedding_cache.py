@@ -2,9 +2,10 @@
 
 Asking again about the same scan (the explanation after a plain prediction, another sex or
 chronological age, the Slicer module's "Estimate" pressed twice) should not rerun N4, skull
-stripping and 160 ViT passes. ``BrainAgeModel.predict`` looks the input up here first: the key
+stripping and 160 ViT passes. ``inference.predict`` looks the input up here first: the key
 is a BLAKE2b checksum of the voxel array and affine, plus what changes the outputs (the
-model's weights, its preprocessing config, the device type and the precision). On a miss it
+model's weights, by their cheap in-memory fingerprint ``digests.weights_digest(model,
+cheap=True)``, its preprocessing config, the device type and the precision). On a miss it
 prepares the volume and runs the ViT once in its explanation mode (embeddings, patch tokens
 and last-layer CLS attention, which cost the same pass), and stores all of it; a later call
 with ``explain=True`` then only runs the regressor's guided backprop and the map fusion.
@@ -18,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
+
+from .digests import weights_digest
 
 #: Default capacity in MiB (``BRAINAGE_EMBEDDING_CACHE_MB`` overrides it).
 DEFAULT_CAPACITY_MB = 1024
@@ -37,27 +39,6 @@ def volume_checksum(volume: Any) -> str:
     digest.update(repr(array.shape).encode())
     digest.update(np.ascontiguousarray(volume.affine, dtype=np.float64).tobytes())
     digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Changes whenever the model's weights may have changed, at a tiny fraction of hashing them.
-
-    Made of a token unique to the model object (so another model that happens to reuse freed
-    memory never matches), every tensor's autograd version counter (bumped by each in-place
-    write: optimizer steps, ``load_state_dict``) and a strided sample of its values.
-    """
-    token = getattr(model, "_embedding_cache_token", None)
-    if token is None:
-        token = uuid.uuid4().hex
-        object.__setattr__(model, "_embedding_cache_token", token)
-    tensors = list(model.parameters()) + list(model.buffers())
-    digest = hashlib.blake2b(token.encode(), digest_size=20)
-    digest.update(repr([(tuple(t.shape), t._version) for t in tensors]).encode())
-    with torch.no_grad():
-        samples = [t.detach().reshape(-1)[:: max(1, t.numel() // 8)][:8].float() for t in tensors if t.numel()]
-        if samples:
-            digest.update(torch.cat(samples).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -101,7 +82,7 @@ class EmbeddingCache:
         """Cache key of ``volume`` for ``model`` on ``device`` at ``precision``."""
         preprocess = getattr(model.config, "preprocess", None)
         config = repr(sorted(preprocess.to_dict().items())) if preprocess is not None else ""
-        parts = (volume_checksum(volume), weights_fingerprint(model), model.config.name, config,
+        parts = (volume_checksum(volume), weights_digest(model, cheap=True), model.config.name, config,
                  torch.device(device).type, str(precision))
         return hashlib.blake2b("|".join(parts).encode(), digest_size=20).hexdigest()
 
@@ -141,7 +122,7 @@ _DEFAULT: Optional[EmbeddingCache] = None
 
 
 def default_cache() -> EmbeddingCache:
-    """The process-wide cache ``BrainAgeModel.predict`` uses."""
+    """The process-wide cache ``inference.predict`` uses."""
     global _DEFAULT
     if _DEFAULT is None:
         megabytes = os.environ.get("BRAINAGE_EMBEDDING_CACHE_MB", "")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from BrainAgeLib import __version__
 from BrainAgeLib.bias_correction import BiasCorrection
-from BrainAgeLib.digests import file_sha256
+from BrainAgeLib.digests import file_sha256, weights_digest
 from BrainAgeLib.model.checkpoint import (
     REGISTRY, ModelEntry, load_model, read_metadata, register_model, save_checkpoint,
 )
@@ -216,6 +216,18 @@ def test_the_bundled_demo_model_loads_or_says_it_is_missing():
 
 
 # ---------------------------------------------------------------------------- registry downloads
+def test_the_weights_digest_is_the_one_the_demo_card_records():
+    """One weights digest for checkpoints, batch runs and training caches: the bundled demo's
+    card still holds exactly the value it was saved with."""
+    path = REGISTRY["demo"].local_path()
+    if not path.is_file():
+        pytest.skip("the bundled demo model is not built in this checkout")
+    card = read_metadata(path)
+    assert card["weights_sha256"] == "e91d4b2d2d22e26b1f1633aec52fb8b774da40b6ad94570c825bd2c39824b1bb"
+    model = load_model("demo")
+    assert weights_digest(model) == weights_digest(model.state_dict()) == card["weights_sha256"]
+
+
 def test_a_registered_model_is_downloaded_once_and_verified(tiny_checkpoint, tmp_path):
     model, source = tiny_checkpoint
     entry = ModelEntry(name="tiny-remote", filename="tiny_remote.safetensors",

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import BrainAgeLib.preprocess.pipeline as preprocess
-from BrainAgeLib.embedding_cache import EmbeddingCache, default_cache, volume_checksum, weights_fingerprint
+from BrainAgeLib.digests import weights_digest
+from BrainAgeLib.embedding_cache import EmbeddingCache, default_cache, volume_checksum
 from BrainAgeLib.model import build_model
 from BrainAgeLib.volume import Volume
 
@@ -83,15 +84,17 @@ def test_checksum_covers_voxels_and_geometry(head):
     assert volume_checksum(Volume(head.array, shifted)) != base
 
 
-def test_weights_fingerprint_sees_in_place_updates_and_other_models():
+def test_cheap_weights_digest_sees_in_place_updates_and_other_models():
     model = build_model("tiny", seed=0)
-    before = weights_fingerprint(model)
-    assert weights_fingerprint(model) == before
+    before = weights_digest(model, cheap=True)
+    assert weights_digest(model, cheap=True) == before
     with torch.no_grad():
         next(model.parameters()).add_(0.0)  # even a no-op write may have changed the weights
-    assert weights_fingerprint(model) != before
+    assert weights_digest(model, cheap=True) != before
     twin = build_model("tiny", seed=0)  # same values, another object: never shares entries
-    assert weights_fingerprint(twin) != weights_fingerprint(model)
+    assert weights_digest(twin, cheap=True) != weights_digest(model, cheap=True)
+    with pytest.raises(TypeError):
+        weights_digest(model.state_dict(), cheap=True)  # the cheap mode needs the module itself
 
 
 def test_least_recently_used_entries_leave_first():

@@ -30,7 +30,7 @@ import torch
 
 from .. import __version__
 from ..atomic_files import atomic_path
-from ..digests import file_sha256
+from ..digests import file_sha256, weights_digest
 from ..errors import CheckpointError
 from ..presets import ModelConfig
 from ..resources import cache_dir, resource_path
@@ -138,16 +138,6 @@ def build_metadata(config: ModelConfig, metadata: Mapping[str, Any]) -> Dict[str
         age_bin_edges=list(config.age_bin_edges),
     )
     return card
-
-
-def weights_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over the tensors' names, shapes and raw bytes, in name order."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- loading

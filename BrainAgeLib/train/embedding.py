@@ -5,24 +5,20 @@ hash of the encoder's weights, so embeddings from an older encoder are never reu
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..digests import weights_digest
 from .slice_cache import CacheEntry, SliceCache, atomic_save_npy
 
 
 def encoder_key(encoder: nn.Module) -> str:
-    """SHA-1 of the encoder's weights (names, shapes and bytes, in name order)."""
-    digest = hashlib.sha1()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-    return digest.hexdigest()
+    """The embeddings' cache key: ``digests.weights_digest`` of the encoder's weights (the
+    SHA-256 over names, shapes, dtypes and bytes a checkpoint card records)."""
+    return weights_digest(encoder.state_dict())
 
 
 @torch.no_grad()
