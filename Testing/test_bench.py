@@ -1,17 +1,36 @@
-"""`brainage bench`: every stage timed on one head, against the bare ViT forward in the same run."""
+"""`brainage bench`: every stage timed on one head, against the bare ViT forward in the same run.
+
+The figures are checked against what the test sees from outside (its own clock around the call
+and around the wrapped stages, the slices the ViT was given, a clock it moves on by hand), not
+by redoing the sums and ratios the benchmark computes.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+import BrainAgeLib.cohort.batch as batch_module
+import BrainAgeLib.explain.methods as explain_methods
+import BrainAgeLib.model as model_package
+import BrainAgeLib.preprocess.pipeline as pipeline
+from BrainAgeLib.bench import cohort as cohort_bench
 from BrainAgeLib.bench import single as bench
-from BrainAgeLib.bench.single import run_benchmark
+from BrainAgeLib.bench.single import BenchResult, run_benchmark
 from BrainAgeLib.cli import main
 from BrainAgeLib.io import save_volume
+from BrainAgeLib.presets import get_preset
 from BrainAgeLib.volume import Volume
+
+#: Seconds a stage is slowed down by, on the clock the benchmark reads, in one of its runs.
+SLOWDOWN_S = 1000.0
 
 
 @pytest.fixture(scope="module")
@@ -22,47 +41,173 @@ def small_head(mni_t1_path):
     return Volume(np.asarray(image.dataobj, dtype=np.float32)[::3, ::3, ::3], affine), "MNI152 at 3 mm"
 
 
-def test_benchmark_times_every_stage_and_the_bare_vit(small_head):
+@pytest.fixture
+def observed(monkeypatch):
+    """Wraps the model the benchmark builds, prepare and explain_slices: records what the stages
+    got and how long prepare took, and can slow down (on the benchmark's clock only) the n-th
+    embed call (``slow_embed``; 0 is the warm-up) or the n-th bare-ViT pass (``slow_vit``; 1 is
+    the first timed one) by SLOWDOWN_S."""
+    seen = SimpleNamespace(model=None, prepared=None, prepare_s=None, bare_vit_inputs=[], embed_calls=0,
+                           inside=0, offset=0.0, slow_embed=None, slow_vit=None)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + seen.offset))
+
+    def inside(function):
+        def wrapped(*args, **kwargs):
+            seen.inside += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seen.inside -= 1
+        return wrapped
+
+    build = model_package.build_model
+
+    def build_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        seen.model = model
+        embed_explain, forward_features = model.embed_explain, model.encoder.vit.forward_features
+
+        def counted_embed(*a, **k):
+            out = inside(embed_explain)(*a, **k)
+            if seen.embed_calls == seen.slow_embed:
+                seen.offset += SLOWDOWN_S
+            seen.embed_calls += 1
+            return out
+
+        def vit_pass(images):
+            if not seen.inside:  # the benchmark's own bare pass, batch by batch
+                seen.bare_vit_inputs.append(images.detach().clone())
+                per_run = -(-seen.prepared.slices.shape[0] // seen.bare_vit_inputs[0].shape[0])
+                run, batch = divmod(len(seen.bare_vit_inputs) - 1, per_run)
+                if run + 1 == seen.slow_vit and batch == 0:
+                    seen.offset += SLOWDOWN_S
+            return forward_features(images)
+
+        model.embed_explain, model.encoder.vit.forward_features = counted_embed, vit_pass
+        return model
+
+    prepare = pipeline.prepare
+
+    def timed_prepare(*args, **kwargs):
+        tic = time.perf_counter()
+        seen.prepared = prepare(*args, **kwargs)
+        seen.prepare_s = time.perf_counter() - tic
+        return seen.prepared
+
+    monkeypatch.setattr(model_package, "build_model", build_model)
+    monkeypatch.setattr(pipeline, "prepare", timed_prepare)
+    monkeypatch.setattr(explain_methods, "explain_slices", inside(explain_methods.explain_slices))
+    return seen
+
+
+def bare_vit_passes(seen, n_slices):
+    """The benchmark's bare-ViT inputs, one tensor per timed run."""
+    images = torch.cat(seen.bare_vit_inputs)
+    assert images.shape[0] % n_slices == 0
+    return list(images.split(n_slices))
+
+
+def test_benchmark_times_every_stage_and_the_bare_vit(small_head, observed):
+    tic = time.perf_counter()
     result = run_benchmark("tiny", device="cpu", head=small_head, repeats=2)
+    wall_s = time.perf_counter() - tic
+    preset = get_preset("tiny")
     assert result.preset == "tiny" and result.device == "cpu" and result.head == "MNI152 at 3 mm"
-    assert result.input_shape == (66, 78, 63) and result.n_slices == 16 and result.batch_size == 16
-    for stage in ("load_s", "prepare_s", "embed_s", "regress_s", "explain_s", "vit_forward_s"):
-        assert 0 < getattr(result, stage) < 60, stage
-    assert result.end_to_end_s == pytest.approx(
-        result.load_s + result.prepare_s + result.embed_s + result.regress_s + result.explain_s)
-    assert result.end_to_end_without_explain_s == pytest.approx(result.end_to_end_s - result.explain_s)
-    assert result.ratio_end_to_end_over_vit == pytest.approx(result.end_to_end_s / result.vit_forward_s)
-    assert result.ratio_end_to_end_over_vit > 1  # the pipeline contains the ViT pass
-    assert result.peak_memory_mb > 50 and result.cuda_peak_memory_mb is None
+    assert result.input_shape == small_head[0].shape
+    assert result.n_slices == preset.n_slices == observed.prepared.slices.shape[0]
+    stages = ("load_s", "prepare_s", "embed_s", "regress_s", "explain_s", "vit_forward_s")
+    for stage in stages:
+        assert getattr(result, stage) > 0, stage
+    # every stage ran inside this call, the model stages (and the bare ViT) twice each
+    assert result.load_s + result.prepare_s + 2 * (result.embed_s + result.regress_s + result.explain_s
+                                                   + result.vit_forward_s) < wall_s
+    assert max(getattr(result, stage) for stage in stages if stage != "vit_forward_s") \
+        <= result.end_to_end_without_explain_s + result.explain_s
+    assert result.end_to_end_without_explain_s < result.end_to_end_s < wall_s
+    # prepare's time is the time of the prepare call itself, and its steps are prepare's own
+    assert observed.prepare_s <= result.prepare_s < observed.prepare_s + 0.5
+    assert result.prepare_steps == {k: float(v) for k, v in observed.prepared.timings.items()}
     assert {"resample_slices", "resize_slices"} <= set(result.prepare_steps)
-    assert "end to end / bare ViT" in result.table()
+    # the bare ViT ran on the prepared slices, normalised, in batches of at most batch_size
+    passes = bare_vit_passes(observed, result.n_slices)
+    assert len(passes) == 2
+    assert all(images.shape[0] <= result.batch_size for images in observed.bare_vit_inputs)
+    expected = observed.model.encoder.normalize(torch.from_numpy(np.ascontiguousarray(observed.prepared.slices)))
+    for images in passes:
+        assert torch.equal(images, expected)
+    assert result.ratio_end_to_end_over_vit > result.ratio_without_explain_over_vit > 1  # the pipeline contains the ViT pass
+    assert result.peak_memory_mb > 50 and result.cuda_peak_memory_mb is None
+    assert result.torch_threads == torch.get_num_threads()
+    table = result.table()
+    assert "end to end / bare ViT" in table and f"{result.n_slices} slices" in table
 
 
-def test_bench_cli_prints_one_json_object(small_head, monkeypatch, capsys):
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_bench_cli_json_keeps_each_stage_fastest_run(small_head, observed, repeats, monkeypatch, capsys):
+    """`brainage bench --repeat N --json`: one JSON object with every field of BenchResult; with
+    the first timed embed and the second bare-ViT pass slowed down by SLOWDOWN_S on the
+    benchmark's clock, two runs report the other run's time, one run the slowed one."""
     def small(path):
         save_volume(small_head[0], path)
         return small_head[1]
 
     monkeypatch.setattr(bench, "write_generated_head", small)
-    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--no-explain", "--json"]) == 0
+    observed.slow_embed, observed.slow_vit = 1, 2  # embed call 0 is the warm-up
+    command = ["bench", "--preset", "tiny", "--device", "cpu", "--no-explain", "--json", "--repeat", str(repeats)]
+    assert main(command) == 0
     data = json.loads(capsys.readouterr().out)
+    assert set(data) == {f.name for f in dataclasses.fields(BenchResult)}
     for key in ("load_s", "prepare_s", "embed_s", "regress_s", "vit_forward_s", "peak_memory_mb",
-                "ratio_end_to_end_over_vit", "end_to_end_s"):
+                "ratio_end_to_end_over_vit", "end_to_end_s", "build_model_s"):
         assert isinstance(data[key], float) and data[key] > 0, key
     assert data["explain_s"] is None and data["head"] == "MNI152 at 3 mm"
+    assert data["input_shape"] == list(small_head[0].shape) and data["cuda_peak_memory_mb"] is None
+    assert all(isinstance(v, float) for v in data["prepare_steps"].values()) and data["prepare_steps"]
+    assert len(observed.bare_vit_inputs) > 0 and observed.embed_calls == 1 + repeats
+    if repeats == 1:
+        assert data["embed_s"] >= SLOWDOWN_S  # the slowdown does reach the figure
+        assert data["vit_forward_s"] < SLOWDOWN_S
+    else:
+        assert data["embed_s"] < SLOWDOWN_S   # run 2's, not the first
+        assert data["vit_forward_s"] < SLOWDOWN_S  # run 1's, not the last
+        assert data["end_to_end_s"] < SLOWDOWN_S
 
 
 def test_cohort_benchmark_times_sequential_batch_and_commands_on_the_same_heads(monkeypatch, capsys):
-    """`brainage bench --cohort N --json`: both modes and the command loop, same predictions."""
-    monkeypatch.setenv("PYTHONPATH", str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    """`brainage bench --cohort N --json`: both modes and the command loop, same predictions; the
+    times agree with the test's own clock around the commands and the batch run."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    commands, batches = [], []
+
+    def timed(function, log):
+        def wrapped(*args, **kwargs):
+            tic = time.perf_counter()
+            out = function(*args, **kwargs)
+            log.append((tic, time.perf_counter()))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(cohort_bench, "_predict_command", timed(cohort_bench._predict_command, commands))
+    monkeypatch.setattr(batch_module, "run_batch", timed(batch_module.run_batch, batches))
+    tic = time.perf_counter()
     code = main(["bench", "--cohort", "2", "--preset", "tiny", "--workers", "1", "--device", "cpu", "--json"])
+    wall_s = time.perf_counter() - tic
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["n_heads"] == 2 and report["preset"] == "tiny" and report["workers"] == 1
-    for key in ("volumes_per_minute_sequential", "volumes_per_minute_batch", "volumes_per_minute_sequential_cli"):
-        assert report[key] > 0
-    assert report["speedup"] == pytest.approx(report["volumes_per_minute_batch"] / report["volumes_per_minute_sequential"])
-    assert report["speedup_vs_cli"] == pytest.approx(report["sequential_cli_s"] / report["batch_s"])
+    assert len(commands) == 2 and len(batches) == 1  # one command per head, one batch run
+    cli_s = commands[-1][1] - commands[0][0]
+    batch_s = batches[0][1] - batches[0][0]
+    sequential_at_most_s = batches[0][0] - commands[-1][1]  # the sequential calls ran in between
+    assert report["sequential_cli_s"] == pytest.approx(cli_s, abs=0.2)
+    assert report["batch_s"] == pytest.approx(batch_s, abs=0.2)
+    assert 0 < report["sequential_s"] <= sequential_at_most_s
+    assert report["sequential_s"] == pytest.approx(sequential_at_most_s, abs=0.5)
+    assert report["sequential_cli_s"] + report["sequential_s"] + report["batch_s"] < wall_s
+    assert report["volumes_per_minute_batch"] == pytest.approx(60 * 2 / batch_s, rel=0.05)
+    assert report["volumes_per_minute_sequential_cli"] == pytest.approx(60 * 2 / cli_s, rel=0.05)
+    assert report["speedup"] == pytest.approx(sequential_at_most_s / batch_s, rel=0.1)
+    assert report["speedup_vs_cli"] == pytest.approx(cli_s / batch_s, rel=0.05)
     # the same weights give the same ages in-process, in batch mode and through the command
     assert report["max_difference_years"] < 1e-3
     assert report["cli_max_difference_years"] < 1e-3
