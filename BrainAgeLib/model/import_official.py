@@ -38,6 +38,7 @@ import torch
 from ..digests import file_sha256
 from ..errors import CheckpointError
 from ..presets import PRESETS, ModelConfig
+from .checkpoint import save_checkpoint
 
 PathLike = Union[str, Path]
 
