@@ -16,7 +16,6 @@ from BrainAgeLib.explain.cohort_maps import (
     CohortSubject,
     attention_in_template_space,
     cohort_attention_maps,
-    decade_label,
     read_batch_explanations,
     write_cohort_maps,
 )
@@ -83,12 +82,6 @@ def batch_folder(tmp_path):
         write_sidecar(result, folder / f"{stem}_attention.json", attention_file=f"{stem}_attention.nii.gz",
                       input_to_template=transform)
     return out
-
-
-def test_decade_labels():
-    assert decade_label(64.9) == "60-69"
-    assert decade_label(70.0) == "70-79"
-    assert decade_label(7.5, width=5) == "5-9"
 
 
 def test_resampling_follows_the_transform_and_the_grid_orientation():

@@ -63,6 +63,13 @@ def test_undefined_values_are_none_and_bad_input_is_refused():
     assert decade_label(29.99) == "20-29" and decade_label(30.0) == "30-39"
 
 
+def test_decade_labels():
+    assert decade_label(64.9) == "60-69"
+    assert decade_label(70.0) == "70-79"
+    assert decade_label(7.5, width=5) == "5-9"
+    assert decade_label(np.float32(64.9)) == "60-69"
+
+
 def write_table(path, age, predicted, sex, split=None):
     lines = ["id,age,predicted_age,sex" + (",split" if split is not None else "")]
     for i, (a, p, s) in enumerate(zip(age, predicted, sex)):

@@ -75,8 +75,9 @@ def bootstrap_mae_ci(age: Sequence[float], predicted: Sequence[float], *, sample
 
 
 def decade_label(age: float, width: int = 10) -> str:
-    """``"20-29"`` for ages 20.0-29.99 years (``width``-year bins)."""
-    low = int(math.floor(age / width) * width)
+    """``"20-29"`` for ages 20.0-29.99 years: ``width``-year bins starting at multiples of
+    ``width`` (the decades of the metrics' per-decade MAE and of ``explain.cohort_maps``)."""
+    low = int(math.floor(float(age) / width) * width)
     return f"{low}-{low + width - 1}"
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..cohort.evaluate import decade_label
 from ..errors import BrainAgeError, CohortError
 from ..volume import Volume
 
@@ -61,12 +61,6 @@ class CohortMaps:
     counts: Dict[str, int]
     subjects: List[str] = field(default_factory=list)
     model: Dict[str, Any] = field(default_factory=lambda: {"name": "", "weights_sha256": None, "is_demo": False})
-
-
-def decade_label(age: float, width: int = 10) -> str:
-    """'60-69' for 64.9 years (``width``-year bins starting at multiples of ``width``)."""
-    start = int(math.floor(float(age) / width) * width)
-    return f"{start}-{start + width - 1}"
 
 
 def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> List[CohortSubject]:
