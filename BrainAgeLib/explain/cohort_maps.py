@@ -25,9 +25,9 @@ import numpy as np
 from ..cohort.evaluate import decade_label
 from ..errors import BrainAgeError, CohortError
 from ..volume import Volume
+from .outputs import SIDECAR_SUFFIX
 
 PathLike = Union[str, Path]
-SIDECAR_SUFFIX = "_attention.json"
 logger = logging.getLogger(__name__)
 
 

@@ -32,6 +32,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Volume formats for the map and the labelmap; the keys are what ``--explain-format`` accepts.
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd"}
+#: End of the sidecar's file name, ``<stem>_attention.json`` (``explain.cohort_maps`` searches for it).
 SIDECAR_SUFFIX = "_attention.json"
 
 
