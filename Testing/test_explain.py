@@ -222,9 +222,6 @@ def test_fused_map_rejects_mismatched_inputs():
 # ------------------------------------------------------------------------------------------
 
 DEMO_MODEL = resource_path("Models", "brainage_demo.safetensors")
-needs_demo_model = pytest.mark.skipif(
-    not DEMO_MODEL.exists(),
-    reason=f"the bundled demo model {DEMO_MODEL} is not there yet (it is trained on phantoms by 'brainage train')")
 #: Ground-truth ageing regions: voxels where ageing moved at least this share of the tissue.
 AGING_REGION_THRESHOLD = 0.3
 
@@ -341,25 +338,21 @@ def demo_sanity(demo_model, old_phantom):
     return trained, again, rho
 
 
-@needs_demo_model
 def test_demo_model_same_input_twice_gives_the_same_map(demo_sanity):
     trained, again, _ = demo_sanity
     np.testing.assert_allclose(trained, again, atol=1e-5)
 
 
-@needs_demo_model
 def test_demo_model_map_depends_on_the_vits_trained_last_block(demo_sanity):
     """Adebayo et al.: re-initialising the ViT's last block must change the map (measured -0.22)."""
     assert demo_sanity[2]["vit_last"] < 0.5
 
 
-@needs_demo_model
 def test_demo_model_saliency_depends_on_the_trained_cnn_head(demo_sanity):
     """The head's share of the map, the guided-backprop saliency, changes with the head (measured 0.39)."""
     assert demo_sanity[2]["head_saliency"] < 0.5
 
 
-@needs_demo_model
 @pytest.mark.xfail(strict=True, reason=(
     "known limit of the paper's method: the fused map is dominated by the trained ViT's CLS "
     "attention (peaked on a few patches), which the CNN head does not touch, so re-initialising the "
@@ -369,7 +362,6 @@ def test_demo_model_map_depends_on_the_trained_cnn_head(demo_sanity):
     assert demo_sanity[2]["head"] < 0.5
 
 
-@needs_demo_model
 def test_no_cnn_head_could_bring_the_demo_map_below_the_target(demo_model, old_phantom, demo_sanity):
     """Why the test above fails: in this fusion the CNN head only reaches the map through a
     relevance that is min-max scaled per slice and then multiplied by the ViT's CLS attention,
@@ -406,7 +398,6 @@ def demo_localisation(demo_model):
     return np.array(ratios)
 
 
-@needs_demo_model
 def test_demo_model_attends_to_the_ageing_regions_of_phantoms(demo_localisation):
     """Share of attention in the ground-truth ageing regions / their share of the brain: well
     above chance (1) on every phantom (measured 1.51-2.80)."""
@@ -414,7 +405,6 @@ def test_demo_model_attends_to_the_ageing_regions_of_phantoms(demo_localisation)
     assert demo_localisation.mean() > 1.5
 
 
-@needs_demo_model
 def test_demo_model_reaches_the_localisation_target(demo_localisation):
     """Issue 5's target: ratio >= 2 for the demo model (measured 2.18 on these three; 2.13 on
     12 phantoms by scripts/explain_figures.py localisation)."""

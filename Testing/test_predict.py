@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from BrainAgeLib.model.checkpoint import REGISTRY, load_model
+from BrainAgeLib.model.checkpoint import load_model
 from BrainAgeLib.devices import (
     DeviceUnavailableError, autocast_dtype, cpu_supports_bf16, resolve_device, slice_batch_size,
 )
@@ -226,7 +226,6 @@ def test_auto_precision_follows_the_recorded_bf16_agreement(mni_3mm, tmp_path):
         assert not torch.equal(reloaded.embed(slices), fp32)  # auto now runs bf16
 
 
-@pytest.mark.skipif(not REGISTRY["demo"].local_path().exists(), reason="the bundled demo model is not built yet")
 def test_bf16_agrees_with_fp32_on_the_trained_demo_model(mni_3mm):
     model = load_model("demo")
     slices = demo_sized_slices(mni_3mm)

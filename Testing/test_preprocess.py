@@ -127,7 +127,8 @@ def test_cubic_resampling_equals_scipy_zoom_on_the_left_right_axis(rng):
 def test_slices_match_the_authors_torchvision_pipeline(mni_2mm):
     """Reproduce wjalal/BrainRotViT's crop -> zoom -> per-slice min-max -> ToPILImage ->
     Resize -> ToTensor by hand and compare with ``prepare`` (N4 and stripping off)."""
-    transforms = pytest.importorskip("torchvision.transforms")
+    from torchvision import transforms
+
     config = PreprocessConfig(n4_bias_correction=False, skull_strip="none", n_slices=40,
                               image_size=56)
     # a non-RAS input: the authors reorient with nibabel first

@@ -23,8 +23,6 @@ from BrainAgeLib.volume import Volume
 
 from conftest import COLIN27_BRAIN
 
-pytest.importorskip("deepbet")
-
 # The demo preset's preprocessing (fast N4 grid); the extraction is the same for every preset.
 DEEPBET = PRESETS["demo"].preprocess
 TEMPLATE = dataclasses.replace(DEEPBET, skull_strip="template")

@@ -190,7 +190,6 @@ def test_colin27_skull_strip_matches_its_extracted_brain(colin27, colin27_truth)
 def test_small_synthetic_head_is_not_fitted_to_its_scalp():
     """A brain 18 % smaller (linear) than MNI152 inside a bright scalp (BrainAgeLib.synth.phantoms):
     with sparse random metric sampling the registration once locked onto the scalp."""
-    pytest.importorskip("torch")
     from BrainAgeLib.synth.phantoms import make_phantom
 
     phantom = make_phantom(40, "F", 1, spacing=2.0, skull=True)

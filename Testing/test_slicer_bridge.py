@@ -93,8 +93,9 @@ def test_round_trip_volume_kji_volume_is_exact_for_labelmaps_too():
 
 def test_kji_layout_matches_simpleitk_reading_the_same_oblique_file(tmp_path):
     """SimpleITK's GetArrayFromImage is [K,J,I] like arrayFromVolume; its geometry is LPS."""
-    nib = pytest.importorskip("nibabel")
-    sitk = pytest.importorskip("SimpleITK")
+    import nibabel as nib
+    import SimpleITK as sitk
+
     ijk_to_ras = oblique_flipped_ijk_to_ras()
     data = np.random.default_rng(2).random((11, 9, 7)).astype(np.float32)  # [I,J,K]
     path = tmp_path / "oblique.nii.gz"
@@ -299,8 +300,6 @@ def test_deepbet_and_what_it_imports_are_installed_on_first_use():
     assert f"deepbet=={PIP_REQUIREMENTS['deepbet']}" in missing
     for name in ("connected-components-3d", "fill_voids", "pandas", "nibabel", "tqdm"):
         assert any(spec.startswith(name + "==") for spec in missing), name
-    if installed_version("deepbet") is None:
-        pytest.skip("deepbet is not installed here")
     import importlib.metadata as metadata
     import re
 
@@ -380,7 +379,6 @@ def test_ellipsoid_phantom_head_is_a_plausible_oblique_head():
 def test_the_module_flow_from_kji_arrays_to_a_labelmap_on_the_input_grid():
     """What BrainAgeLogic.process does between slicer.util.arrayFromVolume and updateVolumeFromArray,
     with a small random-weight model (the bundled demo model is checked by the Slicer self-test)."""
-    pytest.importorskip("torch")
     from BrainAgeLib.explain.labelmap import attention_labelmap
     from BrainAgeLib.io import validate_volume
     from BrainAgeLib.model import build_model

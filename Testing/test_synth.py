@@ -16,7 +16,6 @@ from BrainAgeLib.synth import lifespan
 from BrainAgeLib.synth.phantoms import (FIELD_OF_VIEW_MM, HEAD_SCALE, SynthError, aging_region_map, cohort_specs,
                                draw_subject, make_cohort, make_phantom, template_dir)
 
-pytest.importorskip("nilearn")
 SPACING = 2.0
 AAL = Path("/usr/share/mricron/templates/aal.nii.gz")
 

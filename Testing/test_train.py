@@ -47,7 +47,6 @@ def test_split_refuses_too_few_subjects():
 # ---------------------------------------------------------------------------- tiny end-to-end run
 @pytest.fixture(scope="module")
 def tiny_cohort(tmp_path_factory) -> Path:
-    pytest.importorskip("nilearn")
     from BrainAgeLib.synth.phantoms import make_cohort
 
     out = tmp_path_factory.mktemp("phantoms")
@@ -268,7 +267,6 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path, monkeypatch):
 
 
 def test_dora_adapts_query_and_value_only_and_merges_into_a_plain_vit(tmp_path):
-    pytest.importorskip("peft")
     from timm.models.vision_transformer import VisionTransformer
 
     from BrainAgeLib.model import build_model
