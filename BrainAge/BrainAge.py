@@ -313,7 +313,9 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
 
     def estimate(self, model, volume, sex, chronologicalAge=None, device="auto", progress=None):
         """The prediction with its attention map. Touches no MRML node: safe in a worker thread."""
-        return model.predict(volume, sex, age=chronologicalAge, explain=True, device=device, progress=progress)
+        from BrainAgeLib.inference import predict
+
+        return predict(model, volume, sex, age=chronologicalAge, explain=True, device=device, progress=progress)
 
     def process(self, inputVolumeNode, sex, chronologicalAge=None, outputLabelmapNode=None, device="auto",
                 model="demo", outputAttentionVolumeNode=None, progress=None):

@@ -21,6 +21,9 @@ _LAZY = {
     "build_model": ("model", "build_model"),
     "BrainAgeModel": ("model", "BrainAgeModel"),
     "load_model": ("model.checkpoint", "load_model"),
+    "save_checkpoint": ("model.checkpoint", "save_checkpoint"),
+    "predict": ("inference", "predict"),
+    "predict_prepared": ("inference", "predict_prepared"),
     "Result": ("result", "Result"),
 }
 

@@ -10,10 +10,9 @@
   (fp16) vs 5e-3 (bf16) for the paper ViT. On the CPU, bfloat16 is several times faster where
   the CPU does it natively (AVX512-BF16 or AMX: 2.7 s vs 7.8 s for the paper ViT over 160
   slices on 16 Xeon cores), but its error reaches the age in a way only a trained model can
-  tell; so "auto" uses it only for a model whose checkpoint records that bf16 stays within
-  ``CPU_BF16_TOLERANCE_YEARS`` (0.1 years) of fp32 on its validation scans
-  (``BrainAgeModel.measure_bf16_agreement``), and float32 otherwise. The regressor always runs
-  in float32.
+  tell, and nothing records that yet: so "auto" is float32 on the CPU, and bf16 runs only when
+  asked for (``precision="bf16"``). (On CPUs without native bf16, like AVX2-only ones, bf16 is
+  several times slower than fp32.) The regressor always runs in float32.
 - Slices go to the device in batches sized to its free memory, through pinned host memory on CUDA.
 """
 from __future__ import annotations
@@ -29,9 +28,6 @@ from .presets import PRECISIONS, ModelConfig  # PRECISIONS re-exported: the name
 DeviceLike = Union[str, torch.device, None]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-#: Largest |age(bf16) - age(fp32)| (years) that lets "auto" use bf16 autocast on the CPU.
-CPU_BF16_TOLERANCE_YEARS = 0.1
 
 #: Slices per ViT batch on the CPU (larger batches gain nothing there and cost memory).
 CPU_BATCH_SIZE = 32
@@ -80,24 +76,9 @@ def _mps_available() -> bool:
     return bool(backend is not None and backend.is_available())
 
 
-def cpu_supports_bf16() -> bool:
-    """True where the CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX tiles)."""
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        return False
-    if capability not in ("AVX512", "AMX"):  # AVX2/default builds emulate bf16 slowly
-        return False
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if check is not None)
-
-
-def autocast_dtype(device: torch.device, precision: str = "auto", cpu_bf16_validated: bool = False) -> Optional[torch.dtype]:
-    """The autocast dtype for the ViT on ``device``, or None for plain float32.
-
-    ``cpu_bf16_validated``: the model is known to stay within ``CPU_BF16_TOLERANCE_YEARS`` of
-    fp32 in bf16; only then does "auto" pick bf16 on a CPU with native bf16.
-    """
+def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
+    """The autocast dtype for the ViT on ``device``, or None for plain float32 ("auto": float16
+    on CUDA, float32 elsewhere)."""
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
         raise BrainAgeError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -107,9 +88,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto", cpu_bf16_valid
         return _DTYPES[precision]
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_bf16_validated and cpu_supports_bf16() else None
-    return None  # MPS: fp32 (its autocast support varies between torch releases)
+    return None  # CPU: see the module's note; MPS: its autocast support varies between torch releases
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:

@@ -20,7 +20,7 @@ PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 SKULL_STRIP_METHODS: Tuple[str, ...] = ("deepbet", "template", "none")
 #: Names older checkpoints recorded: "auto" (the template method, which fails on most real heads
 #: with necks) now predicts with deepbet; the card's training extraction stays "template"
-#: (``brain_age_model.training_extractor``), so such predictions say that they differ.
+#: (``inference.training_extractor``), so such predictions say that they differ.
 LEGACY_SKULL_STRIP = {"auto": "deepbet"}
 
 

@@ -333,7 +333,7 @@ class EstimationCancelled(BrainAgeError):
 
 
 class ProgressRelay:
-    """The ``progress`` callback of ``model.predict`` for a worker thread, and its Cancel switch.
+    """The ``progress`` callback of ``inference.predict`` for a worker thread, and its Cancel switch.
 
     The worker calls the relay with (fraction 0-1, message); the GUI reads ``snapshot()`` from
     a timer and calls ``cancel()`` from its Cancel button. The next progress call after a

@@ -53,9 +53,10 @@ def write_cohort_csv(path: Path, entries: Sequence[Tuple[str, Path, object, str]
 def tiny_checkpoint(folder: Path) -> Path:
     """A tiny-preset model with seeded random weights, saved as a BrainAge checkpoint."""
     from BrainAgeLib.model import build_model
+    from BrainAgeLib.model.checkpoint import save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     model = build_model("tiny", seed=0)
-    return model.save(folder / "tiny.safetensors", {"name": "tiny-test", "trained": True,
+    return save_checkpoint(model, folder / "tiny.safetensors", {"name": "tiny-test", "trained": True,
                                                     "intended_use": "tests"})
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from BrainAgeLib.cohort.batch import cohort_subjects, run_batch
+from BrainAgeLib.inference import predict
 from BrainAgeLib.model.checkpoint import load_model
 from BrainAgeLib.errors import CohortError
 from BrainAgeLib.cohort.predictions_csv import FILENAME, PredictionsFileError, read_predictions
@@ -83,7 +84,7 @@ def test_bad_subjects_get_error_rows_and_the_others_succeed(cohort_files, tmp_pa
     for k, (file, age, sex) in enumerate(heads):
         row = rows[f"good{k}"]
         assert row.ok and row.sex == sex and row.chronological_age == age and row.model == "tiny-test"
-        expected = model.predict(file, sex, age=age, device="cpu", use_cache=False)
+        expected = predict(model, file, sex, age=age, device="cpu", use_cache=False)
         assert row.predicted_age == pytest.approx(expected.predicted_age, abs=2e-4)
         assert row.brain_age_gap == pytest.approx(expected.predicted_age - age, abs=2e-4)
     assert summary.n_succeeded_total == 3 and summary.n_failed_total == 3

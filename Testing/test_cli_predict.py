@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from BrainAgeLib.cli import main
+from BrainAgeLib.inference import predict
 from BrainAgeLib.model import build_model
+from BrainAgeLib.model.checkpoint import save_checkpoint
 
 RESULT_KEYS = {"predicted_age", "chronological_age", "brain_age_gap", "corrected_brain_age_gap", "sex",
                "sex_was_unknown", "timings", "model_name", "model_intended_use", "model_is_demo", "warnings"}
@@ -49,7 +51,7 @@ def test_json_output_and_result_file(head_path, tmp_path, capsys):
 
 def test_human_summary_with_a_saved_checkpoint(head_path, tmp_path, capsys):
     model = build_model("tiny", seed=9)
-    checkpoint = model.save(tmp_path / "my_model.safetensors",
+    checkpoint = save_checkpoint(model, tmp_path / "my_model.safetensors",
                             metadata={"name": "cli-test-model", "intended_use": "CLI tests", "is_demo": True})
     code = main(["predict", str(head_path), "--model", str(checkpoint), "--sex", "M", "--out", str(tmp_path)])
     captured = capsys.readouterr()
@@ -61,7 +63,7 @@ def test_human_summary_with_a_saved_checkpoint(head_path, tmp_path, capsys):
     assert saved["model_name"] == "cli-test-model" and saved["brain_age_gap"] is None
     assert saved["model_is_demo"] is True and "NOT for clinical use" in saved["disclaimer"]
     with torch.no_grad():
-        expected = model.predict(head_path, "M", device="cpu").predicted_age
+        expected = predict(model, head_path, "M", device="cpu").predicted_age
     assert saved["predicted_age"] == pytest.approx(expected, abs=1e-4)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from BrainAgeLib.io import load_volume
+from BrainAgeLib.inference import predict_prepared
 from BrainAgeLib.preprocess.pipeline import prepare
 from BrainAgeLib.resources import resource_path
 
@@ -96,7 +97,7 @@ def test_shipped_model_reproduces_its_heldout_predictions(demo_model, tmp_path):
         assert demo_model.metadata["training_data"]["skull_strip"] == "template"
         config = dataclasses.replace(demo_model.config.preprocess, skull_strip="template")
         prepared = prepare(load_volume(tmp_path / written["path"]), config)
-        result = demo_model.predict_prepared(prepared, spec.sex, spec.age, device="cpu")
+        result = predict_prepared(demo_model, prepared, spec.sex, spec.age, device="cpu")
         assert result.predicted_age == pytest.approx(row["predicted_age"], abs=0.05), row["id"]
 
 

@@ -8,6 +8,7 @@ import torch
 import BrainAgeLib.preprocess.pipeline as preprocess
 from BrainAgeLib.digests import weights_digest
 from BrainAgeLib.embedding_cache import EmbeddingCache, default_cache, volume_checksum
+from BrainAgeLib.inference import predict
 from BrainAgeLib.model import build_model
 from BrainAgeLib.volume import Volume
 
@@ -40,36 +41,36 @@ def counted(monkeypatch):
 
 def test_explanation_after_a_prediction_reuses_slices_and_embeddings(head, counted):
     model, counts = counted
-    first = model.predict(head, "F", age=60.0, device="cpu")
+    first = predict(model, head, "F", age=60.0, device="cpu")
     assert counts == {"vit_images": 16, "prepare": 1}  # one ViT pass over the 16 slices
     assert first.attention is None
 
-    again = model.predict(head, "F", age=60.0, explain=True, device="cpu")
+    again = predict(model, head, "F", age=60.0, explain=True, device="cpu")
     assert counts == {"vit_images": 16, "prepare": 1}  # nothing recomputed
     assert again.timings["cache_hit"] == 1.0 and "prepare" not in again.timings
     assert again.predicted_age == first.predicted_age
 
-    fresh = model.predict(head, "F", age=60.0, explain=True, device="cpu", use_cache=False)
+    fresh = predict(model, head, "F", age=60.0, explain=True, device="cpu", use_cache=False)
     assert counts == {"vit_images": 32, "prepare": 2}
     assert again.predicted_age == pytest.approx(fresh.predicted_age, abs=1e-5)
     np.testing.assert_allclose(again.attention.array, fresh.attention.array, atol=1e-5)
     assert again.attention.shape == head.shape
 
-    other_sex = model.predict(head, "M", device="cpu")  # only the regressor runs again
+    other_sex = predict(model, head, "M", device="cpu")  # only the regressor runs again
     assert counts["vit_images"] == 32 and other_sex.predicted_age != first.predicted_age
 
 
 def test_another_scan_or_changed_weights_miss(head, counted):
     model, counts = counted
-    model.predict(head, "F", device="cpu")
+    predict(model, head, "F", device="cpu")
     shifted = Volume(head.array + 1.0, head.affine)
-    model.predict(shifted, "F", device="cpu")
+    predict(model, shifted, "F", device="cpu")
     assert counts["prepare"] == 2
-    model.predict(Volume(head.array.copy(), head.affine.copy()), "F", device="cpu")  # same scan, a copy
+    predict(model, Volume(head.array.copy(), head.affine.copy()), "F", device="cpu")  # same scan, a copy
     assert counts["prepare"] == 2
     with torch.no_grad():
         next(model.encoder.parameters()).mul_(1.01)  # e.g. a training step
-    model.predict(head, "F", device="cpu")
+    predict(model, head, "F", device="cpu")
     assert counts["prepare"] == 3
 
 

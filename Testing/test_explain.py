@@ -20,6 +20,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from BrainAgeLib.explain.labelmap import read_color_table
+from BrainAgeLib.inference import predict
 from BrainAgeLib.model.checkpoint import load_model
 from BrainAgeLib.cli import main
 from BrainAgeLib.errors import BrainAgeError
@@ -265,12 +266,12 @@ def randomised(model, part: str, seed: int = 99):
 
 def test_the_map_lands_on_the_same_anatomy_whatever_the_file_orientation(demo_preset_model, old_phantom, tmp_path):
     volume = old_phantom.volume
-    reference = demo_preset_model.predict(volume, "F", 72, explain=True, device="cpu", precision="fp32")
+    reference = predict(demo_preset_model, volume, "F", 72, explain=True, device="cpu", precision="fp32")
     # the same head saved with its voxel axes permuted and flipped, as NRRD (LPS on disk)
     save_volume(volume.reoriented("PIL"), tmp_path / "head_PIL.nrrd")
     reread = load_volume(tmp_path / "head_PIL.nrrd")
     assert reread.orientation == ("P", "I", "L")
-    result = demo_preset_model.predict(reread, "F", 72, explain=True, device="cpu", precision="fp32")
+    result = predict(demo_preset_model, reread, "F", 72, explain=True, device="cpu", precision="fp32")
 
     attention = result.attention
     assert attention.shape == reread.shape and np.allclose(attention.affine, reread.affine)

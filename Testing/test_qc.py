@@ -139,7 +139,7 @@ def test_strict_qc_exits_4_and_qc_writes_the_picture(tmp_path):
 
 
 def test_old_cards_predict_with_deepbet_and_say_their_training_differed():
-    from BrainAgeLib.model.brain_age_model import extractor_warnings, training_extractor
+    from BrainAgeLib.inference import extractor_warnings, training_extractor
     from BrainAgeLib.presets import PreprocessConfig
     from BrainAgeLib.preprocess.qc import QualityControl
 

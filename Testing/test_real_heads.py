@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from BrainAgeLib.io import load_volume, save_volume
+from BrainAgeLib.inference import predict_prepared
 from BrainAgeLib.preprocess.pipeline import prepare, reorient_to_ras
 from BrainAgeLib.presets import PRESETS
 from BrainAgeLib.preprocess.qc import ADULT_BRAIN_ML, MIN_T1_CONTRAST, age_flags, assess
@@ -136,7 +137,7 @@ def test_a_prediction_at_age_3_carries_the_flag(real_heads):
     from BrainAgeLib.model.checkpoint import load_model
 
     model = load_model("demo")
-    result = model.predict_prepared(prepared_head(real_heads[1]), "F", 3.0, device="cpu")
+    result = predict_prepared(model, prepared_head(real_heads[1]), "F", 3.0, device="cpu")
     assert any("outside the training ages" in flag for flag in result.qc.flags)
     assert result.to_dict()["qc"]["flags"] == result.qc.flags
     assert "QC flag:" in result.summary()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from BrainAgeLib import Volume
+from BrainAgeLib.inference import predict
 from BrainAgeLib.explain.labelmap import attention_colors
 from BrainAgeLib.preprocess.qc import ADULT_BRAIN_ML, QualityControl
 from BrainAgeLib.result import Result
@@ -389,7 +390,7 @@ def test_the_module_flow_from_kji_arrays_to_a_labelmap_on_the_input_grid():
     model = build_model("tiny", seed=0)
     relay = ProgressRelay()
 
-    result = model.predict(volume, "F", age=70.0, explain=True, device="cpu", progress=relay)
+    result = predict(model, volume, "F", age=70.0, explain=True, device="cpu", progress=relay)
 
     assert np.isfinite(result.predicted_age)
     assert result.brain_age_gap == pytest.approx(result.predicted_age - 70.0)
@@ -409,4 +410,4 @@ def test_the_module_flow_from_kji_arrays_to_a_labelmap_on_the_input_grid():
     cancelled = ProgressRelay()
     cancelled.cancel()
     with pytest.raises(EstimationCancelled):
-        model.predict(volume, "F", explain=True, device="cpu", progress=cancelled)
+        predict(model, volume, "F", explain=True, device="cpu", progress=cancelled)

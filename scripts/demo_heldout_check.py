@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from BrainAgeLib.model.checkpoint import load_model
+from BrainAgeLib.inference import predict_prepared
 from BrainAgeLib.io import load_volume
 from BrainAgeLib.preprocess.pipeline import prepare
 from BrainAgeLib.synth.phantoms import cohort_specs, write_phantom
@@ -41,7 +42,7 @@ def main() -> None:
             spec = specs[row["id"]]
             written = write_phantom(spec, folder)
             prepared = prepare(load_volume(Path(folder) / written["path"]), config)
-            result = model.predict_prepared(prepared, spec.sex, spec.age, device="cpu")
+            result = predict_prepared(model, prepared, spec.sex, spec.age, device="cpu")
             ages.append(spec.age)
             predicted.append(result.predicted_age)
             recorded.append(row["predicted_age"])

@@ -4,7 +4,7 @@
     python scripts/explain_figures.py localisation [--model PATH] [--n 6]
     python scripts/explain_figures.py sanity [--model PATH] [--n 3]
 
-``overhead`` times ``model.predict`` without and with ``explain=True`` on the same synthetic
+``overhead`` times ``predict`` without and with ``explain=True`` on the same synthetic
 head (1 mm, with skull: the full preprocessing, as a user's scan gets), alternating the two,
 and reports medians; then the same through ``brainage predict`` (which also writes the files).
 Weights do not change the timing, so presets with random weights stand in for trained models.
@@ -35,6 +35,7 @@ def overhead(args: argparse.Namespace) -> None:
     import torch
 
     from BrainAgeLib.io import load_volume, save_volume
+    from BrainAgeLib.inference import predict
     from BrainAgeLib.model import build_model
 
     if args.input:
@@ -52,18 +53,18 @@ def overhead(args: argparse.Namespace) -> None:
         save_volume(volume, path)
         for preset in args.presets:
             model = build_model(preset, seed=0).eval()
-            model.predict(volume, "F", 67.0, explain=True, device=args.device, use_cache=False)  # warm-up
+            predict(model, volume, "F", 67.0, explain=True, device=args.device, use_cache=False)  # warm-up
             plain, explained, explain_step = [], [], []
             for _ in range(args.repeats):
                 for explain in (False, True):
                     tic = time.perf_counter()
-                    result = model.predict(volume, "F", 67.0, explain=explain, device=args.device, use_cache=False)
+                    result = predict(model, volume, "F", 67.0, explain=explain, device=args.device, use_cache=False)
                     seconds = time.perf_counter() - tic
                     (explained if explain else plain).append(seconds)
                     if explain:
                         explain_step.append(result.timings["explain"])
             p, e = statistics.median(plain), statistics.median(explained)
-            print(f"[{preset}] model.predict: plain {p:.2f} s, explain {e:.2f} s -> +{100 * (e - p) / p:.1f}% "
+            print(f"[{preset}] predict: plain {p:.2f} s, explain {e:.2f} s -> +{100 * (e - p) / p:.1f}% "
                   f"(explain step {statistics.median(explain_step):.2f} s = {100 * statistics.median(explain_step) / p:.1f}% "
                   f"of plain); runs {args.repeats}")
             print("    last explained run's timings (s): "

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from BrainAgeLib.model.checkpoint import load_model
+from BrainAgeLib.inference import predict_prepared
 from BrainAgeLib.io import load_volume
 from BrainAgeLib.preprocess.pipeline import prepare
 
@@ -53,7 +54,7 @@ def main() -> None:
             tic = time.perf_counter()
             prepared = prepare(volume, config)
             seconds = time.perf_counter() - tic
-            result = model.predict_prepared(prepared, person["sex"], float(person["age"]), device="cpu")
+            result = predict_prepared(model, prepared, person["sex"], float(person["age"]), device="cpu")
             masks[method] = prepared.input_brain_mask
             rows.append({
                 "id": person["id"], "age": float(person["age"]), "sex": person["sex"], "method": method,

@@ -4,7 +4,7 @@
 ``synth.make_cohort``; not timed), builds the preset's model with random weights once, and in
 the same process times
 
-- **sequential**: ``model.predict(path, sex, age)`` for each head in turn, as a script calling
+- **sequential**: ``predict(model, path, sex, age)`` for each head in turn, as a script calling
   the library would (the model is loaded once here too, so the comparison is about the
   pipeline, not about model loading; the embedding cache is off), and
 - **batch**: ``run_batch`` on the same heads and model (worker processes prepare the next
@@ -112,7 +112,9 @@ def run_cohort_benchmark(
     from ..cohort.batch import default_workers, run_batch
     from ..cohort.tables import read_cohort
     from ..devices import resolve_device
+    from ..inference import predict
     from ..model import build_model
+    from ..model.checkpoint import save_checkpoint
     from ..synth.phantoms import make_cohort
 
     if n_heads < 1:
@@ -130,7 +132,7 @@ def run_cohort_benchmark(
             model.embed(torch.rand(2, model.config.image_size, model.config.image_size), precision=precision)
         load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
-        model_file = model.save(root / "bench_model.safetensors") if cli_baseline else None
+        model_file = save_checkpoint(model, root / "bench_model.safetensors") if cli_baseline else None
         sequential_s = batch_s = cli_s = float("inf")
         sequential_cpu = batch_cpu = 0.0
         cli_ages: Dict[str, float] = {}
@@ -148,7 +150,7 @@ def run_cohort_benchmark(
             stages: Dict[str, float] = {}
             tic, cpu = time.perf_counter(), time.process_time()
             for subject in subjects:
-                result = model.predict(subject.path, subject.sex, age=subject.age, explain=explain, device=target,
+                result = predict(model, subject.path, subject.sex, age=subject.age, explain=explain, device=target,
                                        precision=precision, use_cache=False)
                 if explain:
                     from ..explain.outputs import write_explanation_outputs

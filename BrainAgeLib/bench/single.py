@@ -154,7 +154,7 @@ def run_benchmark(
     model = build_model(preset, seed=0).to(target).eval()
     build_s = time.perf_counter() - tic
     config = model.config
-    dtype = autocast_dtype(target, precision, cpu_bf16_validated=model.cpu_bf16_validated)
+    dtype = autocast_dtype(target, precision)
     batch = slice_batch_size(target, config, config.n_slices)
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)

@@ -57,6 +57,7 @@ def generated_head(age: float, sex: str, seed: int, skull: bool = True):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..inference import predict
     from ..model.checkpoint import load_model
     from ..sex import parse_sex
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
         save_volume(volume, args.save_head)
     model = load_model(args.model)
-    result = model.predict(volume, sex=told_sex or sex, age=age, device=args.device)
+    result = predict(model, volume, sex=told_sex or sex, age=age, device=args.device)
     if args.json:
         print(json.dumps({"head": description, **result.to_dict()}, indent=2))
         return 0

@@ -66,10 +66,11 @@ def run(args: argparse.Namespace) -> int:
     age, sex, header_notes = with_header_defaults(given_age, given_sex, header)
     check_device(args.device)
     model = load_model_from_args(args)
+    from ..inference import predict
 
     with _progress_bar() as progress:
         try:
-            result = model.predict(volume, sex, age=age, explain=args.explain, device=args.device,
+            result = predict(model, volume, sex, age=age, explain=args.explain, device=args.device,
                                    progress=progress, precision=args.precision)
         except InvalidVolumeError as error:  # preprocessing found the image unusable: name the file
             if error.path is None:

@@ -13,7 +13,19 @@ hands back a ``Prepared`` (numpy arrays, cheap to pickle between our own process
 are started with "spawn" (no fork of a process whose torch/OpenMP threads are running) and
 limited to a share of the CPU threads, so they do not fight the ViT for cores.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) the cohort is sharded: see :mod:`BrainAgeLib.cohort.sharding`.
+Sharding: launched with ``torchrun --nproc-per-node N brainage batch ...`` (or any launcher that
+sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``), each rank takes
+every N-th subject of the cohort (rank r: subjects r, r + N, r + 2N, ... in cohort order;
+:class:`BrainAgeLib.parallel.RankContext`) and appends its rows to its own part file,
+``predictions.part-r-of-N.csv``. When all ranks are done (a barrier over a gloo process group: it
+only synchronises, so it works beside CUDA too), rank 0 merges the parts into ``predictions.csv``
+in cohort order. The merged file is the same as a single-process run's.
+
+The cohort is split by position before finished subjects are skipped, so every rank agrees on
+who does what whatever the others have written; a resumed run with another number of ranks
+still covers every subject exactly once. Ranks can also be given by hand (``rank``,
+``world_size``) without a process group, e.g. as the tasks of a cluster job array on a shared
+file system: each leaves its part, and a final plain run merges them (skipping everyone).
 """
 from __future__ import annotations
 
@@ -389,7 +401,9 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path
         given_sex = _sex_of(subject)  # a row without age or sex takes a DICOM series' header values
         age, sex, header_notes = with_header_defaults(_age_of(subject), None if given_sex == "unknown" else given_sex,
                                                       item.dicom_header)
-        result = model.predict_prepared(item.prepared, sex, age, explain=explain, precision=precision)
+        from ..inference import predict_prepared
+
+        result = predict_prepared(model, item.prepared, sex, age, explain=explain, precision=precision)
         if explain:
             from ..explain.outputs import write_explanation_outputs
 
@@ -456,10 +470,10 @@ def run_batch(
     ``qc`` (and ``explain``) writes each subject's QC picture (brain-mask outline over the input)
     into ``out_dir/qc/``; every row has the QC columns either way.
     """
-    from . import sharding
+    from ..parallel import RankContext
 
     subjects = cohort_subjects(cohort)
-    with sharding.ShardContext.from_environment(rank, world_size) as context:
+    with RankContext.from_environment(rank, world_size) as context:
         return _run(subjects, Path(out_dir), model, explain, device, workers, progress,
                     retry_failed, explain_format, precision, context, qc)
 
@@ -472,7 +486,7 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
     order = [str(s.id) for s in subjects]
     earlier = read_all_predictions(out_dir)
     done_ids = finished_ids(earlier, retry_failed)
-    mine = context.shard(subjects)
+    mine = context.shard_with_indices(subjects)
     todo = [(index, s) for index, s in mine if str(s.id) not in done_ids]
     by_index = dict(todo)
     n_workers = default_workers() if workers is None else max(0, int(workers))

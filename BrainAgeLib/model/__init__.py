@@ -2,8 +2,11 @@
 
 - ``encoder.SliceEncoder``: timm VisionTransformer over single sagittal slices (``.vit``).
 - ``regressor.ResidualCNNRegressor``: reads the [S, D] stack of slice embeddings, plus sex.
-- ``brain_age_model.BrainAgeModel``: both stages, ``embed``/``regress``/``predict``.
+- ``brain_age_model.BrainAgeModel``: both stages, ``embed``/``embed_explain``/``regress``.
 - ``build_model(preset)``: a model of a preset with fresh random weights.
+- ``checkpoint``: safetensors checkpoints (``save_checkpoint``, ``load_model``, the registry).
+- ``import_official``: the BrainRotViT authors' checkpoints, with their key maps.
+(Running a model on a volume is ``BrainAgeLib.inference``.)
 """
 from __future__ import annotations
 

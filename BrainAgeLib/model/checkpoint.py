@@ -33,7 +33,9 @@ from ..atomic_files import atomic_path
 from ..digests import file_sha256, weights_digest
 from ..errors import CheckpointError
 from ..presets import ModelConfig
+from ..devices import resolve_device
 from ..resources import cache_dir, resource_path
+from .brain_age_model import BrainAgeModel, class_names
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +97,6 @@ def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional
     BiasCorrection or its dict) and any other JSON-safe entries; the architecture,
     preprocessing, classes, versions and weights digest are filled in here.
     """
-    from .brain_age_model import class_names
-
     path = Path(path)
     config: ModelConfig = model.config
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
@@ -193,8 +193,6 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", ve
     """A BrainAgeModel from a BrainAge ``.safetensors`` file (see the module docstring for the checks)."""
     from safetensors import safe_open
 
-    from ..devices import resolve_device
-    from .brain_age_model import BrainAgeModel
 
     path = Path(path)
     card = read_metadata(path)

@@ -33,9 +33,11 @@ import torch
 from .. import __version__
 from ..atomic_files import atomic_path
 from ..errors import BrainAgeError, CohortError
+from ..model.checkpoint import save_checkpoint
+from ..parallel import RankContext
 from ..presets import get_preset
 from .config import TrainConfig
-from .distributed import DistributedContext, init_distributed
+from .distributed import init_distributed
 from .resume import RunState, stage_settings
 from .slice_cache import SliceCache, atomic_write_text
 from .split import SPLITS, SubjectSplit, split_subjects
@@ -117,7 +119,7 @@ def initial_encoder_weights(source: "str | os.PathLike") -> Dict[str, torch.Tens
     return load_model(source).encoder.state_dict()
 
 
-def _printer(context: DistributedContext) -> Callable[[str], None]:
+def _printer(context: RankContext) -> Callable[[str], None]:
     def log(message: str) -> None:
         if context.is_main:
             print(message, flush=True)
@@ -429,7 +431,7 @@ def _finish(model, groups, sets, predictions, entries, cache, config, state, res
     }
     _deep_update(summary, metadata or {})
     checkpoint = run_dir / "model.safetensors"
-    model.save(checkpoint, summary)
+    save_checkpoint(model, checkpoint, summary)
     atomic_write_text(run_dir / "metrics.json", json.dumps(
         {"test": metrics, "baselines": baseline, "bias_correction": correction.to_dict(),
          "validation_mae": result2.best_val_mae, "stage2_history": result2.history,
