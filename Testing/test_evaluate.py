@@ -10,7 +10,7 @@ import pytest
 
 from BrainAgeLib.errors import CohortError
 from BrainAgeLib.cohort.evaluate import (bootstrap_mae_ci, choose_reference, compute_metrics, decade_label,
-                                  evaluate_predictions, read_predictions)
+                                  evaluate_predictions, read_prediction_table)
 
 # Four subjects: errors (predicted - age) are +9, -8, +5, -2.
 AGE = [20.0, 30.0, 40.0, 50.0]
@@ -111,7 +111,7 @@ def test_bias_correction_is_fitted_on_the_reference_split(tmp_path, rng):
 def test_without_a_split_a_seeded_fraction_is_the_reference(tmp_path, rng):
     age, predicted, sex = biased_predictions(rng, n=50)
     table = write_table(tmp_path / "p.csv", age, predicted, sex)
-    predictions = read_predictions(table)
+    predictions = read_prediction_table(table)
     first = choose_reference(predictions, 0.3, seed=1)
     assert first.sum() == 15 and np.array_equal(first, choose_reference(predictions, 0.3, seed=1))
     assert not np.array_equal(first, choose_reference(predictions, 0.3, seed=2))
@@ -152,17 +152,17 @@ def test_bad_prediction_tables(tmp_path, capsys):
     missing = tmp_path / "m.csv"
     missing.write_text("id,age,sex\na,30,F\n")
     with pytest.raises(CohortError, match="no predicted_age"):
-        read_predictions(missing)
+        read_prediction_table(missing)
     bad = tmp_path / "b.csv"
     bad.write_text("age,predicted_age,sex\n30,31,F\n40,forty,M\n")
     with pytest.raises(CohortError, match=r"b\.csv, line 3: .*must both be numbers"):
-        read_predictions(bad)
+        read_prediction_table(bad)
     assert main(["evaluate", str(bad)]) == 2
     assert "line 3" in capsys.readouterr().err
     negative = tmp_path / "n.csv"
     negative.write_text("age,predicted_age,sex\n30,31,F\n-30,40,M\n")
     with pytest.raises(CohortError, match=r"n\.csv, line 3: age '-30' is outside 0-130 years"):
-        read_predictions(negative)
+        read_prediction_table(negative)
 
 
 def test_a_batch_table_with_failed_subjects_and_missing_ages_is_evaluated_on_the_rest(tmp_path, capsys):
@@ -177,7 +177,7 @@ def test_a_batch_table_with_failed_subjects_and_missing_ages_is_evaluated_on_the
         "c,/d/c.nii.gz,F,40,,,/d/c.nii.gz: truncated file\n"
         "d,/d/d.nii.gz,M,,61,,\n"
         "e,/d/e.nii.gz,F,70,72,2,\n")
-    predictions = read_predictions(table)
+    predictions = read_prediction_table(table)
     assert predictions.ids == ["a", "b", "e"]
     assert predictions.skipped == ["c: failed (/d/c.nii.gz: truncated file)", "d: no chronological age"]
     assert main(["evaluate", str(table), "--json"]) == 0
@@ -187,7 +187,7 @@ def test_a_batch_table_with_failed_subjects_and_missing_ages_is_evaluated_on_the
     only_failures = tmp_path / "failed.csv"
     only_failures.write_text("id,chronological_age,predicted_age,error\nc,40,,broken\n")
     with pytest.raises(CohortError, match="no row has both an age and a prediction"):
-        read_predictions(only_failures)
+        read_prediction_table(only_failures)
 
 
 def test_predictions_of_the_demo_model_carry_its_disclaimer_and_few_rows_are_flagged(tmp_path, capsys):

@@ -145,8 +145,10 @@ class Predictions:
     models: List[str] = field(default_factory=list)   # names in a "model" column (batch tables have one)
 
 
-def read_predictions(path: PathLike) -> Predictions:
-    """Read ``age``, ``predicted_age``, ``sex`` and optional ``split``/``id`` columns (CSV/TSV).
+def read_prediction_table(path: PathLike) -> Predictions:
+    """Any predictions table to evaluate (CSV/TSV): its ``age``, ``predicted_age``, ``sex`` and
+    optional ``split``/``id`` columns, as one :class:`Predictions` (a ``brainage batch``
+    ``predictions.csv`` row by row, with every column, is ``predictions_csv.read_predictions``).
 
     A ``brainage batch`` table reads as it is: rows with an ``error`` (failed subjects) and rows
     whose age is blank or "n/a" (subjects without a chronological age) are left out and listed
@@ -272,7 +274,7 @@ def evaluate_predictions(path: Union[PathLike, Predictions], out_dir: Optional[P
     ``bland_altman.png`` there."""
     from ..bias_correction import BiasCorrection
 
-    table = path if isinstance(path, Predictions) else read_predictions(path)
+    table = path if isinstance(path, Predictions) else read_prediction_table(path)
     reference = choose_reference(table, reference_fraction, seed)
     rest = ~reference if (~reference).any() else np.ones_like(reference)
     age, predicted = table.age, table.predicted
