@@ -107,8 +107,8 @@ def test_a_missing_or_broken_input_exits_2(tmp_path, capsys):
     assert "broken.nii.gz" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_asking_for_cuda_on_a_cpu_machine_exits_2(head_path, tmp_path, capsys):
+def test_asking_for_cuda_on_a_cpu_machine_exits_2(head_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, on GPU machines too
     assert main(["predict", str(head_path), "--preset", "tiny", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "'cuda' was requested" in capsys.readouterr().err
 

@@ -159,8 +159,8 @@ def test_auto_device_falls_back_to_the_cpu_without_cuda():
     assert resolve_device(None).type == device.type
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_asking_for_cuda_without_it_is_a_clear_error(tiny_model, mni_3mm):
+def test_asking_for_cuda_without_it_is_a_clear_error(tiny_model, mni_3mm, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA, on GPU machines too
     with pytest.raises(DeviceUnavailableError, match="'cuda' was requested"):
         resolve_device("cuda")
     with pytest.raises(DeviceUnavailableError):
