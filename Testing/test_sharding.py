@@ -10,7 +10,7 @@ import pytest
 
 from BrainAgeLib.cohort.batch import run_batch
 from BrainAgeLib.cohort.predictions_csv import FILENAME, read_predictions
-from BrainAgeLib.cohort.sharding import ShardContext
+from BrainAgeLib.parallel import RankContext
 
 from cohort_heads import tiny_checkpoint, write_bad_inputs, write_cohort_csv, write_heads
 
@@ -46,9 +46,11 @@ def assert_same_predictions(csv_a: Path, csv_b: Path) -> None:
 
 def test_each_rank_takes_every_nth_subject():
     subjects = list("abcdefg")
-    shards = [ShardContext(rank=r, world_size=3).shard(subjects) for r in range(3)]
+    shards = [RankContext(rank=r, world_size=3).shard_with_indices(subjects) for r in range(3)]
     assert shards == [[(0, "a"), (3, "d"), (6, "g")], [(1, "b"), (4, "e")], [(2, "c"), (5, "f")]]
     assert sorted(i for shard in shards for i, _ in shard) == list(range(7))
+    assert [RankContext(rank=r, world_size=3).shard(subjects) for r in range(3)] == \
+           [[item for _, item in shard] for shard in shards]
 
 
 def test_torchrun_two_cpu_processes_equal_one_process(cohort, tmp_path):

@@ -270,7 +270,7 @@ def test_dora_adapts_query_and_value_only_and_merges_into_a_plain_vit(tmp_path):
     from timm.models.vision_transformer import VisionTransformer
 
     from BrainAgeLib.model import build_model
-    from BrainAgeLib.train.distributed import DistributedContext
+    from BrainAgeLib.parallel import RankContext
     from BrainAgeLib.train.stage1 import SliceClassificationDataset, train_stage1, training_slice_indices
 
     volumes = _toy_data(tmp_path)
@@ -280,7 +280,7 @@ def test_dora_adapts_query_and_value_only_and_merges_into_a_plain_vit(tmp_path):
     config = _config(dora=True, epochs1=2, lr1=1e-2)
     result = train_stage1(model.encoder, SliceClassificationDataset(volumes[:8], indices),
                           SliceClassificationDataset(volumes[8:], indices), config, tmp_path / "stage1",
-                          DistributedContext(), log=lambda m: None, progress=False)
+                          RankContext(), log=lambda m: None, progress=False)
     assert isinstance(model.encoder.vit, VisionTransformer)  # adapters merged: plain timm ViT again
     after = model.encoder.state_dict()
     assert set(after) == set(before)

@@ -1,2 +1,2 @@
 """Many subjects at once: cohort tables and BIDS folders (``tables``), ``brainage batch`` (``batch``,
-``sharding``), the predictions CSV (``predictions_csv``) and metrics with figures (``evaluate``)."""
+also sharded under torchrun), the predictions CSV (``predictions_csv``) and metrics with figures (``evaluate``)."""

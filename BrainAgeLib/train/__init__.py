@@ -7,7 +7,7 @@
 - ``embedding.embed_cohort``: frozen-encoder slice embeddings, float16 on disk.
 - ``stage2.train_stage2``: the residual CNN regressor, best epoch by validation MAE.
 - ``baselines.run_baselines``: training-mean and tissue-volume ridge baselines.
-- ``distributed``: torchrun DDP (gloo on CPU, NCCL on CUDA).
+- ``distributed``: torchrun DDP (gloo on CPU, NCCL on CUDA), on a ``parallel.RankContext``.
 - ``pipeline.run_training``: all of it, resumable, in one run folder.
 """
 from __future__ import annotations

@@ -37,9 +37,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..parallel import RankContext
 from .augment import augment_slices, soft_class_targets
 from .config import TrainConfig
-from .distributed import DistributedContext, wrap_for_training
+from .distributed import wrap_for_training
 from .resume import load_training_state, save_training_state, seed_epoch
 
 
@@ -165,7 +166,7 @@ def train_stage1(
     val_set: Dataset,
     config: TrainConfig,
     stage_dir: Path,
-    context: DistributedContext,
+    context: RankContext,
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> Stage1Result:

@@ -23,8 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..parallel import RankContext
 from .config import TrainConfig
-from .distributed import DistributedContext, wrap_for_training
+from .distributed import wrap_for_training
 from .resume import load_training_state, save_training_state, seed_epoch
 
 
@@ -77,7 +78,7 @@ def train_stage2(
     val: EmbeddingSet,
     config: TrainConfig,
     stage_dir: Path,
-    context: DistributedContext,
+    context: RankContext,
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> Stage2Result:
