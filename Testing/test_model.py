@@ -148,6 +148,70 @@ def test_forward_explain_gives_embeddings_tokens_and_the_last_blocks_cls_attenti
     assert ((cls_attention.sum(dim=1) > 0) & (cls_attention.sum(dim=1) < 1)).all()  # the rest goes to CLS
 
 
+def reference_last_block_attention(encoder, slices):
+    """softmax(q k^T * scale) of the last block, from its own weights on the input it was given."""
+    block = encoder.vit.blocks[-1]
+    captured = {}
+    handle = block.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
+    try:
+        with torch.no_grad():
+            encoder.vit.forward_features(encoder.normalize(slices))
+    finally:
+        handle.remove()
+    attn = block.attn
+    x = block.norm1(captured["x"])
+    b, t, _ = x.shape
+    qkv = torch.nn.functional.linear(x, attn.qkv.weight, attn.qkv.bias)
+    q, k, _ = qkv.reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return ((q @ k.transpose(-2, -1)) * attn.head_dim ** -0.5).softmax(dim=-1)
+
+
+def test_last_block_attention_hook_captures_the_last_blocks_softmax(tiny_model):
+    from BrainAgeLib.model.encoder import last_block_attention
+
+    encoder, slices = tiny_model.encoder, tiny_slices(4, seed=3)
+    reference = reference_last_block_attention(encoder, slices)
+    assert reference.shape == (4, encoder.vit.blocks[-1].attn.num_heads, 17, 17)
+    with torch.no_grad(), last_block_attention(encoder.vit) as attention:
+        encoder.vit.forward_features(encoder.normalize(slices))
+    torch.testing.assert_close(attention.probabilities, reference, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        _, _, cls_attention = encoder.forward_explain(slices)
+    torch.testing.assert_close(cls_attention, reference[:, :, 0, 1:].mean(dim=1), rtol=0, atol=1e-6)
+
+
+def test_explaining_goes_through_timms_public_forward_and_restores_the_fused_kernel(tiny_model):
+    from BrainAgeLib.model.encoder import last_block_attention
+
+    encoder, slices = tiny_model.encoder, tiny_slices(4, seed=4)
+    blocks = encoder.vit.blocks
+    before = [block.attn.fused_attn for block in blocks]
+    calls = []
+    handle = encoder.vit.norm.register_forward_hook(lambda m, i, o: calls.append(o))  # end of forward_features
+    try:
+        with torch.no_grad():
+            expected = encoder.embed(slices)
+            with last_block_attention(encoder.vit):
+                inside = [block.attn.fused_attn for block in blocks]
+                hooked = len(blocks[-1].attn.attn_drop._forward_hooks)
+            encoder.forward_explain(slices)
+    finally:
+        handle.remove()
+    assert inside == before[:-1] + [False]  # only the last block leaves the fused kernel
+    assert hooked == 1
+    assert [block.attn.fused_attn for block in blocks] == before
+    assert not blocks[-1].attn.attn_drop._forward_hooks  # the hook is gone again
+    assert len(calls) == 2  # embed and forward_explain both ran timm's forward_features
+    with pytest.raises(RuntimeError), last_block_attention(encoder.vit):
+        raise RuntimeError("a failing forward")
+    assert [block.attn.fused_attn for block in blocks] == before
+    assert not blocks[-1].attn.attn_drop._forward_hooks
+    with torch.no_grad():
+        assert torch.equal(encoder.embed(slices), expected)  # inference without explanation untouched
+    with pytest.raises(BrainAgeError), last_block_attention(encoder.vit) as attention:
+        attention.probabilities  # nothing ran yet
+
+
 def test_stage1_classifier_over_age_decade_by_sex_classes(tiny_model):
     logits = tiny_model.encoder.classify(tiny_slices(3))
     assert logits.shape == (3, 20)

@@ -8,8 +8,9 @@ tokens, CLS included (the authors average Hugging Face's ``last_hidden_state`` o
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Dict, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from timm.layers import LayerNorm
@@ -101,20 +102,13 @@ class SliceEncoder(nn.Module):
         Returns ``(embeddings [B, D], patch_tokens [B, N, D], cls_attention [B, N])``: the patch
         tokens of the final-normed last hidden state, and the last block's attention from the CLS
         token to each patch, averaged over heads (rows of the softmax, so over all 1 + N keys they
-        sum to 1). Only the last block computes its attention matrix explicitly; the others keep
-        timm's fused kernel.
+        sum to 1). The ViT runs its own ``forward_features``; see :func:`last_block_attention`
+        for how the attention matrix is taken.
         """
-        vit = self.vit
-        h = vit.patch_embed(self._images(x))
-        h = vit._pos_embed(h)
-        h = vit.patch_drop(h)
-        h = vit.norm_pre(h)
-        for block in vit.blocks[:-1]:
-            h = block(h)
-        h, attention = _block_with_attention(vit.blocks[-1], h)
-        tokens = vit.norm(h)
+        with last_block_attention(self.vit) as attention:
+            tokens = self.vit.forward_features(self._images(x))
         start = self.num_prefix_tokens
-        cls_attention = attention[:, :, 0, start:].mean(dim=1)
+        cls_attention = attention.probabilities[:, :, 0, start:].mean(dim=1)
         return tokens.mean(dim=1), tokens[:, start:], cls_attention
 
     # ------------------------------------------------------------------ weights
@@ -153,30 +147,46 @@ class SliceEncoder(nn.Module):
         self.vit.load_state_dict(taken, strict=False)
 
 
-def _block_with_attention(block: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One timm ``Block`` forward that also returns its attention matrix [B, heads, T, T].
+class _CapturedAttention:
+    """Holder :func:`last_block_attention` fills: ``probabilities`` [B, heads, T, T] once the ViT ran."""
 
-    Mirrors ``timm.layers.attention.Attention.forward``'s unfused branch, so the output equals
-    the block's own forward.
+    def __init__(self) -> None:
+        self._probabilities: Optional[torch.Tensor] = None
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        if self._probabilities is None:
+            raise BrainAgeError("the ViT's last attention block did not compute its attention matrix")
+        return self._probabilities
+
+    def keep(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if self._probabilities is None:  # a checkpointed forward may rerun the block; keep the first
+            self._probabilities = inputs[0]
+
+
+@contextlib.contextmanager
+def last_block_attention(vit: VisionTransformer) -> Iterator[_CapturedAttention]:
+    """While open, the ViT's last block computes its attention explicitly and hands it over.
+
+    timm's own mechanism (as ``timm.utils.AttentionExtract`` with hooks): the last block's
+    ``Attention`` gets ``fused_attn = False``, so instead of the fused SDPA kernel it runs its
+    unfused branch, whose softmax probabilities pass through ``attn.attn_drop``; a forward hook
+    there keeps that module's input (the probabilities before dropout, the same tensor in eval
+    mode). The other blocks keep the fused kernel. On exit the hook is removed and ``fused_attn``
+    restored, so :meth:`SliceEncoder.embed` outside this context is untouched. The unfused
+    branch is the arithmetic the fused kernel stands for; see ``Testing/test_model.py`` for how
+    close the two are.
     """
-    attn = block.attn
-    y = block.norm1(x)
-    B, T, _ = y.shape
-    gate = attn.gate(y).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(y).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    scores = (q * attn.scale) @ k.transpose(-2, -1)
-    weights = scores.softmax(dim=-1)
-    y = attn.attn_drop(weights) @ v
-    y = y.transpose(1, 2).reshape(B, T, -1)
-    y = attn.norm(y)
-    if gate is not None:
-        y = y * gate
-    y = attn.proj_drop(attn.proj(y))
-    x = x + block.drop_path1(block.ls1(y))
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, weights
+    attn = vit.blocks[-1].attn
+    captured = _CapturedAttention()
+    fused = attn.fused_attn
+    handle = attn.attn_drop.register_forward_hook(captured.keep)
+    attn.fused_attn = False
+    try:
+        yield captured
+    finally:
+        attn.fused_attn = fused
+        handle.remove()
 
 
 def vit_parameter_count(config: ModelConfig) -> int:
