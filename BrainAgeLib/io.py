@@ -6,7 +6,7 @@ returns a :class:`Volume`: a float32 array [I, J, K] with a 4x4 voxel -> RAS (mm
 NIfTI and MGH go through nibabel, whose affines are already RAS. NRRD, MetaImage and DICOM go
 through SimpleITK, whose geometry is LPS; it is converted exactly: the array SimpleITK gives is
 indexed [k, j, i] and is transposed to [i, j, k], and the affine is
-``diag(-1, -1, 1, 1) @ [direction * spacing | origin]``.
+``diag(-1, -1, 1, 1) @ [direction * spacing | origin]`` (``geometry.sitk_affine``).
 
 Every loaded volume passes :func:`validate_volume`, which rejects what cannot be a head MRI
 with an :class:`InvalidVolumeError` naming the file and the problem:
@@ -40,6 +40,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InvalidVolumeError
+from .geometry import sitk_affine, volume_to_sitk
 from .volume import Volume
 
 __all__ = [
@@ -66,9 +67,6 @@ MAX_SPACING_MM = 8.0
 MIN_EXTENT_MM = 50.0
 MIN_VOXELS_PER_AXIS = 16
 MAX_NONFINITE_FRACTION = 0.01
-
-# SimpleITK (ITK) geometry is LPS; BrainAge's is RAS. Flipping x and y converts either way.
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,13 +400,7 @@ def _from_sitk(image, path: Path) -> Tuple[np.ndarray, np.ndarray]:
         raise InvalidVolumeError(f"the voxel data could not be read ({_itk_reason(error)})", path) from None
     array = _to_3d(array.astype(np.float32, copy=False), path, time_axis_first=True)
     array = np.ascontiguousarray(array.transpose(2, 1, 0))  # [k, j, i] -> [i, j, k]
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)[:3]
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)[:3]
-    affine_lps = np.eye(4)
-    affine_lps[:3, :3] = direction * spacing  # column c is axis c's direction times its spacing
-    affine_lps[:3, 3] = origin
-    return array, LPS_TO_RAS @ affine_lps
+    return array, sitk_affine(image)
 
 
 def _to_3d(array: np.ndarray, path: Path, *, time_axis_first: bool) -> np.ndarray:
@@ -604,12 +596,8 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, target: Path) -> None:
 def _write_with_simpleitk(array: np.ndarray, affine: np.ndarray, target: Path) -> None:
     import SimpleITK as sitk
 
-    affine_lps = LPS_TO_RAS @ affine
-    spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))  # [i,j,k] -> [k,j,i]
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetOrigin([float(x) for x in affine_lps[:3, 3]])
-    image.SetDirection([float(x) for x in (affine_lps[:3, :3] / spacing).ravel()])
+    # the affine's directions as they are (a sheared affine is written sheared)
+    image = volume_to_sitk(Volume(array, affine), dtype=None, orthonormal_directions=False)
     try:
         sitk.WriteImage(image, str(target), useCompression=True)
     except RuntimeError as error:

@@ -14,11 +14,11 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from BrainAgeLib.geometry import volume_to_sitk
 from BrainAgeLib.preprocess.registration import (
     register_to_template,
     resample_template_mask,
     resample_to_spacing,
-    volume_to_sitk,
 )
 from BrainAgeLib.preprocess.template_strip import detect_skull_stripped, skull_strip
 from BrainAgeLib.preprocess.template import load_template

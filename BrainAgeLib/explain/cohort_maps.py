@@ -161,15 +161,14 @@ def attention_in_template_space(attention: Volume, input_to_template: Optional[n
     ``input_to_template`` maps input RAS mm to template RAS mm; None means the input already is
     in template space (identity). Returns float32 on the template's [I, J, K].
     """
-    from scipy import ndimage
+    from ..geometry import resample
 
-    transform = np.eye(4) if input_to_template is None else np.asarray(input_to_template, dtype=np.float64)
     # template voxel -> template RAS -> input RAS -> input voxel
-    voxel_map = np.linalg.inv(attention.affine) @ np.linalg.inv(transform) @ template_grid.affine
-    return ndimage.affine_transform(
-        np.asarray(attention.array, dtype=np.float32), voxel_map[:3, :3], offset=voxel_map[:3, 3],
-        output_shape=template_grid.shape, order=1, mode="constant", cval=0.0,
-    ).astype(np.float32, copy=False)
+    template_to_input = (None if input_to_template is None
+                         else np.linalg.inv(np.asarray(input_to_template, dtype=np.float64)))
+    attention = Volume(np.asarray(attention.array, dtype=np.float32), attention.affine)
+    return resample(attention, template_grid.affine, template_grid.shape, order=1,
+                    world_map=template_to_input, mode="constant", cval=0.0).array
 
 
 def register_subject(subject: CohortSubject) -> np.ndarray:

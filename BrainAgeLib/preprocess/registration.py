@@ -20,11 +20,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..geometry import (LPS_TO_RAS, array_to_sitk, crop_affine, resample_array, sitk_to_array,
+                        volume_to_sitk, voxel_map_between)
 from .template import Template, load_template
 from ..volume import Volume
-
-# RAS <-> LPS: negate x and y.
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 # Distance from the top of the scalp to the top of the brain in an adult T1, mm (scalp, skull
 # and CSF); only used to place the template before the optimiser starts.
@@ -45,29 +44,6 @@ class RegistrationResult:
         return np.linalg.inv(self.input_to_template)
 
 
-def volume_to_sitk(volume: Volume, dtype=np.float32) -> sitk.Image:
-    """A SimpleITK image (LPS geometry) holding ``volume``'s voxels, without resampling.
-
-    The direction matrix is the affine's column directions made orthonormal (SimpleITK cannot
-    represent shear; for the rigid-body affines of real scanners nothing changes).
-    """
-    image = sitk.GetImageFromArray(np.asarray(volume.array, dtype=dtype).T)
-    spacing = np.asarray(volume.spacing)
-    directions = volume.affine[:3, :3] / spacing
-    u, _, vt = np.linalg.svd(directions)
-    directions = u @ vt
-    lps = _RAS_TO_LPS[:3, :3]
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetOrigin([float(o) for o in lps @ volume.affine[:3, 3]])
-    image.SetDirection([float(d) for d in (lps @ directions).ravel()])
-    return image
-
-
-def sitk_to_array(image: sitk.Image) -> np.ndarray:
-    """The voxels of a SimpleITK image as an [I, J, K] numpy array."""
-    return sitk.GetArrayFromImage(image).T
-
-
 def ras_matrix_from_sitk(transform: sitk.Transform) -> np.ndarray:
     """4x4 RAS -> RAS matrix of a SimpleITK affine-like transform (LPS -> LPS)."""
     affine = sitk.AffineTransform(3)
@@ -78,7 +54,7 @@ def ras_matrix_from_sitk(transform: sitk.Transform) -> np.ndarray:
     matrix[:3, :3] = np.asarray(affine.GetMatrix()).reshape(3, 3)
     center = np.asarray(affine.GetCenter())
     matrix[:3, 3] = np.asarray(affine.GetTranslation()) + center - matrix[:3, :3] @ center
-    return _RAS_TO_LPS @ matrix @ _RAS_TO_LPS
+    return LPS_TO_RAS @ matrix @ LPS_TO_RAS
 
 
 def resample_to_spacing(volume: Volume, spacing_mm: float, order: int = 1) -> Volume:
@@ -96,9 +72,10 @@ def resample_to_spacing(volume: Volume, spacing_mm: float, order: int = 1) -> Vo
     new_shape = np.maximum(np.round(np.asarray(volume.shape) * factors).astype(int), 1)
     step = np.asarray(volume.shape) / new_shape          # input voxels per output voxel
     start = 0.5 * step - 0.5                              # keep the field of view's edges
-    data = ndimage.affine_transform(
-        data, step, offset=start, output_shape=tuple(new_shape), order=order, mode="nearest"
-    )
+    voxel_map = np.eye(4)                                 # new voxel -> old voxel
+    voxel_map[[0, 1, 2], [0, 1, 2]] = step
+    voxel_map[:3, 3] = start
+    data = resample_array(data, voxel_map, new_shape, order=order, mode="nearest")
     affine = volume.affine.copy()
     affine[:3, :3] = volume.affine[:3, :3] * step
     affine[:3, 3] = volume.affine[:3, :3] @ start + volume.affine[:3, 3]
@@ -123,8 +100,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 def foreground_mask(volume: Volume) -> np.ndarray:
     """The head (or brain) as one filled blob: Otsu threshold, largest component, holes filled."""
     data = np.asarray(volume.array, dtype=np.float32)
-    image = sitk.GetImageFromArray(data)
-    mask = sitk.GetArrayFromImage(sitk.OtsuThreshold(image, 0, 1, 128)).astype(bool)
+    mask = sitk_to_array(sitk.OtsuThreshold(array_to_sitk(data), 0, 1, 128)).astype(bool)
     mask = largest_component(mask)
     return ndimage.binary_fill_holes(mask)
 
@@ -227,11 +203,10 @@ def register_to_template(
 
     fixed = volume_to_sitk(fixed_volume)
     moving = volume_to_sitk(moving_volume)
-    mask_image = sitk.GetImageFromArray(fixed_mask.astype(np.uint8).T)
-    mask_image.CopyInformation(fixed)
+    mask_image = array_to_sitk(fixed_mask.astype(np.uint8), reference=fixed)
 
     translation_ras = initial_translation(moving_volume, template, with_skull)
-    lps = _RAS_TO_LPS[:3, :3]
+    lps = LPS_TO_RAS[:3, :3]
 
     def run(initial: sitk.Transform, levels: Sequence[int]) -> tuple:
         method = sitk.ImageRegistrationMethod()
@@ -293,7 +268,7 @@ def resample_template_mask(
     head is ~4x larger than the brain's box); the rest stays 0, as the full resampling gives.
     """
     # reference voxel -> reference RAS -> template RAS -> template voxel
-    voxel_map = np.linalg.inv(template_mask.affine) @ input_to_template @ reference.affine
+    voxel_map = voxel_map_between(template_mask.affine, reference.affine, world_map=input_to_template)
     array = np.asarray(template_mask.array, dtype=np.float32)
     out = np.zeros(reference.shape, dtype=np.float32)
     support = np.argwhere(array > 0)
@@ -308,8 +283,6 @@ def resample_template_mask(
     if np.any(stop <= start):
         return out
     box = tuple(slice(a, b) for a, b in zip(start, stop))
-    out[box] = ndimage.affine_transform(
-        array, voxel_map[:3, :3], offset=voxel_map[:3, :3] @ start + voxel_map[:3, 3],
-        output_shape=tuple(int(n) for n in stop - start), order=1, mode="constant", cval=0.0,
-    )
+    out[box] = resample_array(array, crop_affine(voxel_map, start), stop - start, order=1,
+                              mode="constant", cval=0.0)
     return out

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..geometry import array_to_sitk, sitk_to_array
 from .registration import (
     RegistrationResult,
     largest_component,
@@ -51,9 +52,8 @@ class SkullStripResult:
 
 
 def _mask_image(mask: np.ndarray, spacing) -> sitk.Image:
-    image = sitk.GetImageFromArray(mask.astype(np.uint8).T)
-    image.SetSpacing([float(x) for x in spacing])
-    return image
+    """A binary mask as a uint8 SimpleITK image with the voxel size (mm) the filters measure in."""
+    return array_to_sitk(mask.astype(np.uint8), spacing=spacing)
 
 
 def _radius(radius_mm: float, spacing) -> list:
@@ -109,9 +109,9 @@ def refine_brain_mask(volume: Volume, template_mask: np.ndarray) -> np.ndarray:
     data = np.asarray(volume.array, dtype=np.float32)[box]
 
     # Signed distance to the carried mask's edge, in mm (negative inside).
-    distance = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+    distance = sitk_to_array(sitk.SignedMaurerDistanceMap(
         _mask_image(core_box, spacing), insideIsPositive=False, squaredDistance=False,
-        useImageSpacing=True)).T
+        useImageSpacing=True))
     outer = distance <= REFINE_OUTSIDE_MM
     inner = distance <= -REFINE_INSIDE_MM
     threshold = otsu_threshold(data[outer])
@@ -120,7 +120,7 @@ def refine_brain_mask(volume: Volume, template_mask: np.ndarray) -> np.ndarray:
     image = sitk.RelabelComponent(sitk.ConnectedComponent(image), sortByObjectSize=True) == 1
     image = sitk.BinaryMorphologicalClosing(image, _radius(2.0, spacing), sitk.sitkBall)
     image = sitk.BinaryFillhole(image)
-    mask = sitk.GetArrayFromImage(image).T.astype(bool)
+    mask = sitk_to_array(image).astype(bool)
 
     full = np.zeros(core.shape, dtype=bool)
     full[box] = mask
