@@ -246,6 +246,45 @@ def test_to_model_space_and_back_is_the_identity_inside_the_crop(mni_2mm):
     assert np.all(back[~inside] == 0)
 
 
+def test_prepared_affine_places_model_voxel_centres_where_to_input_grid_puts_them(mni_2mm):
+    """Prepared.affine (model voxel -> RAS mm) agrees with to_input_grid and to_model_space, on an
+    input stored L-P-I (so the reorientation is part of the map)."""
+    lpi = mni_2mm.reoriented("LPI")
+    prepared = prepare(lpi, NO_N4)
+    affine = prepared.affine
+    n_slices, height, width = prepared.model_shape
+    n_i, n_j, n_k = prepared.crop_shape
+    start = np.asarray(prepared.crop_start)
+    ras = mni_2mm.reoriented("RAS")
+    np.testing.assert_allclose(prepared.ras_affine, ras.affine)
+    # the first and last slices lie on the crop box's first and last voxel planes: (n - 1) / (S - 1)
+    # input voxels per slice, as the cubic zoom resamples them; rows and columns are PIL's pixel
+    # centres, (x + 0.5) * n / size - 0.5 input voxels
+    for s, h, w in [(0, 0, 0), (n_slices - 1, height - 1, width - 1), (17, 30, 41)]:
+        box_voxel = np.array([s * (n_i - 1) / (n_slices - 1), (h + 0.5) * n_j / height - 0.5,
+                              (w + 0.5) * n_k / width - 0.5])
+        np.testing.assert_allclose(affine @ [s, h, w, 1.0], ras.affine @ [*(start + box_voxel), 1.0], atol=1e-9)
+    # voxel -> RAS -> the input's own voxel: a model map that is its own s (h, w) coordinate, put
+    # on the input grid, reads at each input voxel the model coordinate the affine gives it
+    coordinates = np.indices(prepared.model_shape).astype(np.float32)
+    on_input = np.stack([prepared.to_input_grid(c).array for c in coordinates], axis=-1)
+    voxels = np.stack(np.indices(lpi.shape), axis=-1).reshape(-1, 3)
+    expected = nib.affines.apply_affine(np.linalg.inv(affine), lpi.voxel_to_world(voxels))
+    scale = np.array([(n_slices - 1) / (n_i - 1), height / n_j, width / n_k])
+    interior = np.all((expected >= scale) & (expected <= np.asarray(prepared.model_shape) - 1 - scale), axis=1)
+    assert interior.sum() > 0.5 * np.prod(prepared.crop_shape)
+    np.testing.assert_allclose(on_input.reshape(-1, 3)[interior], expected[interior], atol=1e-3)
+    assert np.all(on_input.reshape(-1, 3)[~interior & (on_input.reshape(-1, 3) != 0).any(axis=1)] >= -0.5)
+    # and back: the input's world coordinates, brought into model space, are the affine's
+    world = np.moveaxis(lpi.voxel_to_world(np.stack(np.indices(lpi.shape), axis=-1)), -1, 0)
+    in_model = np.stack([prepared.to_model_space(lpi.with_array(c.astype(np.float32))) for c in world], -1)
+    centres = nib.affines.apply_affine(affine, np.stack(np.indices(prepared.model_shape), axis=-1))
+    inner = (slice(2, -2),) * 3
+    np.testing.assert_allclose(in_model[inner], centres[inner], atol=1e-3)
+    np.testing.assert_allclose(prepared.world_to_model(prepared.model_to_world(voxels[:50] * 0.5)),
+                               voxels[:50] * 0.5, atol=1e-9)
+
+
 def test_to_input_grid_rejects_maps_of_the_wrong_shape(mni_2mm):
     prepared = prepare(mni_2mm, "tiny")
     with pytest.raises(ValueError, match="model map must have shape"):

@@ -40,10 +40,12 @@ whole head, was tried: on a 256 x 256 x 200 mm head with neck it cost 15 s of CP
 on the brain, and mutual-information registration does not need it.)
 Channel replication and the 0.5/0.5 normalisation belong to the model.
 
-``Prepared`` keeps the crop box and the reorientation, so any map in model space [S, H, W]
-goes back onto the input's own voxel grid (``to_input_grid``) and any map on the input grid
-comes into model space (``to_model_space``). It also carries the brain mask on the input's
-grid (``input_brain_mask``) and the input's quality control (``qc``, see ``qc.py``).
+``Prepared`` carries the model grid's affine (``Prepared.affine``: model voxel (s, h, w) -> RAS
+mm, through the reorientation, the crop box, the slice axis's zoom and the in-plane resize), so
+any map in model space [S, H, W] goes back onto the input's own voxel grid (``to_input_grid``)
+and any map on the input grid comes into model space (``to_model_space``), both with
+``geometry.resample_array``. It also carries the brain mask on the input's grid
+(``input_brain_mask``) and the input's quality control (``qc``, see ``qc.py``).
 """
 from __future__ import annotations
 
@@ -61,9 +63,9 @@ from PIL import Image
 from scipy import ndimage
 
 from ..errors import InvalidVolumeError
+from ..geometry import array_to_sitk, crop_affine, resample_array, scale_and_shift, sitk_to_array, volume_to_sitk
 from ..presets import ModelConfig, PreprocessConfig, get_preset
 from .qc import ALREADY_STRIPPED, QualityControl, assess, mask_volume_ml
-from .registration import sitk_to_array, volume_to_sitk
 from .template_strip import detect_skull_stripped
 from .template_strip import skull_strip as template_skull_strip
 from ..volume import Volume
@@ -195,12 +197,8 @@ def n4_bias_correction(
     lo = np.maximum(np.argwhere(mask).min(axis=0) - factor, 0)
     hi = np.minimum(np.argwhere(mask).max(axis=0) + factor + 1, array.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    box_affine = volume.affine.copy()
-    box_affine[:3, 3] = volume.affine[:3, :3] @ lo + volume.affine[:3, 3]
-
-    image = volume_to_sitk(Volume(array[box], box_affine))
-    mask_image = sitk.GetImageFromArray(mask[box].astype(np.uint8).T)
-    mask_image.CopyInformation(image)
+    image = volume_to_sitk(Volume(array[box], crop_affine(volume.affine, lo)))
+    mask_image = array_to_sitk(mask[box].astype(np.uint8), reference=image)
     small = sitk.Shrink(image, [factor] * 3)
     small_mask = sitk.Shrink(mask_image, [factor] * 3)
     with _itk_threads(N4_THREADS):
@@ -410,8 +408,10 @@ class Prepared:
     def _model_from_ras_voxel(self) -> Tuple[np.ndarray, np.ndarray]:
         """Per-axis scale and offset: model = scale * (ras_voxel - crop_start) + offset.
 
-        Slices follow ``scipy.ndimage.zoom`` (first and last samples aligned); rows and columns
-        follow PIL's resize (pixel centres: (x + 0.5) * size / n - 0.5).
+        Slices follow ``scipy.ndimage.zoom`` (first and last samples aligned: (S - 1) / (n - 1)
+        model slices per input voxel); rows and columns follow PIL's resize (pixel centres:
+        (x + 0.5) * size / n - 0.5). The one definition of the model grid; ``affine`` and every
+        resampling between the grids are built from it.
         """
         n_slices, height, width = self.model_shape
         n_i, n_j, n_k = self.crop_shape
@@ -423,18 +423,36 @@ class Prepared:
         offset = np.array([0.0, 0.5 * scale[1] - 0.5, 0.5 * scale[2] - 0.5])
         return scale, offset
 
+    def _model_from_box(self) -> np.ndarray:
+        """4x4 voxel map: crop-box voxel (RAS-reoriented input, counted from ``crop_start``) ->
+        model voxel (s, h, w)."""
+        return scale_and_shift(*self._model_from_ras_voxel())
+
+    def _box_from_model(self) -> np.ndarray:
+        """4x4 voxel map: model voxel (s, h, w) -> crop-box voxel; the inverse of
+        ``_model_from_box``, written out (1 / scale) so that it is exact per axis."""
+        scale, offset = self._model_from_ras_voxel()
+        inverse = 1.0 / np.where(scale > 0, scale, 1.0)
+        return scale_and_shift(inverse, -offset * inverse)
+
+    @property
+    def box_affine(self) -> np.ndarray:
+        """4x4 crop-box voxel -> RAS mm (the RAS-reoriented input's affine, moved to the box)."""
+        return crop_affine(self.ras_affine, self.crop_start)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4x4 model voxel (s, h, w, 1) -> RAS mm: the geometry of ``slices`` (and of any map
+        in model space), as a Volume's affine is of its array."""
+        return self.box_affine @ self._box_from_model()
+
     def model_to_world(self, points_shw: np.ndarray) -> np.ndarray:
         """RAS mm of continuous model-space coordinates [..., 3] ordered (s, h, w)."""
-        scale, offset = self._model_from_ras_voxel()
-        points = np.asarray(points_shw, dtype=np.float64)
-        ras_voxel = (points - offset) / np.where(scale > 0, scale, 1.0) + np.asarray(self.crop_start)
-        return ras_voxel @ self.ras_affine[:3, :3].T + self.ras_affine[:3, 3]
+        return nib.affines.apply_affine(self.affine, np.asarray(points_shw, dtype=np.float64))
 
     def world_to_model(self, points_ras: np.ndarray) -> np.ndarray:
         """Continuous model-space coordinates (s, h, w) of RAS points in mm, shape [..., 3]."""
-        scale, offset = self._model_from_ras_voxel()
-        ras_voxel = nib.affines.apply_affine(np.linalg.inv(self.ras_affine), points_ras)
-        return (ras_voxel - np.asarray(self.crop_start)) * scale + offset
+        return nib.affines.apply_affine(np.linalg.inv(self.affine), np.asarray(points_ras, dtype=np.float64))
 
     def _orientation_to_input(self) -> np.ndarray:
         """nibabel orientation transform from the RAS-reoriented grid back to the input grid."""
@@ -458,12 +476,9 @@ class Prepared:
         model_map = np.asarray(model_map, dtype=np.float32)
         if model_map.shape != self.model_shape:
             raise ValueError(f"model map must have shape {self.model_shape}, got {model_map.shape}")
-        scale, offset = self._model_from_ras_voxel()
-        # for each RAS voxel of the crop box: model coordinate = scale * index + offset
-        box_values = ndimage.affine_transform(
-            model_map, scale, offset=offset, output_shape=self.crop_shape, order=order,
-            mode="nearest",
-        )
+        # each voxel of the crop box at its model coordinate; the rest of the input grid is 0
+        box_values = resample_array(model_map, self._model_from_box(), self.crop_shape, order=order,
+                                    mode="nearest")
         ras_array = np.zeros(self.ras_shape, dtype=np.float32)
         start = self.crop_start
         ras_array[tuple(slice(a, a + n) for a, n in zip(start, self.crop_shape))] = box_values
@@ -485,12 +500,12 @@ class Prepared:
         )
         ras = nib.orientations.apply_orientation(array, to_ras)
         box = ras[tuple(slice(a, a + n) for a, n in zip(self.crop_start, self.crop_shape))]
-        scale, offset = self._model_from_ras_voxel()
-        inverse = 1.0 / np.where(scale > 0, scale, 1.0)
-        return ndimage.affine_transform(
-            np.ascontiguousarray(box), inverse, offset=-offset * inverse,
-            output_shape=self.model_shape, order=order, mode="nearest",
-        ).astype(np.float32)
+        return self._box_to_model_space(np.ascontiguousarray(box), order)
+
+    def _box_to_model_space(self, box: np.ndarray, order: int) -> np.ndarray:
+        """A float32 map on the crop box (RAS-reoriented grid) resampled into model space."""
+        return resample_array(box, self._box_from_model(), self.model_shape, order=order,
+                              mode="nearest").astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,13 +632,7 @@ def prepare(
         warnings=warnings,
     )
     with steps.step("brain_mask"):
-        ras_mask = brain[box].astype(np.float32)
-        scale, offset = prepared._model_from_ras_voxel()
-        inverse = 1.0 / np.where(scale > 0, scale, 1.0)
-        prepared.brain_mask = ndimage.affine_transform(
-            ras_mask, inverse, offset=-offset * inverse, output_shape=slices.shape, order=1,
-            mode="nearest",
-        ) > 0.5
+        prepared.brain_mask = prepared._box_to_model_space(brain[box].astype(np.float32), order=1) > 0.5
         prepared.input_brain_mask = np.ascontiguousarray(
             nib.orientations.apply_orientation(brain, prepared._orientation_to_input()), dtype=bool)
     prepared.timings = dict(steps.seconds, total=time.perf_counter() - started)
