@@ -174,8 +174,9 @@ def last_block_attention(vit: VisionTransformer) -> Iterator[_CapturedAttention]
     there keeps that module's input (the probabilities before dropout, the same tensor in eval
     mode). The other blocks keep the fused kernel. On exit the hook is removed and ``fused_attn``
     restored, so :meth:`SliceEncoder.embed` outside this context is untouched. The unfused
-    branch is the arithmetic the fused kernel stands for; see ``Testing/test_model.py`` for how
-    close the two are.
+    branch is the arithmetic the fused kernel stands for, rounded differently: embeddings from
+    ``forward_explain`` and ``embed`` differ by float rounding (~5e-7 on the demo model).
+    Not for concurrent use of one ViT from several threads (the flag is the module's).
     """
     attn = vit.blocks[-1].attn
     captured = _CapturedAttention()
