@@ -9,7 +9,8 @@ from BrainAgeLib.train import slice_cache
 
 
 def test_the_key_covers_volume_presets_and_deepbets_release(monkeypatch):
-    assert {"volume", "presets", "brain_extraction"} <= set(slice_cache.PREPROCESSING_MODULES)
+    assert {"volume", "presets", "geometry", "preprocess.pipeline", "preprocess.brain_extraction"} <= set(
+        slice_cache.PREPROCESSING_MODULES)
     before = slice_cache.preprocessing_code_digest()
     assert slice_cache.preprocessing_code_digest() == before
     real_version = importlib.metadata.version

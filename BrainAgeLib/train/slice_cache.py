@@ -41,9 +41,11 @@ def file_signature(path: "str | os.PathLike") -> Dict[str, object]:
     return {"path": str(p), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-#: Modules whose code decides what ``prepare`` outputs; their source is part of the cache key.
-PREPROCESSING_MODULES = ("io", "volume", "presets", "preprocess", "skull_strip", "brain_extraction", "qc",
-                         "registration", "template")
+#: Modules (dotted, under BrainAgeLib) whose code decides what ``prepare`` outputs; their source
+#: is part of the cache key.
+PREPROCESSING_MODULES = ("io", "volume", "presets", "geometry", "preprocess.pipeline", "preprocess.template_strip",
+                         "preprocess.brain_extraction", "preprocess.qc", "preprocess.registration",
+                         "preprocess.template")
 #: Packages whose release decides it too (deepbet's networks ship inside its wheel).
 PREPROCESSING_PACKAGES = ("deepbet",)
 
@@ -58,7 +60,7 @@ def preprocessing_code_digest() -> str:
     digest = hashlib.sha1()
     for name in PREPROCESSING_MODULES:
         digest.update(name.encode())
-        digest.update((package / f"{name}.py").read_bytes())
+        digest.update(package.joinpath(*name.split(".")).with_suffix(".py").read_bytes())
     for name in PREPROCESSING_PACKAGES:
         try:
             version = importlib.metadata.version(name)
@@ -207,15 +209,14 @@ def prepare_entry(entry: CacheEntry, config_dict: Dict[str, object]) -> None:
 def _brain_volume_ml(prepared, volume) -> Optional[float]:
     """Volume (mL) of the Prepared brain mask, which lies in model space [S, H, W].
 
-    A model-space voxel spans crop_shape / model_shape input voxels along each axis of the
-    RAS-reoriented input, so its volume is the product of those spans times the input spacing.
+    A model-space voxel's volume is that of the model grid's affine (``Prepared.affine``): the
+    slice axis is zoomed by (S - 1) / (n - 1), as the slices are, the rows and columns by
+    size / n.
     """
+    from ..geometry import voxel_volume_mm3
+
     mask = getattr(prepared, "brain_mask", None)
-    crop = getattr(prepared, "crop_shape", None)
-    ras_affine = getattr(prepared, "ras_affine", None)
-    if mask is None or crop is None or ras_affine is None:
+    affine = getattr(prepared, "affine", None)
+    if mask is None or affine is None:
         return None
-    spacing = np.linalg.norm(np.asarray(ras_affine)[:3, :3], axis=0)
-    model_shape = np.asarray(np.shape(mask), dtype=np.float64)
-    voxel_mm3 = float(np.prod(np.asarray(crop, dtype=np.float64) * spacing / model_shape))
-    return float(np.count_nonzero(mask)) * voxel_mm3 / 1000.0
+    return float(np.count_nonzero(mask)) * voxel_volume_mm3(affine) / 1000.0
