@@ -8,7 +8,7 @@ features feeding a 512-unit FC layer. ``demo`` is the small preset of the bundle
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass
 from typing import Any, Dict, Optional, Tuple
 
 #: Precision names the ViT may run in (``devices.autocast_dtype``); here, free of torch, so the
@@ -55,11 +55,21 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of both stages plus the preprocessing that feeds them."""
+    """Architecture of both stages plus the preprocessing that feeds them.
+
+    ``image_size`` (the ViT's input, pixels) and ``n_slices`` (the stage-2 map's height) are
+    stored once, in ``preprocess`` (the preprocessing makes the slices): on a config they are
+    read-only properties returning ``preprocess.image_size`` / ``preprocess.n_slices``. They
+    are still accepted as keywords (``ModelConfig(..., image_size=96, n_slices=64)``,
+    ``replace(image_size=32)``, a checkpoint's config dict) and then set the preprocessing's
+    values when no ``preprocess`` is given (``replace`` changes its copy); given together with a
+    ``preprocess`` that says otherwise, they are an error naming both values. ``to_dict`` still
+    writes them beside ``preprocess``, as checkpoints always recorded them.
+    """
 
     name: str
     # Stage 1: ViT slice encoder (timm VisionTransformer)
-    image_size: int = 224
+    image_size: InitVar[Optional[int]] = None    # preprocess.image_size (see the class docstring)
     patch_size: int = 16
     embed_dim: int = 768
     depth: int = 12
@@ -67,7 +77,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6         # timm's default; Hugging Face checkpoints use 1e-12
     in_chans: int = 3
-    n_slices: int = 160
+    n_slices: InitVar[Optional[int]] = None      # preprocess.n_slices (see the class docstring)
     n_train_slices: int = 32             # evenly spaced sagittal slices per subject in stage 1
     age_bin_edges: Tuple[float, ...] = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
     # Stage 2: residual CNN over the [n_slices, embed_dim] pseudo-image
@@ -77,7 +87,19 @@ class ModelConfig:
     pooled_size: Optional[Tuple[int, int]] = None  # adaptive average pool size for head="pooled"
     hidden_sizes: Tuple[int, ...] = (512, 128)
     dropout: float = 0.3
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    preprocess: Optional[PreprocessConfig] = None  # never None on a config: defaults to PreprocessConfig()
+
+    def __post_init__(self, image_size: Optional[int], n_slices: Optional[int]) -> None:
+        given = {key: int(value) for key, value in (("image_size", image_size), ("n_slices", n_slices))
+                 if value is not None}
+        if self.preprocess is None:
+            object.__setattr__(self, "preprocess", PreprocessConfig(**given))
+            return
+        clashes = [f"{key}={value} but preprocess.{key}={getattr(self.preprocess, key)}"
+                   for key, value in given.items() if getattr(self.preprocess, key) != value]
+        if clashes:
+            raise ValueError(f"model config {self.name!r}: {'; '.join(clashes)} (the preprocessing makes the "
+                             "slices the model reads, so both must agree; preprocess holds the value)")
 
     @property
     def n_age_bins(self) -> int:
@@ -89,14 +111,25 @@ class ModelConfig:
         return 2 * self.n_age_bins
 
     def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with ``changes``; ``image_size``/``n_slices`` change the copy's ``preprocess``
+        (unless ``changes`` holds a ``preprocess`` too, which must then agree with them), and a
+        new ``preprocess`` brings its own sizes. (``dataclasses.replace`` passes the old sizes
+        along, so giving it a ``preprocess`` of other sizes is a mismatch: use this.)"""
+        sizes = {key: changes[key] for key in ("image_size", "n_slices") if key in changes}
+        if "preprocess" not in changes:
+            changes["preprocess"] = dataclasses.replace(self.preprocess, **sizes)
+        for key in ("image_size", "n_slices"):  # dataclasses.replace would pass the old values
+            changes.setdefault(key, getattr(changes["preprocess"], key))
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting as plain values, ``image_size`` and ``n_slices`` included (in their old places)."""
+        values = dataclasses.asdict(self)
+        return {name: getattr(self, name) if name not in values else values[name] for name in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = set(cls.__dataclass_fields__)  # the fields and the image_size/n_slices keywords
         values = {k: v for k, v in data.items() if k in names}
         if isinstance(values.get("preprocess"), dict):
             values["preprocess"] = PreprocessConfig.from_dict(values["preprocess"])
@@ -110,16 +143,22 @@ class ModelConfig:
         return cls(**values)
 
 
+# Read-only views of the preprocessing's values; set after @dataclass has made the InitVar
+# keywords of __init__ (a property in the class body would become their default).
+ModelConfig.image_size = property(lambda self: self.preprocess.image_size,  # type: ignore[assignment]
+                                  doc="Pixels of each slice, the ViT's input size: ``preprocess.image_size``.")
+ModelConfig.n_slices = property(lambda self: self.preprocess.n_slices,  # type: ignore[assignment]
+                                doc="Sagittal slices per volume, the stage-2 map's height: ``preprocess.n_slices``.")
+
+
 PRESETS: Dict[str, ModelConfig] = {
     "paper": ModelConfig(name="paper"),
     "demo": ModelConfig(
         name="demo",
-        image_size=96,
         patch_size=12,                   # an 8 x 8 patch grid (~22 mm patches): finer attention maps
         embed_dim=192,
         depth=4,
         num_heads=3,
-        n_slices=64,
         n_train_slices=32,
         cnn_channels=(8, 4, 1),
         cnn_kernels=((5, 15), (3, 7), (2, 3)),
@@ -127,18 +166,16 @@ PRESETS: Dict[str, ModelConfig] = {
         pooled_size=(8, 16),
         hidden_sizes=(64, 32),
         dropout=0.3,
-        # 96-pixel slices of a ~180 mm brain (~2 mm per pixel): the bias field is fitted on an
-        # ~8 mm grid, for 1 mm and 2 mm inputs alike
+        # 64 slices (n_slices) of 96 pixels (image_size) of a ~180 mm brain (~2 mm per pixel): the
+        # bias field is fitted on an ~8 mm grid, for 1 mm and 2 mm inputs alike
         preprocess=PreprocessConfig(n_slices=64, image_size=96, registration_spacing_mm=4.0, n4_grid_mm=8.0),
     ),
     "tiny": ModelConfig(
         name="tiny",
-        image_size=32,
         patch_size=8,
         embed_dim=32,
         depth=2,
         num_heads=2,
-        n_slices=16,
         n_train_slices=8,
         cnn_channels=(4, 2, 1),
         cnn_kernels=((3, 5), (2, 3), (2, 2)),
@@ -146,7 +183,7 @@ PRESETS: Dict[str, ModelConfig] = {
         pooled_size=(4, 4),
         hidden_sizes=(16, 8),
         dropout=0.0,
-        preprocess=PreprocessConfig(
+        preprocess=PreprocessConfig(  # 16 slices of 32 pixels
             n4_bias_correction=False, skull_strip="none", n_slices=16, image_size=32
         ),
     ),

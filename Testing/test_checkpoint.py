@@ -171,6 +171,18 @@ def test_weights_of_another_preset_are_refused(tmp_path):
         load_model(path)
 
 
+def test_a_config_whose_sizes_disagree_with_its_preprocessing_is_refused(tmp_path):
+    tiny = build_model("tiny", seed=0)
+    config = tiny.config.to_dict()
+    config["image_size"] = 64  # the preprocessing (which holds the value) says 32
+    card = {"format_version": 1, "preset": "tiny", "config": config}
+    path = tmp_path / "sizes.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(path),
+              metadata={"brainage": json.dumps(card)})
+    with pytest.raises(CheckpointError, match=r"image_size=64 but preprocess.image_size=32"):
+        load_model(path)
+
+
 def test_foreign_safetensors_without_brainage_metadata_are_refused(tmp_path):
     path = tmp_path / "foreign.safetensors"
     save_file({"vit.embeddings.cls_token": torch.zeros(1, 1, 768)}, str(path))

@@ -303,3 +303,30 @@ def test_model_metadata_and_bias_correction_property():
     model.metadata["bias_correction"] = {"slope": -0.2, "intercept": 10.0, "n_reference": 50}
     assert model.bias_correction.corrected_gap(70.0, 60.0) == pytest.approx(10.0 - (-0.2 * 60 + 10))
     assert np.isclose(model.bias_correction.slope, -0.2)
+
+
+def test_image_size_and_n_slices_are_stored_once_in_the_preprocessing():
+    import dataclasses
+
+    from BrainAgeLib.presets import ModelConfig, PreprocessConfig
+
+    for config in PRESETS.values():
+        assert (config.image_size, config.n_slices) == (config.preprocess.image_size, config.preprocess.n_slices)
+        assert "image_size" not in {f.name for f in dataclasses.fields(config)}
+        data = config.to_dict()  # checkpoints record both places, as they always did
+        assert (data["image_size"], data["n_slices"]) == (config.image_size, config.n_slices)
+        assert data["preprocess"]["image_size"] == config.image_size
+        assert ModelConfig.from_dict(data) == config
+    built = ModelConfig(name="x", image_size=96, n_slices=64)  # keywords set the preprocessing
+    assert built.preprocess == PreprocessConfig(image_size=96, n_slices=64)
+    smaller = PRESETS["paper"].replace(image_size=32)
+    assert smaller.image_size == smaller.preprocess.image_size == 32 and smaller.n_slices == 160
+    other = PRESETS["tiny"].replace(preprocess=PreprocessConfig(n_slices=20, image_size=40))
+    assert (other.n_slices, other.image_size) == (20, 40)
+    assert dataclasses.replace(PRESETS["demo"], dropout=0.1).image_size == 96
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.image_size = 32
+    with pytest.raises(ValueError, match=r"image_size=96 but preprocess.image_size=224"):
+        ModelConfig(name="x", image_size=96, preprocess=PreprocessConfig())
+    with pytest.raises(ValueError, match=r"n_slices=64 but preprocess.n_slices=16"):
+        ModelConfig.from_dict({**PRESETS["tiny"].to_dict(), "n_slices": 64})
