@@ -11,7 +11,8 @@ of worker processes that keep a few subjects ahead, while the main process runs 
 in batches sized to the device) and the regressor on the subjects already prepared. A worker
 hands back a ``Prepared`` (numpy arrays, cheap to pickle between our own processes). Workers
 are started with "spawn" (no fork of a process whose torch/OpenMP threads are running) and
-limited to a share of the CPU threads, so they do not fight the ViT for cores.
+limited to a share of the CPU threads, so they do not fight the ViT for cores
+(:func:`BrainAgeLib.parallel.worker_pool`).
 
 Sharding: launched with ``torchrun --nproc-per-node N brainage batch ...`` (or any launcher that
 sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``), each rank takes
@@ -32,10 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing
 import os
-import signal
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -185,35 +183,12 @@ class PreparedSubject:
     dicom_header: Dict[str, Any] = field(default_factory=dict)  # a DICOM series' age and sex (io.load_volume)
 
 
-def _init_worker(threads: int) -> None:
-    """Worker start: ignore Ctrl-C (the main process decides), use ``threads`` CPU threads,
-    and exit as soon as the main process is gone (killed with SIGKILL, it cannot tell us)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
-        os.environ[name] = str(threads)
-    import SimpleITK as sitk
-
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    # Preparing imports torch only for deepbet's brain extraction: its two networks are loaded once
-    # per worker (~0.5 s), and a worker's peak memory is ~1.5 GB with them (~0.6 GB without).
-
-
 def _warm_up() -> None:
     """Import what preparing needs, so the first subject does not pay for it."""
     import importlib
 
     for module in ("io", "preprocess.pipeline"):
         importlib.import_module(f"BrainAgeLib.{module}")
-
-
-def _exit_with_parent(sentinel: int) -> None:
-    from multiprocessing.connection import wait as wait_for
-
-    wait_for([sentinel])
-    os._exit(1)
 
 
 def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool, device: str = "cpu") -> PreparedSubject:
@@ -269,9 +244,14 @@ class _Preparer:
             self.pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        from ..parallel import worker_pool
+
         threads = max(1, (os.cpu_count() or 1) // (self.workers + 1))
-        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(threads,))
+        # Workers ignore Ctrl-C (the main process decides) and exit as soon as the main process
+        # is gone (killed with SIGKILL, it cannot tell them). Preparing imports torch only for
+        # deepbet's brain extraction: its two networks are loaded once per worker (~0.5 s), and
+        # a worker's peak memory is ~1.5 GB with them (~0.6 GB without).
+        pool = worker_pool(self.workers, threads, ignore_interrupt=True, exit_with_parent=True)
         for _ in range(self.workers):
             pool.submit(_warm_up)
         return pool

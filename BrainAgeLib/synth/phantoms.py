@@ -615,12 +615,6 @@ def write_phantom(spec: PhantomSpec, out_dir: Union[str, Path]) -> Dict[str, obj
 
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _write_phantom_job(job: Tuple[PhantomSpec, str]) -> Dict[str, object]:
     return write_phantom(*job)
 
@@ -634,7 +628,7 @@ def make_cohort(n: int, out_dir: Union[str, Path], seed: int, *,
     Layout: ``images/<id>_T1w.nii.gz`` (int16), ``aging_maps/<id>_aging.nii.gz`` (float32,
     [0, 1]), ``rows/<id>.json`` (one sidecar per finished member, so a rerun resumes) and
     ``cohort.csv`` with :data:`COHORT_COLUMNS` (paths relative to the CSV's folder). ``workers``
-    > 1 makes phantoms in that many processes (one torch thread each); the result is the same.
+    > 1 makes phantoms in that many processes (one CPU thread each); the result is the same.
     """
     specs = cohort_specs(n, seed, age_range=age_range, spacing=spacing, skull_fraction=skull_fraction)
     out_dir = Path(out_dir)
@@ -654,11 +648,9 @@ def make_cohort(n: int, out_dir: Union[str, Path], seed: int, *,
                 if bar is not None:
                     bar.update(1)
         else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from ..parallel import worker_pool
 
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+            with worker_pool(workers, threads=1) as pool:
                 for row in pool.map(_write_phantom_job, jobs, chunksize=1):
                     rows.append(row)
                     if bar is not None:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -143,10 +143,9 @@ class SliceCache:
                 if progress:
                     progress(len(entries) - len(todo) + count, len(entries))
             return entries
-        import multiprocessing
+        from ..parallel import worker_pool
 
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_single_thread) as pool:
+        with worker_pool(workers, threads=1) as pool:
             futures = [pool.submit(prepare_entry, entry, config_dict) for entry in todo]
             for count, future in enumerate(as_completed(futures), 1):
                 future.result()
@@ -170,22 +169,6 @@ class SliceCache:
     def load_embeddings(self, entry: CacheEntry, encoder_key: str) -> np.ndarray:
         """Cached embeddings [S, D] (float16 on disk)."""
         return np.load(self.embedding_path(entry, encoder_key), allow_pickle=False)
-
-
-def _single_thread() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import SimpleITK as sitk
-
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    except (ImportError, AttributeError):  # pragma: no cover
-        pass
 
 
 def prepare_entry(entry: CacheEntry, config_dict: Dict[str, object]) -> None:
