@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -27,18 +26,14 @@ from BrainAgeLib.bench.single import BenchResult, run_benchmark
 from BrainAgeLib.cli import main
 from BrainAgeLib.io import save_volume
 from BrainAgeLib.presets import get_preset
-from BrainAgeLib.volume import Volume
 
 #: Seconds a stage is slowed down by, on the clock the benchmark reads, in one of its runs.
 SLOWDOWN_S = 1000.0
 
 
 @pytest.fixture(scope="module")
-def small_head(mni_t1_path):
-    image = nib.load(mni_t1_path)
-    affine = image.affine.copy()
-    affine[:3, :3] *= 3
-    return Volume(np.asarray(image.dataobj, dtype=np.float32)[::3, ::3, ::3], affine), "MNI152 at 3 mm"
+def small_head(mni_3mm):
+    return mni_3mm, "MNI152 at 3 mm"
 
 
 @pytest.fixture

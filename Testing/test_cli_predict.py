@@ -19,13 +19,10 @@ RESULT_KEYS = {"predicted_age", "chronological_age", "brain_age_gap", "corrected
 
 
 @pytest.fixture(scope="module")
-def head_path(tmp_path_factory, mni_t1_path) -> Path:
+def head_path(tmp_path_factory, mni_3mm) -> Path:
     """The MNI152 T1 at 3 mm, written as a NIfTI file."""
-    image = nib.load(mni_t1_path)
-    affine = image.affine.copy()
-    affine[:3, :3] *= 3
     path = tmp_path_factory.mktemp("input") / "sub-01_T1w.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32)[::3, ::3, ::3], affine), path)
+    nib.save(nib.Nifti1Image(mni_3mm.array, mni_3mm.affine), path)
     return path
 
 

@@ -22,14 +22,6 @@ from BrainAgeLib.volume import Volume
 
 
 @pytest.fixture(scope="module")
-def mni_3mm(mni_t1_path) -> Volume:
-    image = nib.load(mni_t1_path)
-    affine = image.affine.copy()
-    affine[:3, :3] *= 3
-    return Volume(np.asarray(image.dataobj, dtype=np.float32)[::3, ::3, ::3], affine)
-
-
-@pytest.fixture(scope="module")
 def tiny_model():
     return build_model("tiny", seed=0)
 

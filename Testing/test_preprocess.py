@@ -6,7 +6,6 @@ Colin27 ``ch2.nii.gz`` (whole head) at 1 mm for the one run of the full paper pr
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -28,8 +27,6 @@ from BrainAgeLib.preprocess.pipeline import (
 from BrainAgeLib.bench.profile_prepare import profile_prepare
 from BrainAgeLib.preprocess.registration import resample_to_spacing
 
-COLIN27_BRAIN = Path("/usr/share/mricron/templates/ch2better.nii.gz")
-
 # Small but complete: N4 and (where needed) template skull stripping, 48 slices of 64 x 64.
 SMALL = PreprocessConfig(n4_bias_correction=True, n4_shrink_factor=2, skull_strip="template",
                          registration_spacing_mm=4.0, n_slices=48, image_size=64)
@@ -37,24 +34,6 @@ NO_N4 = PreprocessConfig(n4_bias_correction=False, skull_strip="template", n_sli
 # For 2 mm whole heads: N4 on 8 mm voxels, registration on 4 mm voxels.
 HEAD = PreprocessConfig(n4_bias_correction=True, n4_shrink_factor=4, skull_strip="template",
                         registration_spacing_mm=4.0, n_slices=48, image_size=64)
-
-
-def load(path: Path) -> Volume:
-    image = nib.load(str(path))
-    return Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine)
-
-
-@pytest.fixture(scope="module")
-def mni_2mm(mni_t1_path) -> Volume:
-    return resample_to_spacing(load(mni_t1_path), 2.0)
-
-
-@pytest.fixture(scope="module")
-def colin27() -> Volume:
-    path = Path("/usr/share/mricron/templates/ch2.nii.gz")
-    if not path.exists() or not COLIN27_BRAIN.exists():
-        pytest.skip("Colin27 (Debian package mricron-data) is not installed")
-    return load(path)
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -367,7 +346,7 @@ def test_a_volume_that_is_no_head_is_refused_by_skull_stripping(rng):
         prepare(noise, HEAD)
 
 
-def test_an_already_stripped_input_must_look_like_a_brain(mni_t1_path, rng):
+def test_an_already_stripped_input_must_look_like_a_brain(mni_t1, rng):
     """Stripped inputs skip registration, so nothing else would notice noise or a blob."""
     grid = np.mgrid[:80, :80, :80] - 40
     ball = (grid ** 2).sum(axis=0) < 36 ** 2            # 2 mm voxels: 1,560 ml
@@ -382,7 +361,7 @@ def test_an_already_stripped_input_must_look_like_a_brain(mni_t1_path, rng):
         check_stripped_brain(small, ball)
 
     # real brains pass, also subsampled without smoothing to 4 mm (the worst case measured: 0.61)
-    brain = load(mni_t1_path)
+    brain = mni_t1
     mask = brain.array > 0
     for step in (1, 2, 4):
         sub = Volume(brain.array[::step, ::step, ::step], brain.affine @ np.diag([step, step, step, 1]))
@@ -396,17 +375,13 @@ def test_an_already_stripped_input_must_look_like_a_brain(mni_t1_path, rng):
 # The paper preset at 1 mm (the one slow test)
 # ------------------------------------------------------------------------------------------
 
-def test_paper_preset_on_a_whole_head_at_1mm(colin27):
+def test_paper_preset_on_a_whole_head_at_1mm(colin27, colin27_brain_mask):
     prepared = prepare(colin27, dataclasses.replace(PRESETS["paper"].preprocess, skull_strip="template"))
     assert prepared.slices.shape == (160, 224, 224)
     assert not prepared.skull_stripped_input and prepared.input_to_template is not None
     # the template method's brain mask, back on the input grid, matches Colin27's extracted
     # brain (deepbet, the default, is checked in test_real_heads.py)
-    truth = load(COLIN27_BRAIN)
-    voxel_map = np.linalg.inv(truth.affine) @ colin27.affine
-    truth = ndimage.affine_transform((truth.array > 0).astype(np.float32), voxel_map[:3, :3],
-                                     offset=voxel_map[:3, 3], output_shape=colin27.shape,
-                                     order=1) > 0.5
+    truth = colin27_brain_mask
     mask = prepared.to_input_grid(prepared.brain_mask.astype(np.float32)).array > 0.5
     dice = 2 * np.count_nonzero(mask & truth) / (mask.sum() + truth.sum())
     assert dice > 0.93, dice

@@ -22,8 +22,6 @@ from BrainAgeLib.preprocess.qc import ADULT_BRAIN_ML, MIN_T1_CONTRAST, age_flags
 from BrainAgeLib.preprocess.template_strip import otsu_threshold
 from BrainAgeLib.volume import Volume
 
-from conftest import COLIN27_BRAIN
-
 # The demo preset's preprocessing (fast N4 grid); the extraction is the same for every preset.
 DEEPBET = PRESETS["demo"].preprocess
 TEMPLATE = dataclasses.replace(DEEPBET, skull_strip="template")
@@ -75,19 +73,13 @@ def test_the_template_method_keeping_the_skull_is_flagged(real_heads):
     assert any("above the adult range" in flag for flag in prepared.qc.flags), prepared.qc.flags
 
 
-def test_colin27_deepbet_mask_holds_the_extracted_brain(colin27_path):
+def test_colin27_deepbet_mask_holds_the_extracted_brain(colin27, colin27_brain_mask):
     """deepbet's mask is intracranial (the brain with the CSF around it); ch2better is brain
     tissue only. So ch2better's brain must lie inside the mask, and the mask must match
     ch2better's outline (sulci closed) with Dice >= 0.95 (against ch2better itself: 0.91)."""
-    if not COLIN27_BRAIN.exists():
-        pytest.skip("ch2better (mricron-data) is not installed")
-    colin = load_volume(colin27_path)
-    prepared = prepare(colin, DEEPBET)
+    prepared = prepare(colin27, DEEPBET)
     mask = prepared.input_brain_mask
-    truth_volume = load_volume(COLIN27_BRAIN)
-    voxel_map = np.linalg.inv(truth_volume.affine) @ colin.affine
-    truth = ndimage.affine_transform((truth_volume.array > 0).astype(np.float32), voxel_map[:3, :3],
-                                     offset=voxel_map[:3, 3], output_shape=colin.shape, order=1) > 0.5
+    truth = colin27_brain_mask
     assert np.count_nonzero(truth & mask) / np.count_nonzero(truth) >= 0.99
     outline = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.BinaryMorphologicalClosing(
         sitk.GetImageFromArray(truth.astype(np.uint8)), [8, 8, 8], sitk.sitkBall))).astype(bool)
@@ -161,15 +153,12 @@ def test_one_head_in_three_orientations_and_formats_gives_the_same_mask(real_hea
         assert dice(resampled, reference) >= 0.98, codes
 
 
-def test_attention_is_zero_outside_an_already_stripped_brain(colin27_path):
+def test_attention_is_zero_outside_an_already_stripped_brain(colin27_bet_path):
     """ch2bet is skull-stripped (0 outside the brain): 146.6 ml of attention lay on that zero
     background, spread by the map's interpolation; the map is 0 outside the brain mask."""
     from BrainAgeLib.model.checkpoint import load_model
 
-    path = colin27_path.parent / "ch2bet.nii.gz"
-    if not path.exists():
-        pytest.skip("ch2bet (mricron-data) is not installed")
-    volume = load_volume(path)
+    volume = load_volume(colin27_bet_path)
     result = load_model("demo").predict(volume, "M", explain=True, device="cpu", use_cache=False)
     background = volume.array == 0
     outside_ml = np.count_nonzero(result.attention.array[background] > 0) * np.prod(volume.spacing) / 1000

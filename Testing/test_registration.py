@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -23,14 +22,6 @@ from BrainAgeLib.preprocess.registration import (
 from BrainAgeLib.preprocess.template_strip import detect_skull_stripped, skull_strip
 from BrainAgeLib.preprocess.template import load_template
 from BrainAgeLib.volume import Volume
-
-COLIN27_BRAIN = Path("/usr/share/mricron/templates/ch2better.nii.gz")
-
-
-def load(path: Path) -> Volume:
-    image = nib.load(str(path))
-    return Volume(np.asarray(image.dataobj, dtype=np.float32), image.affine)
-
 
 def random_rigid(rng: np.random.Generator, max_degrees: float = 15.0, max_mm: float = 20.0,
                  centre=(0.0, -18.0, 18.0)) -> np.ndarray:
@@ -66,29 +57,6 @@ def brain_points(template) -> np.ndarray:
     mask = template.brain_mask
     ijk = np.argwhere(mask.array > 0)[::7]
     return ijk @ mask.affine[:3, :3].T + mask.affine[:3, 3]
-
-
-@pytest.fixture(scope="module")
-def mni_2mm(mni_t1_path) -> Volume:
-    return resample_to_spacing(load(mni_t1_path), 2.0)
-
-
-@pytest.fixture(scope="module")
-def colin27() -> Volume:
-    path = Path("/usr/share/mricron/templates/ch2.nii.gz")
-    if not path.exists() or not COLIN27_BRAIN.exists():
-        pytest.skip("Colin27 (Debian package mricron-data) is not installed")
-    return load(path)
-
-
-@pytest.fixture(scope="module")
-def colin27_truth(colin27) -> np.ndarray:
-    """ch2better's brain (0.5 mm) on ch2's 1 mm grid."""
-    brain = load(COLIN27_BRAIN)
-    voxel_map = np.linalg.inv(brain.affine) @ colin27.affine
-    fraction = ndimage.affine_transform((brain.array > 0).astype(np.float32), voxel_map[:3, :3],
-                                        offset=voxel_map[:3, 3], output_shape=colin27.shape, order=1)
-    return fraction > 0.5
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -167,18 +135,18 @@ def test_template_mask_follows_the_registration(mni_2mm):
     assert dice(carried, truth) > 0.97
 
 
-def test_detects_already_skull_stripped_inputs(mni_t1_path, colin27, colin27_truth):
-    assert detect_skull_stripped(load(mni_t1_path))          # MNI152 2009a as nilearn ships it
-    assert detect_skull_stripped(colin27.with_array(colin27.array * colin27_truth))  # its brain
+def test_detects_already_skull_stripped_inputs(mni_t1, colin27, colin27_brain_mask):
+    assert detect_skull_stripped(mni_t1)                     # MNI152 2009a as nilearn ships it
+    assert detect_skull_stripped(colin27.with_array(colin27.array * colin27_brain_mask))  # its brain
     assert not detect_skull_stripped(colin27)                 # Colin27 with scalp and skull
     assert not detect_skull_stripped(resample_to_spacing(colin27, 2.0))
 
 
-def test_colin27_skull_strip_matches_its_extracted_brain(colin27, colin27_truth):
+def test_colin27_skull_strip_matches_its_extracted_brain(colin27, colin27_brain_mask):
     """Colin27 moved by a known rigid motion (so the MNI-space start is not a free gift)."""
     motion = random_rigid(np.random.default_rng(5), max_degrees=10, max_mm=10)
     moved = move_content(colin27, motion)
-    truth = move_content(colin27.with_array(colin27_truth.astype(np.float32)), motion).array > 0.5
+    truth = move_content(colin27.with_array(colin27_brain_mask.astype(np.float32)), motion).array > 0.5
     result = skull_strip(moved, registration_spacing_mm=3.0)
     score = dice(result.brain_mask, truth)
     print(f"Colin27 skull strip: Dice {score:.4f} against ch2better")
