@@ -251,7 +251,7 @@ def test_cli_summary_reports_accuracy_and_evaluation_plots(cohort_files, tmp_pat
 
 
 def test_a_demo_model_batch_says_it_is_synthetic_in_the_summary(cohort_files, tmp_path):
-    from BrainAgeLib.cli.batch import _text
+    from BrainAgeLib.cli.batch import summary_text
     from BrainAgeLib.result import DEMO_DISCLAIMER
 
     file, age, sex = cohort_files["heads"][0]
@@ -259,11 +259,11 @@ def test_a_demo_model_batch_says_it_is_synthetic_in_the_summary(cohort_files, tm
     summary = run_batch(cohort, tmp_path / "out", model="demo", device="cpu", workers=0)
     assert summary.n_done == 1 and summary.model_is_demo
     assert summary.to_dict()["disclaimer"] == DEMO_DISCLAIMER
-    assert DEMO_DISCLAIMER in _text(summary, None)
+    assert DEMO_DISCLAIMER in summary_text(summary, None)
 
     tiny = run_batch(cohort, tmp_path / "tiny", model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
     assert not tiny.model_is_demo and "disclaimer" not in tiny.to_dict()
-    assert DEMO_DISCLAIMER not in _text(tiny, None)
+    assert DEMO_DISCLAIMER not in summary_text(tiny, None)
 
 
 def test_resume_refuses_other_weights_or_preprocessing_under_the_same_name(cohort_files, tmp_path):
@@ -326,13 +326,13 @@ def test_the_terminal_summary_prints_every_flag_and_no_corrected_mae_of_a_refuse
     import json
 
     from BrainAgeLib.cohort.batch import cohort_statistics
-    from BrainAgeLib.cli.batch import _text
+    from BrainAgeLib.cli.batch import summary_text
 
     checkpoint = str(cohort_files["checkpoint"])
     cohort = long_cohort(cohort_files, tmp_path / "cohort.csv", repeats=2)  # 6 subjects with ages
     summary = run_batch(cohort, tmp_path / "out", model=checkpoint, device="cpu", workers=0)
     statistics = cohort_statistics(summary.rows, summary.out_dir, plots=False)
-    text = _text(summary, statistics)
+    text = summary_text(summary, statistics)
     saved = json.loads((tmp_path / "out" / "evaluation" / "metrics.json").read_text())
     assert saved["notes"] and saved["corrected"] is None
     for flag in saved["notes"] + [saved["reference"]["note"]]:
@@ -346,12 +346,12 @@ def test_the_terminal_summary_prints_every_flag_and_no_corrected_mae_of_a_refuse
     assert statistics["evaluation"] is None
     assert any("only 3 rows" in note for note in statistics["notes"])
     for note in statistics["notes"]:
-        assert note in _text(summary, statistics)
+        assert note in summary_text(summary, statistics)
 
 
 def test_a_bids_cohort_lists_the_subjects_it_skips_in_the_summary(cohort_files, tmp_path):
     """Issue 20, item 12: a subject with only a T2w was dropped without a word."""
-    from BrainAgeLib.cli.batch import _text
+    from BrainAgeLib.cli.batch import summary_text
 
     head, _, _ = cohort_files["heads"][0]
     root = tmp_path / "bids"
@@ -367,4 +367,4 @@ def test_a_bids_cohort_lists_the_subjects_it_skips_in_the_summary(cohort_files, 
     assert len(summary.excluded) == 1 and summary.excluded[0].startswith("sub-02: ")
     assert "sub-02_T2w.nii.gz" in summary.excluded[0]
     assert summary.to_dict()["excluded"] == summary.excluded
-    assert summary.excluded[0] in _text(summary, None)
+    assert summary.excluded[0] in summary_text(summary, None)

@@ -182,7 +182,7 @@ def test_cohort_benchmark_times_sequential_batch_and_commands_on_the_same_heads(
             return out
         return wrapped
 
-    monkeypatch.setattr(cohort_bench, "_predict_command", timed(cohort_bench._predict_command, commands))
+    monkeypatch.setattr(cohort_bench, "run_predict_command", timed(cohort_bench.run_predict_command, commands))
     monkeypatch.setattr(batch_module, "run_batch", timed(batch_module.run_batch, batches))
     tic = time.perf_counter()
     code = main(["bench", "--cohort", "2", "--preset", "tiny", "--workers", "1", "--device", "cpu", "--json"])

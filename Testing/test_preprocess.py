@@ -268,11 +268,11 @@ def test_the_model_space_brain_mask_measures_the_brain_the_input_grid_mask_does(
     """A model voxel's volume is |det Prepared.affine|: the slice cache's brain volume (from the
     mask in model space) matches the brain mask on the input's own grid."""
     from BrainAgeLib.geometry import voxel_volume_mm3
-    from BrainAgeLib.train.slice_cache import _brain_volume_ml
+    from BrainAgeLib.train.slice_cache import prepared_brain_volume_ml
 
     prepared = prepare(mni_2mm, NO_N4)
     on_input_ml = prepared.input_brain_mask.sum() * np.prod(mni_2mm.spacing) / 1000.0
-    in_model_ml = _brain_volume_ml(prepared, mni_2mm)
+    in_model_ml = prepared_brain_volume_ml(prepared, mni_2mm)
     assert in_model_ml == pytest.approx(prepared.brain_mask.sum() * voxel_volume_mm3(prepared.affine) / 1000.0)
     print(f"brain: {on_input_ml:.1f} ml on the input grid, {in_model_ml:.1f} ml in model space")
     # (48 slices of a 2 mm brain: the threshold at 0.5 of the trilinear mask loses 0.7%; with

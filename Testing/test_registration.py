@@ -179,15 +179,15 @@ def test_template_side_is_computed_once_per_template_and_grid():
     from BrainAgeLib.preprocess import registration
 
     template = load_template()
-    grid = registration._template_grid(template, 4.0, 4.0)
-    assert registration._template_grid(template, 4.0, 4.0) is grid
-    assert registration._template_grid(template, 3.0, 4.0)[0].shape != grid[0].shape
+    grid = registration.template_grid(template, 4.0, 4.0)
+    assert registration.template_grid(template, 4.0, 4.0) is grid
+    assert registration.template_grid(template, 3.0, 4.0)[0].shape != grid[0].shape
     assert not grid[0].array.flags.writeable and not grid[1].flags.writeable
-    centre, top = registration._template_brain(template)
+    centre, top = registration.template_brain(template)
     mask = template.brain_mask
     points = np.argwhere(mask.array > 0) @ mask.affine[:3, :3].T + mask.affine[:3, 3]
     np.testing.assert_allclose(centre, points.mean(axis=0))
     assert top == pytest.approx(np.percentile(points[:, 2], 99.9))
     other = dataclasses.replace(template)                  # equal content, another object
-    assert registration._template_grid(other, 4.0, 4.0) is not grid
-    np.testing.assert_array_equal(registration._template_grid(other, 4.0, 4.0)[1], grid[1])
+    assert registration.template_grid(other, 4.0, 4.0) is not grid
+    np.testing.assert_array_equal(registration.template_grid(other, 4.0, 4.0)[1], grid[1])

@@ -140,7 +140,7 @@ def run_cohort_benchmark(
             if model_file is not None:
                 log(f"one brainage predict command per head ({attempt + 1}/{repeats})")
                 tic = time.perf_counter()
-                ages = {subject.id: _predict_command(subject, model_file, target, precision, explain, root / "cli")
+                ages = {subject.id: run_predict_command(subject, model_file, target, precision, explain, root / "cli")
                         for subject in subjects}
                 seconds = time.perf_counter() - tic
                 if seconds < cli_s:
@@ -200,7 +200,7 @@ def run_cohort_benchmark(
     )
 
 
-def _predict_command(subject: Any, model_file: Path, device: Any, precision: str, explain: bool, out: Path) -> float:
+def run_predict_command(subject: Any, model_file: Path, device: Any, precision: str, explain: bool, out: Path) -> float:
     """Run ``brainage predict`` on one head in a new Python process; its predicted age."""
     import json
     import subprocess

@@ -69,11 +69,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**summary.to_dict(), "statistics": statistics}, indent=2))
     else:
-        print(_text(summary, statistics))
+        print(summary_text(summary, statistics))
     return EXIT_ALL_FAILED if summary.n_failed_total and not summary.n_succeeded_total else 0
 
 
-def _text(summary: Any, statistics: Optional[Dict[str, Any]]) -> str:
+def summary_text(summary: Any, statistics: Optional[Dict[str, Any]]) -> str:
+    """What ``brainage batch`` prints after a run (without ``--json``): counts and speed, the
+    cohort's predictions and errors, subjects left out, QC flags, failures and the accuracy."""
     lines = [
         f"Done: {summary.n_done} succeeded, {summary.n_failed} failed"
         + (f", {summary.n_skipped} already finished before" if summary.n_skipped else "")

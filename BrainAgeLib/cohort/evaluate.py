@@ -154,13 +154,13 @@ def read_prediction_table(path: PathLike) -> Predictions:
     whose age is blank or "n/a" (subjects without a chronological age) are left out and listed
     in ``Predictions.skipped``; any other unreadable value is an error naming its line.
     """
-    from .tables import MAX_AGE_YEARS, MISSING, _first, _read_rows, parse_cohort_sex
+    from .tables import MAX_AGE_YEARS, MISSING, first_column, read_table_rows, parse_cohort_sex
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise CohortError(f"{path}: no such predictions table")
-    header, rows = _read_rows(path)
-    age_column, predicted_column = _first(header, AGE_COLUMNS), _first(header, PREDICTED_COLUMNS)
+    header, rows = read_table_rows(path)
+    age_column, predicted_column = first_column(header, AGE_COLUMNS), first_column(header, PREDICTED_COLUMNS)
     for column, names in ((age_column, AGE_COLUMNS), (predicted_column, PREDICTED_COLUMNS)):
         if column is None:
             raise CohortError(f"{path}: no {' / '.join(names)} column (columns: {', '.join(header)})")

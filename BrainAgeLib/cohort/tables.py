@@ -148,7 +148,7 @@ def parse_age(value: Optional[str]) -> Optional[float]:
 # ----------------------------------------------------------------------------------------
 
 
-def _read_rows(table: Path) -> tuple:
+def read_table_rows(table: Path) -> tuple:
     """(header, rows as (line number, {lower-case column: cell})) of a CSV/TSV file."""
     try:
         text = table.read_text(encoding="utf-8-sig")
@@ -181,20 +181,22 @@ def _read_rows(table: Path) -> tuple:
     return header, rows
 
 
-def _first(header: Sequence[str], candidates: Sequence[str]) -> Optional[str]:
+def first_column(header: Sequence[str], candidates: Sequence[str]) -> Optional[str]:
+    """The first of ``candidates`` (lower-case column names, in order of preference) that
+    ``header`` (as :func:`read_table_rows` gives it) holds; None when it holds none."""
     return next((name for name in candidates if name in header), None)
 
 
 def _read_table(table: Path, check_files: bool) -> Cohort:
-    header, rows = _read_rows(table)
-    path_column = _first(header, PATH_COLUMNS)
+    header, rows = read_table_rows(table)
+    path_column = first_column(header, PATH_COLUMNS)
     if path_column is None:
         if "participant_id" in header:  # BIDS participants.tsv: find the images beside it
             values = {row["participant_id"]: (line, row) for line, row in rows}
             return _read_bids(table.parent, values, table)
         raise CohortError(f"{table}: no image column; name one of {', '.join(PATH_COLUMNS)} "
                           "(or give a BIDS participants.tsv with participant_id)")
-    id_column = _first(header, ID_COLUMNS)
+    id_column = first_column(header, ID_COLUMNS)
     used = {path_column, id_column, "age", "sex", "site"}
     subjects, seen = [], {}
     for line, row in rows:
@@ -310,7 +312,7 @@ def _session_rows(subject_dir: Path, label: str) -> tuple:
     table = subject_dir / f"{label}_sessions.tsv"
     if not table.is_file():
         return table, {}
-    header, rows = _read_rows(table)
+    header, rows = read_table_rows(table)
     if "session_id" not in header:
         raise CohortError(f"{table}: no session_id column")
     sessions = {}

@@ -113,7 +113,7 @@ def initial_translation(volume: Volume, template: Template, with_skull: bool) ->
     top of the scalp (the neck and face would drag a plain centre of mass down and forward).
     """
     head = _world_points(foreground_mask(volume), volume.affine)
-    brain_centre, brain_top = _template_brain(template)
+    brain_centre, brain_top = template_brain(template)
     if not with_skull:
         return head.mean(axis=0) - brain_centre
     top = np.percentile(head[:, 2], 99.9)
@@ -146,7 +146,7 @@ def _derived(template: Template, what: str, compute: Callable[[], Any], *paramet
     return value
 
 
-def _template_brain(template: Template) -> Tuple[np.ndarray, float]:
+def template_brain(template: Template) -> Tuple[np.ndarray, float]:
     """(centre of the template's brain mask, RAS mm; the 99.9th percentile of its S coordinate)."""
     def compute():
         brain = _world_points(template.brain_mask.array > 0, template.brain_mask.affine)
@@ -155,7 +155,7 @@ def _template_brain(template: Template) -> Tuple[np.ndarray, float]:
     return _derived(template, "brain", compute)
 
 
-def _template_grid(template: Template, spacing_mm: float, mask_margin_mm: float) -> Tuple[Volume, np.ndarray]:
+def template_grid(template: Template, spacing_mm: float, mask_margin_mm: float) -> Tuple[Volume, np.ndarray]:
     """(template T1 resampled to the registration grid, its brain mask there grown by the margin)."""
     def compute():
         fixed_volume = resample_to_spacing(template.t1, spacing_mm)
@@ -197,8 +197,8 @@ def register_to_template(
         raise ValueError(f"transform must be 'affine' or 'similarity', got {transform!r}")
     if initial_scales is None:
         initial_scales = (1.0,)
-    fixed_volume, fixed_mask = _template_grid(template, spacing_mm, mask_margin_mm)
-    brain_centre_ras = _template_brain(template)[0]
+    fixed_volume, fixed_mask = template_grid(template, spacing_mm, mask_margin_mm)
+    brain_centre_ras = template_brain(template)[0]
     moving_volume = resample_to_spacing(volume, spacing_mm)
 
     fixed = volume_to_sitk(fixed_volume)

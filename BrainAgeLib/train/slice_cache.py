@@ -184,12 +184,12 @@ def prepare_entry(entry: CacheEntry, config_dict: Dict[str, object]) -> None:
     expected = (config.n_slices, config.image_size, config.image_size)
     if slices.shape != expected:
         raise ValueError(f"{entry.source}: prepare gave slices {slices.shape}, preset expects {expected}")
-    features = tissue_features(slices, brain_volume_ml=_brain_volume_ml(prepared, volume))
+    features = tissue_features(slices, brain_volume_ml=prepared_brain_volume_ml(prepared, volume))
     atomic_write_text(entry.features_path, json.dumps(features))
     atomic_save_npy(entry.slices_path, slices.astype(np.float16))
 
 
-def _brain_volume_ml(prepared, volume) -> Optional[float]:
+def prepared_brain_volume_ml(prepared, volume) -> Optional[float]:
     """Volume (mL) of the Prepared brain mask, which lies in model space [S, H, W].
 
     A model-space voxel's volume is that of the model grid's affine (``Prepared.affine``): the
