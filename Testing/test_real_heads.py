@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from BrainAgeLib.io import load_volume, save_volume
-from BrainAgeLib.inference import predict_prepared
+from BrainAgeLib.inference import predict, predict_prepared
 from BrainAgeLib.preprocess.pipeline import prepare, reorient_to_ras
 from BrainAgeLib.presets import PRESETS
 from BrainAgeLib.preprocess.qc import ADULT_BRAIN_ML, MIN_T1_CONTRAST, age_flags, assess
@@ -159,7 +159,7 @@ def test_attention_is_zero_outside_an_already_stripped_brain(colin27_bet_path):
     from BrainAgeLib.model.checkpoint import load_model
 
     volume = load_volume(colin27_bet_path)
-    result = load_model("demo").predict(volume, "M", explain=True, device="cpu", use_cache=False)
+    result = predict(load_model("demo"), volume, "M", explain=True, device="cpu", use_cache=False)
     background = volume.array == 0
     outside_ml = np.count_nonzero(result.attention.array[background] > 0) * np.prod(volume.spacing) / 1000
     assert outside_ml == 0.0
