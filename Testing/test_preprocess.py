@@ -309,12 +309,12 @@ def test_whole_head_is_skull_stripped_in_any_orientation(colin27):
 def test_a_strong_intensity_bias_does_not_stop_skull_stripping(colin27):
     """A strong smooth bias (x0.3 to x6, as near a surface coil) spoils the first registration;
     the retry on a bias-corrected copy finds the brain, and the mask matches the unbiased head's."""
-    from BrainAgeLib.preprocess.pipeline import MIN_MUTUAL_INFORMATION, template_skull_strip, template_strip
+    from BrainAgeLib.preprocess.pipeline import MIN_MUTUAL_INFORMATION, template_brain_mask, template_strip
 
     head = resample_to_spacing(colin27, 2.0)
     i, j, k = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in head.shape], indexing="ij")
     biased = head.with_array((head.array * np.exp(0.6 * i + 0.5 * j - 0.4 * k + 0.3 * i * j)).astype(np.float32))
-    first = template_skull_strip(biased, registration_spacing_mm=4.0)
+    first = template_brain_mask(biased, registration_spacing_mm=4.0)
     assert first.registration.metric > -MIN_MUTUAL_INFORMATION   # the case the retry is for
     _, mask, _ = template_strip(biased, 4.0)
     _, reference, _ = template_strip(head, 4.0)
@@ -403,13 +403,13 @@ def test_a_brain_of_implausible_size_is_refused(mni_2mm, monkeypatch):
     instead of feeding the model a sliver (the stripping itself is replaced here)."""
     import BrainAgeLib.preprocess.pipeline as preprocess
     from BrainAgeLib.preprocess.registration import RegistrationResult
-    from BrainAgeLib.preprocess.template_strip import SkullStripResult
+    from BrainAgeLib.preprocess.template_strip import TemplateBrainMask
 
     sliver = np.zeros(mni_2mm.shape, dtype=bool)
     sliver[40:50, 40:50, 40:50] = True                       # 8 ml
     registration = RegistrationResult(np.eye(4), metric=-0.8, iterations=10, seconds=0.1)
-    monkeypatch.setattr(preprocess, "template_skull_strip",
-                        lambda volume, **kw: SkullStripResult(sliver, registration))
+    monkeypatch.setattr(preprocess, "template_brain_mask",
+                        lambda volume, **kw: TemplateBrainMask(sliver, registration))
     with pytest.raises(InvalidVolumeError, match="found a brain of 8 ml"):
         prepare(mni_2mm, NO_N4, skull_stripped=False)
 

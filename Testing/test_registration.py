@@ -19,7 +19,7 @@ from BrainAgeLib.preprocess.registration import (
     resample_template_mask,
     resample_to_spacing,
 )
-from BrainAgeLib.preprocess.template_strip import detect_skull_stripped, skull_strip
+from BrainAgeLib.preprocess.template_strip import detect_skull_stripped, template_brain_mask
 from BrainAgeLib.preprocess.template import load_template
 from BrainAgeLib.volume import Volume
 
@@ -147,7 +147,7 @@ def test_colin27_skull_strip_matches_its_extracted_brain(colin27, colin27_brain_
     motion = random_rigid(np.random.default_rng(5), max_degrees=10, max_mm=10)
     moved = move_content(colin27, motion)
     truth = move_content(colin27.with_array(colin27_brain_mask.astype(np.float32)), motion).array > 0.5
-    result = skull_strip(moved, registration_spacing_mm=3.0)
+    result = template_brain_mask(moved, registration_spacing_mm=3.0)
     score = dice(result.brain_mask, truth)
     print(f"Colin27 skull strip: Dice {score:.4f} against ch2better")
     assert score > 0.93, f"Dice {score:.3f} against ch2better"
@@ -164,7 +164,7 @@ def test_small_synthetic_head_is_not_fitted_to_its_scalp():
     tissue = phantom.tissue
     truth = (tissue["gm"].array + tissue["wm"].array + tissue["csf"].array) > 0.5
     assert truth.sum() * 8 / 1000 < 1100      # ml: a small brain (MNI152's is ~1890)
-    result = skull_strip(phantom.volume, registration_spacing_mm=3.0)
+    result = template_brain_mask(phantom.volume, registration_spacing_mm=3.0)
     score = dice(result.brain_mask, truth)
     print(f"small phantom skull strip: Dice {score:.3f}")
     assert score > 0.9

@@ -8,9 +8,9 @@ of the preset's ``PreprocessConfig`` (a preset is data, not a code branch):
                                   ``HOT_VOXEL_FACTOR`` x its 99.99th percentile) take their
                                   neighbourhood's median, so no single voxel sets the scaling;
                                   ordinary scans have none and pass unchanged
-2. ``skull_strip``                the brain mask of a trained extractor (deepbet, the default;
-                                  ``brain_extraction.py``) or of the template registration
-                                  (``skull_strip.py``); an input that is already skull-stripped
+2. ``deepbet_strip`` or           the brain mask of a trained extractor (deepbet, the default;
+   ``template_strip``             ``brain_extraction.py``) or of the template registration
+                                  (``template_strip.py``); an input that is already skull-stripped
                                   is detected and kept
 3. ``n4_bias_correction``         SimpleITK N4 fitted to the brain on the image shrunk by
                                   ``n4_shrink_factor`` (or to about ``n4_grid_mm`` voxels, see
@@ -66,8 +66,7 @@ from ..errors import InvalidVolumeError
 from ..geometry import array_to_sitk, crop_affine, resample_array, scale_and_shift, sitk_to_array, volume_to_sitk
 from ..presets import ModelConfig, PreprocessConfig, get_preset
 from .qc import ALREADY_STRIPPED, QualityControl, assess, mask_volume_ml
-from .template_strip import detect_skull_stripped
-from .template_strip import skull_strip as template_skull_strip
+from .template_strip import detect_skull_stripped, template_brain_mask
 from ..volume import Volume
 
 PresetLike = Union[str, ModelConfig, PreprocessConfig]
@@ -243,10 +242,10 @@ def template_strip(
     over the whole head on an ~8 mm grid). Only the mask and transform come from that copy: the
     intensities kept are the input's, corrected later on the brain alone as usual.
     """
-    result = template_skull_strip(volume, registration_spacing_mm=registration_spacing_mm)
+    result = template_brain_mask(volume, registration_spacing_mm=registration_spacing_mm)
     if result.registration.metric > -MIN_MUTUAL_INFORMATION:
         corrected = n4_bias_correction(volume, _shrink_to_grid(BIAS_RETRY_GRID_MM, volume.spacing))
-        retry = template_skull_strip(corrected, registration_spacing_mm=registration_spacing_mm)
+        retry = template_brain_mask(corrected, registration_spacing_mm=registration_spacing_mm)
         if retry.registration.metric < result.registration.metric:
             result = retry
     if result.registration.metric > -MIN_MUTUAL_INFORMATION:

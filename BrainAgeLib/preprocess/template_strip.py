@@ -46,7 +46,7 @@ MIN_BACKGROUND_SHELL_FRACTION = 0.9
 
 
 @dataclass
-class SkullStripResult:
+class TemplateBrainMask:
     brain_mask: np.ndarray                   # bool, on the input's voxel grid
     registration: Optional[RegistrationResult]
 
@@ -127,12 +127,12 @@ def refine_brain_mask(volume: Volume, template_mask: np.ndarray) -> np.ndarray:
     return full
 
 
-def skull_strip(
+def template_brain_mask(
     volume: Volume,
     template: Optional[Template] = None,
     registration_spacing_mm: float = 3.0,
     refine: bool = True,
-) -> SkullStripResult:
+) -> TemplateBrainMask:
     """Brain mask of a whole-head T1 ``volume`` on its own grid (see the module docstring)."""
     template = template or load_template()
     registration = register_to_template(
@@ -140,4 +140,4 @@ def skull_strip(
     )
     carried = resample_template_mask(template.brain_mask, volume, registration.input_to_template)
     mask = refine_brain_mask(volume, carried) if refine else carried > 0.5
-    return SkullStripResult(brain_mask=mask, registration=registration)
+    return TemplateBrainMask(brain_mask=mask, registration=registration)
