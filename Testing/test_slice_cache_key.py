@@ -9,7 +9,7 @@ from BrainAgeLib.train import slice_cache
 
 
 def test_the_key_covers_volume_presets_and_deepbets_release(monkeypatch):
-    assert {"volume", "presets", "geometry", "preprocess.pipeline", "preprocess.brain_extraction"} <= set(
+    assert {"volume", "presets", "geometry", "preprocess.pipeline", "preprocess.brain_extraction", "train.slice_cache"} <= set(
         slice_cache.PREPROCESSING_MODULES)
     before = slice_cache.preprocessing_code_digest()
     assert slice_cache.preprocessing_code_digest() == before

@@ -41,11 +41,11 @@ def file_signature(path: "str | os.PathLike") -> Dict[str, object]:
     return {"path": str(p), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-#: Modules (dotted, under BrainAgeLib) whose code decides what ``prepare`` outputs; their source
-#: is part of the cache key.
+#: Modules (dotted, under BrainAgeLib) whose code decides what ``prepare`` outputs, and this one
+#: (it derives the cached features); their source is part of the cache key.
 PREPROCESSING_MODULES = ("io", "volume", "presets", "geometry", "preprocess.pipeline", "preprocess.template_strip",
                          "preprocess.brain_extraction", "preprocess.qc", "preprocess.registration",
-                         "preprocess.template")
+                         "preprocess.template", "train.slice_cache")
 #: Packages whose release decides it too (deepbet's networks ship inside its wheel).
 PREPROCESSING_PACKAGES = ("deepbet",)
 
