@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 #: command line can list them without importing torch.
 PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 #: Brain extraction methods (``PreprocessConfig.skull_strip``): a trained extractor (deepbet, see
-#: ``brain_extraction.py``), the template registration of ``skull_strip.py``, or none. Inputs
+#: ``brain_extraction.py``), the template registration of ``template_strip.py``, or none. Inputs
 #: that are skull-stripped already are detected and kept with every method.
 SKULL_STRIP_METHODS: Tuple[str, ...] = ("deepbet", "template", "none")
 #: Names older checkpoints recorded: "auto" (the template method, which fails on most real heads

@@ -10,7 +10,7 @@ deepbet reads arrays in nibabel's closest-canonical (RAS) voxel order, which is 
 ``preprocess.reorient_to_ras`` gives.
 
 Its mask is the intracranial brain with the CSF around it (as a TIV mask): on synthetic
-phantoms Dice 0.97-0.98 against gm + wm + csf; the template method (``skull_strip.py``) removes
+phantoms Dice 0.97-0.98 against gm + wm + csf; the template method (``template_strip.py``) removes
 more of that CSF.
 """
 from __future__ import annotations
