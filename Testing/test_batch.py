@@ -200,7 +200,7 @@ def test_duplicate_ids_are_refused(cohort_files, tmp_path):
     with pytest.raises(CohortError, match="'x' already used"):
         run_batch(cohort, tmp_path / "out", model=str(cohort_files["checkpoint"]), device="cpu", workers=0)
     subjects = cohort_subjects([head])  # a list of paths: ids from the file names
-    assert subjects[0].id == "head0" and subjects[0].sex is None
+    assert subjects[0].id == "head0" and subjects[0].sex == "unknown" and subjects[0].age is None
     with pytest.raises(CohortError, match="'head0' appears twice"):
         cohort_subjects(subjects + [head])
 

@@ -39,7 +39,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..atomic_files import write_bytes_atomic
 from ..errors import BrainAgeError, CohortError, message_naming
@@ -48,6 +48,9 @@ from .predictions_csv import (
     FILENAME, PredictionRow, PredictionsFileError, PredictionsWriter, check_model_matches, finished_ids,
     latest_rows, merge_predictions, part_path, read_all_predictions,
 )
+
+if TYPE_CHECKING:
+    from .tables import Cohort, Subject
 
 logger = logging.getLogger(__name__)
 
@@ -59,17 +62,6 @@ BatchProgress = Callable[[float, str], None]
 
 #: Subjects prepared ahead of the one being inferred, per worker.
 PREFETCH_PER_WORKER = 2
-
-
-@dataclass
-class CohortSubject:
-    """The fields of a cohort subject a batch run uses (``cohort.Subject`` has them too)."""
-
-    id: str
-    path: str
-    age: Optional[float] = None
-    sex: Optional[str] = None
-    site: Optional[str] = None
 
 
 @dataclass
@@ -138,18 +130,19 @@ class BatchSummary:
 # Cohort
 # --------------------------------------------------------------------------------------------
 
-def cohort_subjects(cohort: Union[PathLike, Sequence[Any]]) -> List[Any]:
-    """The subjects of ``cohort``: a cohort file/folder (``cohort.read_cohort``), a list of
-    ``Subject``-like objects (``id``, ``path``, ``age``, ``sex``, ``site``), or a list of image
-    paths (ids from the file names, sex unknown, no age). Ids must be unique. Returns a
-    ``cohort.Cohort`` (its ``skipped``: the dataset's subjects left out, kept from a Cohort given)."""
-    from .tables import Cohort, read_cohort
+def cohort_subjects(cohort: Union[PathLike, Sequence[Any]]) -> Cohort:
+    """The subjects of ``cohort``: a cohort file/folder (``cohort.tables.read_cohort``), or a list
+    of :class:`~BrainAgeLib.cohort.tables.Subject` (or objects with ``id``, ``path`` and
+    optionally ``age``, ``sex``, ``site``) or of image paths (ids from the file names, sex
+    unknown, no age): ``tables.as_subject``. Ids must be unique. Returns a ``Cohort`` (its
+    ``skipped``: the dataset's subjects left out, kept from a Cohort given)."""
+    from .tables import Cohort, as_subject, read_cohort
 
     if isinstance(cohort, (str, os.PathLike)):
         subjects = read_cohort(cohort, check_files=False)  # a missing scan is an error row
     else:
-        subjects = Cohort((item if hasattr(item, "id") and hasattr(item, "path") else _subject_from_path(item)
-                           for item in cohort), getattr(cohort, "skipped", ()))
+        subjects = Cohort((as_subject(item) for item in cohort),
+                          cohort.skipped if isinstance(cohort, Cohort) else ())
     seen: Dict[str, int] = {}
     for index, subject in enumerate(subjects):
         key = str(subject.id)
@@ -158,12 +151,6 @@ def cohort_subjects(cohort: Union[PathLike, Sequence[Any]]) -> List[Any]:
                               f"{subjects[seen[key]].path} and {subject.path}); ids must be unique")
         seen[key] = index
     return subjects
-
-
-def _subject_from_path(path: PathLike) -> CohortSubject:
-    from ..io import image_stem
-
-    return CohortSubject(id=image_stem(path) or str(path), path=str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,34 +319,36 @@ def _resolve_model(model: Any, device: Any):
     return model, target
 
 
-def _sex_of(subject: Any) -> str:
+def _sex_of(subject: Subject) -> str:
+    """The subject's sex, "F", "M" or "unknown" (a Subject made by hand may say "female", or NaN)."""
     from ..sex import parse_sex
 
-    value = getattr(subject, "sex", None)
+    value = subject.sex
     if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
         return "unknown"
     return parse_sex(str(value))
 
 
-def _age_of(subject: Any) -> Optional[float]:
-    value = getattr(subject, "age", None)
+def _age_of(subject: Subject) -> Optional[float]:
+    """The subject's age in years, or None (a Subject made by hand may give a text, or NaN)."""
+    value = subject.age
     if value is None or value == "":
         return None
     value = float(value)
     return None if math.isnan(value) else value
 
 
-def _base_row(subject: Any, model_name: str) -> PredictionRow:
+def _base_row(subject: Subject, model_name: str) -> PredictionRow:
     try:
         sex = _sex_of(subject)
     except BrainAgeError:
-        sex = str(getattr(subject, "sex", "") or "")
+        sex = str(subject.sex or "")
     try:
         age = _age_of(subject)
     except (TypeError, ValueError):
         age = None
     return PredictionRow(id=str(subject.id), path=str(subject.path), sex=sex, chronological_age=age,
-                         site=str(getattr(subject, "site", None) or ""), model=model_name)
+                         site=str(subject.site or ""), model=model_name)
 
 
 def _stem(subject_id: str) -> str:
@@ -367,7 +356,7 @@ def _stem(subject_id: str) -> str:
     return keep.strip(".") or "subject"
 
 
-def infer_subject(model: Any, item: PreparedSubject, subject: Any, out_dir: Path, explain: bool,
+def infer_subject(model: Any, item: PreparedSubject, subject: Subject, out_dir: Path, explain: bool,
                   explain_format: str, precision: str, qc: bool = False) -> PredictionRow:
     """The row of one prepared subject: predict (and write its explanation files and, with
     ``qc``, its QC picture in ``out_dir/qc/``)."""
@@ -458,7 +447,7 @@ def run_batch(
                     retry_failed, explain_format, precision, context, qc)
 
 
-def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: Any,
+def _run(subjects: Cohort, out_dir: Path, model: Any, explain: bool, device: Any,
          workers: Optional[int], progress: Optional[BatchProgress], retry_failed: bool,
          explain_format: str, precision: str, context: Any, qc: bool = False) -> BatchSummary:
     started = time.perf_counter()
@@ -489,7 +478,7 @@ def _run(subjects: List[Any], out_dir: Path, model: Any, explain: bool, device: 
                            n_skipped=len(mine) - len(todo), model_name=model.name,
                            model_is_demo=bool(model.metadata.get("is_demo", False)), device=str(target),
                            workers=n_workers if preparer.pool is not None else 0, rank=context.rank,
-                           world_size=context.world_size, excluded=list(getattr(subjects, "skipped", ())))
+                           world_size=context.world_size, excluded=list(subjects.skipped))
     # seconds summed over subjects: load/prepare (wall, in the workers), cpu (the workers' CPU
     # time), infer (this process), wait (this process idle, waiting for a prepared subject)
     timings = {"load": 0.0, "prepare": 0.0, "cpu": 0.0, "infer": 0.0, "wait": 0.0}

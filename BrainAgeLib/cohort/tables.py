@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -53,25 +54,42 @@ MAX_AGE_YEARS = 130.0
 
 @dataclass
 class Subject:
-    """One scan of a cohort.
+    """One scan of a cohort: what reading a cohort gives, and what batch runs and training take.
 
-    ``age`` in years (None when unknown); ``sex`` "F", "M" or "unknown"; ``path`` absolute;
-    ``participant`` the person the scan belongs to (equal to ``id`` except for BIDS sessions,
-    where several scans share one participant: splits must keep them together).
+    ``age`` in years (None when unknown); ``sex`` "F", "M" or "unknown" (None reads as
+    unknown); ``path`` absolute when read from a table or folder; ``participant`` the person the
+    scan belongs to (equal to ``id`` except for BIDS sessions, where several scans share one
+    participant: splits must keep them together); ``extra`` the table's other columns, as text.
     """
 
     id: str
     path: Path
-    age: Optional[float]
-    sex: str
+    age: Optional[float] = None
+    sex: str = "unknown"
     site: Optional[str] = None
     extra: Dict[str, str] = field(default_factory=dict)
     participant: str = ""
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
+        if self.sex is None:
+            self.sex = "unknown"
         if not self.participant:
             self.participant = self.id
+
+
+def as_subject(item: Union["Subject", PathLike, object]) -> Subject:
+    """A cohort list's entry as a :class:`Subject`: a Subject as it is; an image path (the id
+    from the file name, age and sex unknown); any other object with ``id`` and ``path`` (and
+    ``age``, ``sex``, ``site`` when it has them) copied into one."""
+    if isinstance(item, Subject):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return Subject(id=image_stem(item) or str(item), path=item)
+    if hasattr(item, "id") and hasattr(item, "path"):
+        return Subject(id=str(item.id), path=item.path, age=getattr(item, "age", None), sex=getattr(item, "sex", None),
+                       site=getattr(item, "site", None))
+    raise CohortError(f"{item!r} is neither an image path nor a subject (with an id and a path)")
 
 
 class Cohort(list):

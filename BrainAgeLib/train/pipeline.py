@@ -32,10 +32,12 @@ import torch
 
 from .. import __version__
 from ..atomic_files import atomic_path
+from ..cohort.tables import Subject, read_cohort
 from ..errors import BrainAgeError, CohortError
 from ..model.checkpoint import save_checkpoint
 from ..parallel import RankContext
 from ..presets import get_preset
+from ..sex import SEX_CODES
 from .config import TrainConfig
 from .distributed import init_distributed
 from .resume import RunState, stage_settings
@@ -56,41 +58,20 @@ class TrainResult:
     timings: Dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class TrainingSubject:
-    """One scan: ``subject_id`` names the scan, ``participant`` the person (splits keep people whole)."""
-
-    subject_id: str
-    path: str
-    age: float
-    sex: str      # "F" or "M"
-    sex_code: float
-    participant: str = ""
-    extra: Optional[Dict[str, str]] = None  # other cohort columns (e.g. tissue volumes in mL)
-
-    @property
-    def person(self) -> str:
-        return self.participant or self.subject_id
-
-
-def load_training_subjects(cohort_path: "str | os.PathLike") -> List[TrainingSubject]:
-    """Cohort rows usable for training: each needs a readable path, an age (years) and a known sex."""
-    from ..cohort.tables import read_cohort
-    from ..sex import SEX_CODES, parse_sex
-
+def load_training_subjects(cohort_path: "str | os.PathLike") -> List[Subject]:
+    """Cohort rows usable for training: each needs a readable path, an age (years) and a known
+    sex (F/M). ``participant`` names the person (splits keep people whole), ``extra`` the other
+    cohort columns (e.g. tissue volumes in mL)."""
     subjects = []
     for subject in read_cohort(cohort_path):
         sid = str(subject.id)
         if subject.age is None or not np.isfinite(float(subject.age)):
             raise CohortError(f"{cohort_path}: subject {sid!r} has no age; training needs every subject's age")
-        sex = parse_sex(subject.sex)
-        if sex == "unknown":
+        if subject.sex not in SEX_CODES:
             raise CohortError(f"{cohort_path}: subject {sid!r} has no sex (F/M); stage-1 classes need it")
-        if not Path(subject.path).exists():
+        if not subject.path.exists():
             raise CohortError(f"{cohort_path}: subject {sid!r}: image {subject.path} does not exist")
-        subjects.append(TrainingSubject(sid, str(subject.path), float(subject.age), sex, SEX_CODES[sex],
-                                        str(getattr(subject, "participant", "") or sid),
-                                        dict(getattr(subject, "extra", {}) or {})))
+        subjects.append(subject)
     if len(subjects) < 3:
         raise CohortError(f"{cohort_path}: training needs at least 3 subjects, found {len(subjects)}")
     return subjects
@@ -159,9 +140,9 @@ def run_training(
 
     # ---------------------------------------------------------------- cohort and split
     subjects = load_training_subjects(cohort_path)
-    by_id: Dict[str, List[TrainingSubject]] = {}
+    by_id: Dict[str, List[Subject]] = {}
     for s in subjects:
-        by_id.setdefault(s.person, []).append(s)
+        by_id.setdefault(s.participant, []).append(s)
     state = RunState(run_dir)
     settings = {name: stage_settings(config, name, cohort_digest(subjects)) for name in ("1", "2")}
     split, restart = None, ()
@@ -175,7 +156,7 @@ def run_training(
         _discard_training_states(run_dir, restart)
         state.reset(*restart)
     if split is None:
-        split = split_subjects([s.person for s in subjects], [s.age for s in subjects], config.seed,
+        split = split_subjects([s.participant for s in subjects], [s.age for s in subjects], config.seed,
                                config.val_fraction, config.test_fraction)
     if context.is_main:
         state.data.update({"split": split.to_dict(), "config": config.to_dict(), "preset": preset.to_dict(),
@@ -195,10 +176,10 @@ def run_training(
         bar.n = done
         bar.refresh()
 
-    cache.prepare_all([(s.subject_id, s.path) for s in mine], workers=config.workers, progress=advance)
+    cache.prepare_all([(s.id, s.path) for s in mine], workers=config.workers, progress=advance)
     bar.close()
     context.barrier()
-    entries = {id(s): cache.entry(s.subject_id, s.path) for s in ordered}
+    entries = {id(s): cache.entry(s.id, s.path) for s in ordered}
     timings["prepare"] = time.perf_counter() - tic
     log(f"prepared slices ready ({timings['prepare']:.0f} s; cache {cache.root})")
 
@@ -267,7 +248,7 @@ def run_training(
             state.mark_done("embed", encoder_key=key, seconds=timings["embed"])
         if stage == "embed":
             return TrainResult(run_dir, None, None, None, timings)
-    missing = [s.subject_id for s in ordered if not cache.embedding_path(entries[id(s)], key).exists()]
+    missing = [s.id for s in ordered if not cache.embedding_path(entries[id(s)], key).exists()]
     if missing:
         raise BrainAgeError(f"{run_dir}: {len(missing)} subjects lack embeddings of this encoder "
                             f"(e.g. {missing[0]!r}); run --stage embed first")
@@ -306,9 +287,9 @@ def run_training(
 RESTART_FROM = {"1": ("1", "embed", "2"), "2": ("2",)}
 
 
-def cohort_digest(subjects: Sequence[TrainingSubject]) -> str:
+def cohort_digest(subjects: Sequence[Subject]) -> str:
     """SHA-256 of what a run learns from the cohort: each scan's id, person, file, age and sex."""
-    rows = sorted((s.subject_id, s.person, str(s.path), float(s.age), s.sex) for s in subjects)
+    rows = sorted((s.id, s.participant, str(s.path), float(s.age), s.sex) for s in subjects)
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
@@ -341,7 +322,7 @@ def _stage1(model, groups, entries, config, run_dir, context, log, progress):
     indices = training_slice_indices(preset.n_slices, preset.n_train_slices)
 
     def dataset(name: str) -> SliceClassificationDataset:
-        volumes = [LabelledVolume(s.subject_id, entries[id(s)].slices_path, class_index(s.age, s.sex, preset), s.age)
+        volumes = [LabelledVolume(s.id, entries[id(s)].slices_path, class_index(s.age, s.sex, preset), s.age)
                    for s in groups[name]]
         return SliceClassificationDataset(volumes, indices)
 
@@ -359,8 +340,8 @@ def _embedding_set(subjects, entries, cache: SliceCache, key: str):
         raise CohortError("a split is empty; use more subjects or other split fractions")
     embeddings = torch.from_numpy(np.stack([cache.load_embeddings(entries[id(s)], key) for s in subjects]).astype(np.float32))
     return EmbeddingSet(
-        [s.subject_id for s in subjects], embeddings,
-        torch.tensor([s.sex_code for s in subjects], dtype=torch.float32),
+        [s.id for s in subjects], embeddings,
+        torch.tensor([SEX_CODES[s.sex] for s in subjects], dtype=torch.float32),
         torch.tensor([s.age for s in subjects], dtype=torch.float32),
     )
 
@@ -393,7 +374,7 @@ def _finish(model, groups, sets, predictions, entries, cache, config, state, res
     for name in SPLITS:
         for s, predicted in zip(groups[name], predictions[name]):
             rows.append({
-                "id": s.subject_id, "split": name, "path": s.path, "age": f"{s.age:.4f}", "sex": s.sex,
+                "id": s.id, "split": name, "path": str(s.path), "age": f"{s.age:.4f}", "sex": s.sex,
                 "predicted_age": f"{predicted:.4f}", "brain_age_gap": f"{predicted - s.age:.4f}",
                 "corrected_brain_age_gap": f"{float(correction.corrected_gap(predicted, s.age)):.4f}",
             })
