@@ -13,7 +13,7 @@ import pytest
 
 from BrainAgeLib.cli import main
 from BrainAgeLib.explain.cohort_maps import (
-    CohortSubject,
+    ExplainedSubject,
     attention_in_template_space,
     cohort_attention_maps,
     read_batch_explanations,
@@ -128,8 +128,8 @@ def test_subjects_without_age_count_only_in_the_mean(tmp_path):
     transform = np.eye(4)
     attention = subject_map(YOUNG_SPOT, transform, "RAS", 3.0)
     save_volume(attention, tmp_path / "a_attention.nii.gz")
-    subjects = [CohortSubject("a", tmp_path / "a_attention.nii.gz", None, 50.0, transform),
-                CohortSubject("b", tmp_path / "a_attention.nii.gz", 41.0, 50.0, transform)]
+    subjects = [ExplainedSubject("a", tmp_path / "a_attention.nii.gz", None, 50.0, transform),
+                ExplainedSubject("b", tmp_path / "a_attention.nii.gz", 41.0, 50.0, transform)]
     maps = cohort_attention_maps(subjects, TEMPLATE)
     assert maps.counts == {"all": 2, "40-49": 1}
 

@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CohortSubject:
-    """One subject's explanation as a batch run left it."""
+class ExplainedSubject:
+    """One subject's explanation as a batch run left it (its ``*_attention.json`` sidecar); the
+    subject itself is a :class:`BrainAgeLib.cohort.tables.Subject`."""
 
     name: str
     attention_path: Path
@@ -63,7 +64,7 @@ class CohortMaps:
     model: Dict[str, Any] = field(default_factory=lambda: {"name": "", "weights_sha256": None, "is_demo": False})
 
 
-def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> List[CohortSubject]:
+def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> List[ExplainedSubject]:
     """Every subject explanation under ``folders`` (searched recursively for ``*_attention.json``).
 
     An input image found twice (the same run given twice, or a copy of it) counts once, with a
@@ -73,7 +74,7 @@ def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> Lis
     """
     if isinstance(folders, (str, Path)):
         folders = [folders]
-    subjects: List[CohortSubject] = []
+    subjects: List[ExplainedSubject] = []
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
@@ -100,8 +101,8 @@ def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> Lis
         raise CohortError(f"the explanations come from models with different weights (SHA-256 "
                           f"{'; '.join(d[:12] for d in digests)}) under one name; "
                           "make cohort maps of one model at a time")
-    unique: Dict[Path, CohortSubject] = {}
-    kept: List[CohortSubject] = []
+    unique: Dict[Path, ExplainedSubject] = {}
+    kept: List[ExplainedSubject] = []
     for subject in subjects:
         key = Path(subject.input_path).resolve() if subject.input_path is not None else subject.attention_path.resolve()
         if key in unique:
@@ -125,7 +126,7 @@ def _inputs_of_batch_table(table: Path) -> Dict[Path, Path]:
             for row in rows if row.attention_map and row.path}
 
 
-def _read_sidecar(path: Path) -> CohortSubject:
+def _read_sidecar(path: Path) -> ExplainedSubject:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         attention_path = path.parent / str(data["attention_file"])
@@ -141,7 +142,7 @@ def _read_sidecar(path: Path) -> CohortSubject:
         raise CohortError(f"{path}: unreadable explanation sidecar ({type(error).__name__}: {error})") from None
     if not attention_path.exists():
         raise CohortError(f"{path}: its attention map {attention_path.name} is missing")
-    return CohortSubject(
+    return ExplainedSubject(
         name=path.name[: -len(SIDECAR_SUFFIX)],
         attention_path=attention_path,
         chronological_age=None if age is None else float(age),
@@ -171,7 +172,7 @@ def attention_in_template_space(attention: Volume, input_to_template: Optional[n
                     world_map=template_to_input, mode="constant", cval=0.0).array
 
 
-def register_subject(subject: CohortSubject) -> np.ndarray:
+def register_subject(subject: ExplainedSubject) -> np.ndarray:
     """The input -> template transform of a subject whose preprocessing did not register it
     (a skull-stripped input): its input image registered to the bundled MNI152 template."""
     from ..io import load_volume
@@ -190,7 +191,7 @@ def register_subject(subject: CohortSubject) -> np.ndarray:
     return np.asarray(result.input_to_template, dtype=np.float64)
 
 
-def cohort_attention_maps(subjects: Iterable[CohortSubject], template_grid: Optional[Volume] = None, *,
+def cohort_attention_maps(subjects: Iterable[ExplainedSubject], template_grid: Optional[Volume] = None, *,
                           decade_width: int = 10, assume_template_space: bool = False,
                           progress: Optional[Callable[[int, str], None]] = None) -> CohortMaps:
     """Average the subjects' attention maps in template space, overall and by age decade.
