@@ -2,7 +2,7 @@
 
 The model is the tiny preset with seeded random weights, saved as a checkpoint (so the CLI in
 a subprocess can load it); heads are 3 mm phantoms. Predicted ages are meaningless numbers,
-but they are real model outputs and must equal what ``model.predict`` gives for the same file.
+but they are real model outputs and must equal what ``predict`` gives for the same file.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from BrainAgeLib.cohort.batch import cohort_subjects, run_batch
 from BrainAgeLib.inference import predict
-from BrainAgeLib.model.checkpoint import load_model
+from BrainAgeLib.model.checkpoint import load_model, save_checkpoint
 from BrainAgeLib.errors import CohortError
 from BrainAgeLib.cohort.predictions_csv import FILENAME, PredictionsFileError, read_predictions
 
@@ -179,7 +179,7 @@ def test_explain_writes_attention_maps_named_in_the_csv(cohort_files, tmp_path):
     attention = load_volume(tmp_path / "out" / row.attention_map)
     scan = load_volume(head)
     assert attention.shape == scan.shape
-    expected = load_model(cohort_files["checkpoint"]).predict(head, None, device="cpu", explain=True, use_cache=False)
+    expected = predict(load_model(cohort_files["checkpoint"]), head, None, device="cpu", explain=True, use_cache=False)
     assert np.allclose(attention.array, expected.attention.array, atol=1e-4)
     assert 0.5 < attention.array.max() <= 1.0 and attention.array.min() >= 0.0
     assert (tmp_path / "out" / "attention" / "head0_attention.png").exists()
@@ -281,7 +281,7 @@ def test_resume_refuses_other_weights_or_preprocessing_under_the_same_name(cohor
     cohort = long_cohort(cohort_files, tmp_path / "more.csv", repeats=2)  # 3 more subjects to do
     before = (out / FILENAME).read_bytes()
 
-    impostor = build_model("tiny", seed=1).save(tmp_path / "impostor.safetensors", {"name": "tiny-test"})
+    impostor = save_checkpoint(build_model("tiny", seed=1), tmp_path / "impostor.safetensors", {"name": "tiny-test"})
     ours, theirs = read_metadata(checkpoint)["weights_sha256"], read_metadata(impostor)["weights_sha256"]
     assert ours != theirs and load_model(impostor).name == "tiny-test"
     with pytest.raises(PredictionsFileError) as error:
@@ -311,7 +311,7 @@ def test_cli_resume_with_other_weights_exits_2_naming_both_digests(cohort_files,
     cohort = long_cohort(cohort_files, tmp_path / "cohort.csv", repeats=1)
     out = tmp_path / "out"
     run_batch(cohort, out, model=str(checkpoint), device="cpu", workers=0)
-    impostor = build_model("tiny", seed=2).save(tmp_path / "impostor.safetensors", {"name": "tiny-test"})
+    impostor = save_checkpoint(build_model("tiny", seed=2), tmp_path / "impostor.safetensors", {"name": "tiny-test"})
     process = cli(str(cohort), "--out", str(out), "--model", str(impostor), "--device", "cpu", "--workers", "0")
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 2, stderr
