@@ -9,6 +9,7 @@ goes through this module:
   own inverse).
 - ``volume_to_sitk`` / ``sitk_to_volume`` (with ``sitk_affine``, ``array_to_sitk`` and
   ``sitk_to_array`` for the pieces): voxels carried over unchanged, geometry converted exactly.
+- ``itk_setting``: one of SimpleITK's process-wide settings changed for a ``with`` block.
 - ``resample`` (a Volume onto another grid) and ``resample_array`` (an array through a 4x4 voxel
   map): every interpolation between two voxel grids, with ``scipy.ndimage.affine_transform``.
 
@@ -21,7 +22,8 @@ Importing this module needs only numpy; SimpleITK and scipy are imported where t
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -164,6 +166,21 @@ def scale_and_shift(scale: Sequence[float], shift: Sequence[float]) -> np.ndarra
     return matrix
 
 
+@contextlib.contextmanager
+def itk_setting(name: str, value: Any) -> Iterator[None]:
+    """SimpleITK's process-wide ``ProcessObject`` setting ``name`` (``"GlobalWarningDisplay"``,
+    ``"GlobalDefaultNumberOfThreads"``, ...) set to ``value`` inside the block, restored after."""
+    import SimpleITK as sitk
+
+    get, put = getattr(sitk.ProcessObject, f"Get{name}"), getattr(sitk.ProcessObject, f"Set{name}")
+    before = get()
+    put(value)
+    try:
+        yield
+    finally:
+        put(before)
+
+
 def crop_affine(affine: np.ndarray, start: Sequence[float]) -> np.ndarray:
     """The affine (voxel -> RAS mm, or any 4x4 from voxel indices) of the box of a grid whose
     first voxel is ``start``: the same matrix with its voxel index shifted by ``start``."""
@@ -178,7 +195,7 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
 
 
 __all__ = [
-    "LPS_TO_RAS", "array_to_sitk", "sitk_to_array", "volume_to_sitk", "sitk_affine", "sitk_to_volume",
+    "LPS_TO_RAS", "array_to_sitk", "sitk_to_array", "volume_to_sitk", "sitk_affine", "sitk_to_volume", "itk_setting",
     "resample", "resample_array", "voxel_map_between", "scale_and_shift", "crop_affine",
     "voxel_volume_mm3",
 ]

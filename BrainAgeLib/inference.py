@@ -95,18 +95,10 @@ def predict(
     return _infer(model, prepared, sex_parsed, chronological, explain, target, report, precision, run)
 
 
-def predict_prepared(
-    model: BrainAgeModel,
-    prepared: Any,
-    sex: Optional[str],
-    age: Optional[float] = None,
-    explain: bool = False,
-    device: DeviceLike = "auto",
-    progress: Optional[ProgressCallback] = None,
-    *,
-    precision: str = "auto",
-) -> Result:
-    """Like :func:`predict`, from a volume already prepared (``preprocess.prepare``)."""
+def predict_prepared(model: BrainAgeModel, prepared: Any, sex: Optional[str], age: Optional[float] = None,
+                     explain: bool = False, device: DeviceLike = "auto", progress: Optional[ProgressCallback] = None,
+                     *, precision: str = "auto") -> Result:
+    """Like :func:`predict` (the same arguments), from a volume already prepared (``preprocess.prepare``)."""
     return _infer(model, prepared, parse_sex(sex), check_age(age), explain, resolve_device(device),
                   progress or _silent, precision, _Run(started=time.perf_counter()))
 

@@ -25,7 +25,6 @@ folder and then moved into place with ``os.replace``, so a reader never sees hal
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import logging
 import os
@@ -40,7 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InvalidVolumeError
-from .geometry import sitk_affine, volume_to_sitk
+from .geometry import itk_setting, sitk_affine, volume_to_sitk
 from .volume import Volume
 
 __all__ = [
@@ -447,17 +446,9 @@ def _itk_reason(error: BaseException) -> str:
     return _short(lines[-1] if lines else error)
 
 
-@contextlib.contextmanager
 def _quiet_itk():
     """Silence ITK's warnings on stderr (e.g. "No Series were found"); errors still raise."""
-    import SimpleITK as sitk
-
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    return itk_setting("GlobalWarningDisplay", False)
 
 
 # --------------------------------------------------------------------------------------------

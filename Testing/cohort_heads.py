@@ -50,6 +50,14 @@ def write_cohort_csv(path: Path, entries: Sequence[Tuple[str, Path, object, str]
     return path
 
 
+def cohort_folder(folder: Path) -> Dict[str, object]:
+    """Everything a cohort test needs in ``folder``: ``heads`` (write_heads), ``bad``
+    (write_bad_inputs) and ``checkpoint`` (tiny_checkpoint)."""
+    heads = write_heads(folder / "heads")
+    bad = write_bad_inputs(folder / "bad", heads[0][0])
+    return {"folder": folder, "heads": heads, "bad": bad, "checkpoint": tiny_checkpoint(folder / "model")}
+
+
 def tiny_checkpoint(folder: Path) -> Path:
     """A tiny-preset model with seeded random weights, saved as a BrainAge checkpoint."""
     from BrainAgeLib.model import build_model

@@ -22,18 +22,14 @@ from BrainAgeLib.model.checkpoint import load_model, save_checkpoint
 from BrainAgeLib.errors import CohortError
 from BrainAgeLib.cohort.predictions_csv import FILENAME, PredictionsFileError, read_predictions
 
-from cohort_heads import tiny_checkpoint, write_bad_inputs, write_cohort_csv, write_heads
+from cohort_heads import cohort_folder, write_cohort_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def cohort_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("batch_cohort")
-    heads = write_heads(folder / "heads")
-    bad = write_bad_inputs(folder / "bad", heads[0][0])
-    checkpoint = tiny_checkpoint(folder / "model")
-    return {"folder": folder, "heads": heads, "bad": bad, "checkpoint": checkpoint}
+    return cohort_folder(tmp_path_factory.mktemp("batch_cohort"))
 
 
 def long_cohort(cohort_files, path: Path, repeats: int) -> Path:

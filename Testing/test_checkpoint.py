@@ -149,13 +149,19 @@ def test_tampered_weights_are_refused(tiny_checkpoint):
         load_model(path)
 
 
+def write_raw_checkpoint(path, weights, card):
+    """A safetensors file of ``weights`` (a module, or a dict of tensors) with ``card`` as its
+    BrainAge metadata, written without save_checkpoint's checks: what a damaged or foreign file holds."""
+    tensors = weights.state_dict() if hasattr(weights, "state_dict") else weights
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"brainage": json.dumps(card)})
+    return path
+
+
 def test_weights_of_the_wrong_shape_are_refused(tmp_path):
     tiny = build_model("tiny", seed=0)
-    tensors = {k: v.contiguous() for k, v in tiny.state_dict().items()}
-    tensors["regressor.head.fc1.weight"] = torch.zeros(16, 99)
+    tensors = dict(tiny.state_dict(), **{"regressor.head.fc1.weight": torch.zeros(16, 99)})
     card = {"format_version": 1, "preset": "tiny", "config": tiny.config.to_dict(), "name": "bad"}
-    path = tmp_path / "wrong_shape.safetensors"
-    save_file(tensors, str(path), metadata={"brainage": json.dumps(card)})
+    path = write_raw_checkpoint(tmp_path / "wrong_shape.safetensors", tensors, card)
     with pytest.raises(CheckpointError, match=r"regressor.head.fc1.weight is \[16, 99\], expected \[16, 16\]"):
         load_model(path)
 
@@ -164,9 +170,7 @@ def test_weights_of_another_preset_are_refused(tmp_path):
     demo_config = build_model("demo", seed=0).config
     tiny = build_model("tiny", seed=0)
     card = {"format_version": 1, "preset": "demo", "config": demo_config.to_dict()}
-    path = tmp_path / "mismatch.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(path),
-              metadata={"brainage": json.dumps(card)})
+    path = write_raw_checkpoint(tmp_path / "mismatch.safetensors", tiny, card)
     with pytest.raises(CheckpointError, match="do not fit the 'demo' architecture"):
         load_model(path)
 
@@ -176,9 +180,7 @@ def test_a_config_whose_sizes_disagree_with_its_preprocessing_is_refused(tmp_pat
     config = tiny.config.to_dict()
     config["image_size"] = 64  # the preprocessing (which holds the value) says 32
     card = {"format_version": 1, "preset": "tiny", "config": config}
-    path = tmp_path / "sizes.safetensors"
-    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(path),
-              metadata={"brainage": json.dumps(card)})
+    path = write_raw_checkpoint(tmp_path / "sizes.safetensors", tiny, card)
     with pytest.raises(CheckpointError, match=r"image_size=64 but preprocess.image_size=32"):
         load_model(path)
 
@@ -192,10 +194,9 @@ def test_foreign_safetensors_without_brainage_metadata_are_refused(tmp_path):
 
 def test_missing_tensors_are_named(tiny_checkpoint, tmp_path):
     model, _ = tiny_checkpoint
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("regressor.head.out")}
+    tensors = {k: v for k, v in model.state_dict().items() if not k.startswith("regressor.head.out")}
     card = {"format_version": 1, "preset": "tiny", "config": model.config.to_dict()}
-    path = tmp_path / "partial.safetensors"
-    save_file(tensors, str(path), metadata={"brainage": json.dumps(card)})
+    path = write_raw_checkpoint(tmp_path / "partial.safetensors", tensors, card)
     with pytest.raises(CheckpointError, match=r"2 missing tensors \(e.g. regressor.head.out.bias"):
         load_model(path)
 
@@ -203,9 +204,7 @@ def test_missing_tensors_are_named(tiny_checkpoint, tmp_path):
 def test_a_newer_format_is_refused_with_advice(tiny_checkpoint, tmp_path):
     model, _ = tiny_checkpoint
     card = {"format_version": 99, "preset": "tiny", "config": model.config.to_dict()}
-    path = tmp_path / "future.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"brainage": json.dumps(card)})
+    path = write_raw_checkpoint(tmp_path / "future.safetensors", model, card)
     with pytest.raises(CheckpointError, match="upgrade BrainAge"):
         load_model(path)
 

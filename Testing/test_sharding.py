@@ -12,7 +12,7 @@ from BrainAgeLib.cohort.batch import run_batch
 from BrainAgeLib.cohort.predictions_csv import FILENAME, read_predictions
 from BrainAgeLib.parallel import RankContext
 
-from cohort_heads import tiny_checkpoint, write_bad_inputs, write_cohort_csv, write_heads
+from cohort_heads import cohort_folder, write_cohort_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,13 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """7 subjects (5 scans + a corrupt file + a missing one) and a tiny checkpoint."""
-    folder = tmp_path_factory.mktemp("shard_cohort")
-    heads = write_heads(folder / "heads")
-    bad = write_bad_inputs(folder / "bad", heads[0][0])
+    files = cohort_folder(tmp_path_factory.mktemp("shard_cohort"))
+    heads, bad = files["heads"], files["bad"]
     entries = [(f"s{k}", file, age, sex) for k, (file, age, sex) in enumerate(heads)]
     entries += [("s3", heads[0][0], 80.0, "M"), ("bad", bad["corrupt"], 50.0, "F"),
                 ("s4", heads[2][0], 20.0, "unknown"), ("gone", bad["missing"], 60.0, "M")]
-    return write_cohort_csv(folder / "cohort.csv", entries), tiny_checkpoint(folder / "model")
+    return write_cohort_csv(files["folder"] / "cohort.csv", entries), files["checkpoint"]
 
 
 def assert_same_predictions(csv_a: Path, csv_b: Path) -> None:

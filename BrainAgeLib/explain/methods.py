@@ -216,7 +216,7 @@ def method_inputs(model: Any, prepared: Any, embeddings: ExplainInputs, sex_valu
     device = next(regressor.parameters()).device
     embeddings = _as_tensor(embeddings, device)
     if patch_tokens is None or cls_attention is None:
-        _, patch_tokens, cls_attention = model.embed_explain(prepared.slices, batch_size)
+        _, patch_tokens, cls_attention = model.embed_explain(prepared.slices, batch_size=batch_size)
     patch_tokens = _as_tensor(patch_tokens, device)
     cls_attention = _as_tensor(cls_attention, device)
     brain_mask = _as_tensor(prepared.brain_mask, device, dtype=torch.bool)

@@ -99,25 +99,19 @@ class BrainAgeModel(nn.Module):
         ``batch_size`` at a time (default: sized to the device); ``precision`` "auto" uses the
         autocast policy of ``BrainAgeLib.devices``. ``progress(done, total)`` is called after each batch.
         """
-        return self._encode(slices, batch_size, device, precision, progress, explain=False)[0]
+        return self._encode(slices, batch_size, device, precision=precision, progress=progress, explain=False)[0]
 
-    def embed_explain(
-        self,
-        slices: Union[np.ndarray, torch.Tensor],
-        batch_size: Optional[int] = None,
-        device: DeviceLike = None,
-        *,
-        precision: str = "auto",
-        progress: Optional[Callable[[int, int], None]] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Like :meth:`embed`, plus what the attention map needs, in the same single ViT pass.
+    def embed_explain(self, slices: Union[np.ndarray, torch.Tensor], **options: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like :meth:`embed` (the same keywords), plus what the attention map needs, in the same
+        single ViT pass.
 
         Returns ``(embeddings [S, D], patch_tokens [S, N, D], cls_attention [S, N])``, float32
         (see ``SliceEncoder.forward_explain``).
         """
-        return self._encode(slices, batch_size, device, precision, progress, explain=True)
+        return self._encode(slices, explain=True, **options)
 
-    def _encode(self, slices, batch_size, device, precision, progress, explain: bool) -> Tuple[torch.Tensor, ...]:
+    def _encode(self, slices, batch_size: Optional[int] = None, device: DeviceLike = None, *, precision: str = "auto",
+                progress: Optional[Callable[[int, int], None]] = None, explain: bool) -> Tuple[torch.Tensor, ...]:
         if device is not None:
             target = resolve_device(device)
             if target != self.device:

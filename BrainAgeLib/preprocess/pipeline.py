@@ -63,7 +63,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..errors import InvalidVolumeError
-from ..geometry import array_to_sitk, crop_affine, resample_array, scale_and_shift, sitk_to_array, volume_to_sitk
+from ..geometry import array_to_sitk, crop_affine, itk_setting, resample_array, scale_and_shift, sitk_to_array, volume_to_sitk
 from ..presets import ModelConfig, PreprocessConfig, get_preset
 from .qc import ALREADY_STRIPPED, QualityControl, assess, mask_volume_ml
 from .template_strip import detect_skull_stripped, template_brain_mask
@@ -159,13 +159,8 @@ def _itk_threads(n: int) -> Iterator[None]:
     B-spline fit follows only that), set and restored under a lock, so two threads preparing at
     once (Slicer, a user's pool) take turns instead of undoing each other's setting. Meanwhile
     every other ITK filter of the process also gets ``n`` threads."""
-    with _ITK_THREADS_LOCK:
-        before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
-        try:
-            yield
-        finally:
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    with _ITK_THREADS_LOCK, itk_setting("GlobalDefaultNumberOfThreads", n):
+        yield
 
 
 def n4_bias_correction(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -32,6 +32,23 @@ def load_training_state(path: "str | os.PathLike") -> Optional[Dict[str, Any]]:
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def best_so_far(state: Dict[str, Any]) -> Tuple[Optional[Dict[str, torch.Tensor]], Dict[str, Any], List[Dict[str, Any]]]:
+    """(the best epoch's weights, its record, the history of every epoch) in a saved training state."""
+    return state.get("best_model"), dict(state["best"]), list(state["history"])
+
+
+def resume_from(state: Optional[Dict[str, Any]], fresh_best: Dict[str, Any], **into: Any
+                ) -> Tuple[int, Optional[Dict[str, torch.Tensor]], Dict[str, Any], List[Dict[str, Any]]]:
+    """Where a stage starts: (first epoch, best weights, best record, history) of a saved state,
+    after loading each of its entries named in ``into`` (``model=``, ``optimizer=``,
+    ``scheduler=``) into that object; (0, None, ``fresh_best``, []) when there is no state."""
+    if state is None:
+        return 0, None, dict(fresh_best), []
+    for key, target in into.items():
+        target.load_state_dict(state[key])
+    return (int(state["epoch"]) + 1, *best_so_far(state))
 
 
 def seed_epoch(seed: int, stage: int, epoch: int, rank: int = 0) -> None:

@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from ..parallel import RankContext
 from .augment import augment_slices, soft_class_targets
 from .config import TrainConfig
 from .distributed import wrap_for_training
-from .resume import load_training_state, save_training_state, seed_epoch
+from .resume import best_so_far, load_training_state, resume_from, save_training_state, seed_epoch
 
 
 def training_slice_indices(n_slices: int, n_train_slices: int) -> np.ndarray:
@@ -200,20 +200,11 @@ def train_stage1(
     )
 
     state_path = stage_dir / "training_state.pt"
-    state = load_training_state(state_path)
-    start_epoch, best = 0, {"epoch": -1, "val_loss": float("inf"), "val_accuracy": 0.0}
-    history: List[Dict[str, float]] = []
-    best_weights: Optional[Dict[str, torch.Tensor]] = None
-    if state is not None:
-        vit.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        best = dict(state["best"])
-        history = list(state["history"])
-        best_weights = state.get("best_model")
-        if context.is_main:
-            log(f"stage 1: resuming after epoch {start_epoch} of {config.epochs1}")
+    start_epoch, best_weights, best, history = resume_from(
+        load_training_state(state_path), {"epoch": -1, "val_loss": float("inf"), "val_accuracy": 0.0},
+        model=vit, optimizer=optimizer, scheduler=scheduler)
+    if start_epoch and context.is_main:
+        log(f"stage 1: resuming after epoch {start_epoch} of {config.epochs1}")
 
     ddp = wrap_for_training(classifier, context, device)
 
@@ -264,8 +255,7 @@ def train_stage1(
 
     # every rank takes the best epoch's weights (rank 0 chose them; the file is shared)
     if context.enabled:
-        state = load_training_state(state_path)
-        best_weights, best, history = state["best_model"], dict(state["best"]), list(state["history"])
+        best_weights, best, history = best_so_far(load_training_state(state_path))
     if best_weights is not None:
         vit.load_state_dict(best_weights)
     if config.dora:

@@ -26,7 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..parallel import RankContext
 from .config import TrainConfig
 from .distributed import wrap_for_training
-from .resume import load_training_state, save_training_state, seed_epoch
+from .resume import best_so_far, load_training_state, resume_from, save_training_state, seed_epoch
 
 
 @dataclass
@@ -100,17 +100,10 @@ def train_stage2(
     loader = DataLoader(dataset, batch_size=config.batch_size2 // context.world_size, sampler=sampler)
 
     state_path = Path(stage_dir) / "training_state.pt"
-    state = load_training_state(state_path)
-    start_epoch, best = 0, {"epoch": -1, "val_mae": float("inf")}
-    history: List[Dict[str, float]] = []
-    best_weights: Optional[Dict[str, torch.Tensor]] = None
-    if state is not None:
-        regressor.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best = int(state["epoch"]) + 1, dict(state["best"])
-        history, best_weights = list(state["history"]), state.get("best_model")
-        if context.is_main:
-            log(f"stage 2: resuming after epoch {start_epoch} of {config.epochs2}")
+    start_epoch, best_weights, best, history = resume_from(
+        load_training_state(state_path), {"epoch": -1, "val_mae": float("inf")}, model=regressor, optimizer=optimizer)
+    if start_epoch and context.is_main:
+        log(f"stage 2: resuming after epoch {start_epoch} of {config.epochs2}")
 
     model = wrap_for_training(regressor, context, device)
     started = time.perf_counter()
@@ -144,9 +137,8 @@ def train_stage2(
                 "best": best, "history": history, "best_model": best_weights,
             })
         context.barrier()
-    if context.enabled:
-        state = load_training_state(state_path)
-        best_weights, best, history = state["best_model"], dict(state["best"]), list(state["history"])
+    if context.enabled:   # every rank takes the best epoch's weights (rank 0 chose them; the file is shared)
+        best_weights, best, history = best_so_far(load_training_state(state_path))
     if best_weights is not None:
         regressor.load_state_dict(best_weights)
     if output is not None and output.bias is not None:
