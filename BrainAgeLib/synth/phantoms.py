@@ -52,6 +52,7 @@ from scipy import ndimage as ndi
 from . import lifespan
 from ..atomic_files import write_text_atomic
 from ..errors import BrainAgeError
+from ..geometry import resample_array
 from ..volume import Volume
 
 #: Output field of view (mm, R-L x A-P x S-I), centred on the world origin.
@@ -191,8 +192,7 @@ def _template(spacing: float) -> _Template:
         def resample(array: np.ndarray) -> np.ndarray:
             if sigma:
                 array = ndi.gaussian_filter(array, sigma, mode="constant")
-            return ndi.affine_transform(array, np.full(3, factor), output_shape=shape, order=1,
-                                        mode="constant").astype(np.float32)
+            return resample_array(array, np.diag([factor, factor, factor, 1.0]), shape, order=1).astype(np.float32)
 
         t1, gm, wm, brain = (resample(a) for a in (t1, gm, wm, brain))
     origin = affine[:3, 3].astype(np.float64)
