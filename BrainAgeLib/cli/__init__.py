@@ -1,4 +1,5 @@
-"""The ``brainage`` command line.
+"""The ``brainage`` command line: one module per sub-command (``predict``, ``batch``, ``train``, ...),
+shared argument handling in ``_common``.
 
 Each sub-command lives in its own module in this package and provides ``COMMAND`` (its name),
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules keep heavy

@@ -1,13 +1,5 @@
-"""The two-stage BrainRotViT model: ViT slice encoder (stage 1) + residual CNN regressor (stage 2).
-
-- ``encoder.SliceEncoder``: timm VisionTransformer over single sagittal slices (``.vit``).
-- ``regressor.ResidualCNNRegressor``: reads the [S, D] stack of slice embeddings, plus sex.
-- ``brain_age_model.BrainAgeModel``: both stages, ``embed``/``embed_explain``/``regress``.
-- ``build_model(preset)``: a model of a preset with fresh random weights.
-- ``checkpoint``: safetensors checkpoints (``save_checkpoint``, ``load_model``, the registry).
-- ``import_official``: the BrainRotViT authors' checkpoints, with their key maps.
-(Running a model on a volume is ``BrainAgeLib.inference``.)
-"""
+"""The two-stage BrainRotViT network: ViT slice encoder (``encoder``), residual CNN (``regressor``),
+both (``brain_age_model``), its checkpoints (``checkpoint``) and the authors' files (``import_official``)."""
 from __future__ import annotations
 
 from .brain_age_model import (
