@@ -166,8 +166,12 @@ def normalized_rgb(slices: torch.Tensor) -> torch.Tensor:
 
 # A small ViT (2 layers, 128 wide, 32 px) whose embeddings the real CNN class can read as a
 # 32 x 128 map; fast enough for the whole chain on 32 slices.
-SMALL_VIT = ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
-                      image_size=32, patch_size=8, num_labels=20)
+def small_vit_config(num_labels: int = 20) -> ViTConfig:
+    return ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                     image_size=32, patch_size=8, num_labels=num_labels)
+
+
+SMALL_VIT = small_vit_config()
 SMALL_SLICES = 32
 
 
@@ -315,6 +319,66 @@ def test_inputs_are_not_modified_and_output_is_complete(small_official, tmp_path
     out = import_official(small_official["vit_path"], small_official["cnn_path"], tmp_path / "sub" / "x.safetensors")
     assert out.is_file() and not list(out.parent.glob(".*.tmp"))
     assert all(path.read_bytes() == data for path, data in before.items())
+
+
+# ------------------------------------------------- a classifier whose labels are not known
+@pytest.fixture(scope="module")
+def eighteen_class_official(tmp_path_factory, small_official):
+    """The small ViT with 18 classes (as many decade x sex groups as the authors' data held)."""
+    folder = tmp_path_factory.mktemp("official_18")
+    vit = their_dora_vit(small_vit_config(num_labels=18), seed=7)
+    vit_path = save_their_vit(vit, folder / OFFICIAL_VIT_FILENAME, train_step=False)
+    return {"vit_path": vit_path, "cnn_path": small_official["cnn_path"], "vit": vit}
+
+
+def test_an_18_class_vit_imports_with_generic_labels_and_one_warning(eighteen_class_official, tmp_path):
+    from BrainAgeLib.model.import_official import UnknownClassLabelsWarning
+
+    with pytest.warns(UnknownClassLabelsWarning) as caught:
+        out = import_official(eighteen_class_official["vit_path"], eighteen_class_official["cnn_path"],
+                              tmp_path / "m18.safetensors")
+    ours = [w for w in caught if issubclass(w.category, UnknownClassLabelsWarning)]
+    assert len(ours) == 1 and "18 classes" in str(ours[0].message)
+    assert str(eighteen_class_official["vit_path"]) in str(ours[0].message)
+
+    card = read_metadata(out)
+    assert card["class_labels_known"] is False
+    assert card["official_class_labels"] == [f"class {i}" for i in range(18)]
+    assert card["class_names"] == card["stage1_classes"] == card["official_class_labels"]
+    model = load_model(out)
+    assert model.config.n_classes == 18
+
+    # the rows keep the authors' order: our logits are theirs, column for column
+    merged_vit = copy.deepcopy(eighteen_class_official["vit"]).merge_and_unload().eval()
+    slices = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        theirs = merged_vit(pixel_values=normalized_rgb(slices)).logits
+        ours = model.encoder.classify(slices)
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_known_labels_still_name_an_18_class_classifier(eighteen_class_official, tmp_path):
+    import warnings
+
+    labels = [f"{decade:03d}{sex}" for decade in range(10, 100, 10) for sex in ("F", "M")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out = import_official(eighteen_class_official["vit_path"], eighteen_class_official["cnn_path"],
+                              tmp_path / "named.safetensors", class_labels=labels)
+    card = read_metadata(out)
+    assert card["class_labels_known"] is True
+    assert card["age_bin_edges"] == [float(e) for e in range(10, 101, 10)]
+    assert card["class_names"][0] == "M 10-20"
+
+
+def test_cli_imports_an_18_class_vit_and_prints_the_warning_once(eighteen_class_official, tmp_path, capsys):
+    out = tmp_path / "cli18.safetensors"
+    code = brainage(["import-official", "--vit", str(eighteen_class_official["vit_path"]),
+                     "--cnn", str(eighteen_class_official["cnn_path"]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("WARNING:") == 1 and "class_labels_known: false" in err
+    assert read_metadata(out)["class_labels_known"] is False
 
 
 # --------------------------------------------------------------------------- folder and CLI

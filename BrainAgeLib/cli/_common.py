@@ -86,3 +86,19 @@ def check_device(device: str) -> None:
     from ..devices import resolve_device
 
     resolve_device(device)
+
+
+def report_warnings(caught, category: type = Warning) -> None:
+    """Print the ``category`` warnings recorded by ``warnings.catch_warnings(record=True)`` to stderr
+    as one ``WARNING:`` line each (repeats once); others go to ``warnings.showwarning`` as usual."""
+    import warnings
+
+    seen = set()
+    for warning in caught:
+        if not issubclass(warning.category, category):
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+            continue
+        text = str(warning.message)
+        if text not in seen:
+            seen.add(text)
+            print(f"WARNING: {text}", file=sys.stderr)

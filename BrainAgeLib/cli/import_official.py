@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
-from ._common import writable_folder
+from ._common import report_warnings, writable_folder
 
 COMMAND = "import-official"
 HELP = "convert the authors' published BrainRotViT checkpoints (.pth ViT + .pkl CNN) into a BrainAge .safetensors model"
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--class-labels", default=None, metavar="LABELS",
         help="the authors' stage-1 class labels in their sorted order, comma-separated (e.g. 010F,010M,...); "
-             "needed only when the class count does not identify them",
+             "only 20 classes identify themselves; without labels other counts import with generic "
+             "ones ('class 0', ...), which ages and maps do not use",
     )
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="DoRA lora_alpha used in training (default: 16)")
     parser.add_argument("--num-heads", type=int, default=None, help="ViT attention heads (default: embed_dim / 64)")
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import CheckpointError
-    from ..model.import_official import find_official_files, import_official
+    from ..model.import_official import UnknownClassLabelsWarning, find_official_files, import_official
 
     if args.folder is not None:
         if args.vit or args.cnn:
@@ -53,9 +55,12 @@ def run(args: argparse.Namespace) -> int:
     writable_folder(Path(args.out).resolve().parent, "--out file's")
     labels = [label.strip() for label in args.class_labels.split(",")] if args.class_labels else None
     print(f"ViT: {vit}\nCNN: {cnn}")
-    out = import_official(
-        vit, cnn, args.out, name=args.name,
-        lora_alpha=args.lora_alpha, num_heads=args.num_heads, class_labels=labels,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnknownClassLabelsWarning)
+        out = import_official(
+            vit, cnn, args.out, name=args.name,
+            lora_alpha=args.lora_alpha, num_heads=args.num_heads, class_labels=labels,
+        )
+    report_warnings(caught, UnknownClassLabelsWarning)
     print(f"wrote {out}")
     return 0

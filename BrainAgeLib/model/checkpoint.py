@@ -102,7 +102,10 @@ def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
     card = build_metadata(config, {**getattr(model, "metadata", {}), **(metadata or {})})
     card["weights_sha256"] = weights_digest(tensors)
-    card["class_names"] = class_names(config)
+    # an imported classifier whose labels are unknown keeps its generic names ("class 0", ...)
+    generic = card.get("class_labels_known") is False and len(card.get("class_names") or ()) == config.n_classes
+    if not generic:
+        card["class_names"] = class_names(config)
     header = {METADATA_KEY: json.dumps(card, sort_keys=True, default=_json_default), "format": "pt"}
 
     from safetensors.torch import save_file

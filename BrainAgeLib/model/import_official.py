@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -394,6 +395,26 @@ def class_layout(labels: Sequence[str]) -> Tuple[Tuple[float, ...], List[int]]:
     return edges, order
 
 
+class UnknownClassLabelsWarning(UserWarning):
+    """An imported ViT classifier's class count does not identify the authors' class labels."""
+
+
+def unknown_class_layout(n_classes: int, path: Optional[PathLike] = None) -> Tuple[List[str], Tuple[float, ...]]:
+    """Generic labels ``"class 0"`` ... and placeholder age-bin edges ``0, 1, ..., n/2`` (bin numbers,
+    not years) for a classifier whose labels are unknown; its rows keep the authors' order.
+
+    The stage-1 classifier plays no part in ages or attention maps, so such a model predicts as
+    well as one with known labels; only stage-1 class names and re-training need the real ones.
+    BrainAge's head holds ``2 * n_age_bins`` classes, so an odd count cannot be represented.
+    """
+    if n_classes < 2 or n_classes % 2:
+        raise CheckpointError(
+            f"the ViT classifier has {n_classes} classes; BrainAge's stage-1 head holds an even number "
+            "(age bins x 2 sexes). Pass the authors' class labels (CLI: --class-labels)", path)
+    labels = [f"class {i}" for i in range(n_classes)]
+    return labels, tuple(float(i) for i in range(n_classes // 2 + 1))
+
+
 # ------------------------------------------------------------------------------ file reading
 @dataclass
 class OfficialCheckpoint:
@@ -559,8 +580,10 @@ def convert_official(
     """Merge, rename and check the loaded files; build the config (LayerNorm eps 1e-12) and metadata.
 
     ``num_heads`` defaults to embed_dim / 64 (every Hugging Face ViT size: base 768 -> 12);
-    ``class_labels`` (the authors' label strings, e.g. "040F") is needed only when the
-    classifier's class count does not identify them (20 classes: decades 0-90 x F/M).
+    ``class_labels`` (the authors' label strings, e.g. "040F") names the stage-1 classes; without
+    them a class count that does not identify them (only 20 does: decades 0-90 x F/M) imports
+    with generic labels, ``class_labels_known: false`` in the metadata and one
+    :class:`UnknownClassLabelsWarning` (the classifier plays no part in ages or maps).
     """
     hf_state, merge = merge_peft_state_dict(vit.state, lora_alpha=lora_alpha)
     geometry = vit_geometry(hf_state)
@@ -575,22 +598,27 @@ def convert_official(
             f"cannot tell the number of attention heads of a {geometry.embed_dim}-wide ViT; pass num_heads",
             vit.path,
         )
-    labels = list(class_labels) if class_labels else official_class_labels(geometry.n_classes)
-    if labels is None:
-        raise CheckpointError(
-            f"the ViT classifier has {geometry.n_classes} classes, so which age decades it was "
-            "trained on cannot be inferred (20 would mean 0-9 ... 90-99 y x F/M). Pass the "
-            "authors' class labels in their sorted order, e.g. class_labels=['010F', '010M', ...] "
-            "(CLI: --class-labels 010F,010M,...)",
-            vit.path,
-        )
-    if len(labels) != geometry.n_classes:
-        raise CheckpointError(
-            f"{len(labels)} class labels given for a classifier with {geometry.n_classes} classes", vit.path
-        )
-    age_bin_edges, order = class_layout(labels)
-    timm_state["head.weight"] = timm_state["head.weight"][order].contiguous()
-    timm_state["head.bias"] = timm_state["head.bias"][order].contiguous()
+    if class_labels:
+        labels = list(class_labels)
+        if len(labels) != geometry.n_classes:
+            raise CheckpointError(
+                f"{len(labels)} class labels given for a classifier with {geometry.n_classes} classes", vit.path
+            )
+    else:
+        labels = official_class_labels(geometry.n_classes)
+    labels_known = labels is not None
+    if labels_known:
+        age_bin_edges, order = class_layout(labels)
+        timm_state["head.weight"] = timm_state["head.weight"][order].contiguous()
+        timm_state["head.bias"] = timm_state["head.bias"][order].contiguous()
+    else:
+        labels, age_bin_edges = unknown_class_layout(geometry.n_classes, vit.path)
+        warnings.warn(UnknownClassLabelsWarning(
+            f"{vit.path}: the ViT classifier has {geometry.n_classes} classes, which does not say which "
+            "age decades they stand for (20 would mean 0-9 ... 90-99 y x F/M); imported with generic "
+            f"labels 'class 0' ... 'class {geometry.n_classes - 1}' (class_labels_known: false). Ages and "
+            "attention maps do not use the stage-1 classifier; pass class_labels (CLI: --class-labels "
+            "010F,010M,...) if you know the authors' labels"), stacklevel=2)
 
     paper = PRESETS["paper"]
     config = paper.replace(
@@ -619,12 +647,13 @@ def convert_official(
 
     matches_paper = config.replace(name=paper.name, layer_norm_eps=paper.layer_norm_eps,
                                    age_bin_edges=paper.age_bin_edges) == paper
-    metadata = _official_metadata(config, vit, cnn, merge, labels, matches_paper)
+    metadata = _official_metadata(config, vit, cnn, merge, labels, matches_paper, labels_known)
     return ConvertedOfficialModel(config=config, state=state, metadata=metadata)
 
 
 def _official_metadata(config: ModelConfig, vit: OfficialCheckpoint, cnn: OfficialCheckpoint,
-                       merge: PeftMergeReport, labels: Sequence[str], matches_paper: bool) -> Dict[str, Any]:
+                       merge: PeftMergeReport, labels: Sequence[str], matches_paper: bool,
+                       labels_known: bool = True) -> Dict[str, Any]:
     from .. import __version__
     from . import class_names
 
@@ -669,11 +698,15 @@ def _official_metadata(config: ModelConfig, vit: OfficialCheckpoint, cnn: Offici
                 "merged_modules": len(merge.merged_modules),
                 "vit_names": "Hugging Face transformers 4.x ViTForImageClassification -> timm VisionTransformer",
                 "layer_norm_eps": config.layer_norm_eps,
-                "stage1_class_order": "reordered from the authors' sorted labels to sex-major (M, F)",
+                "stage1_class_order": "reordered from the authors' sorted labels to sex-major (M, F)"
+                                      if labels_known else "the authors' order, kept (labels unknown)",
             },
         },
         "official_class_labels": list(labels),
-        "stage1_classes": class_names(config),
+        "class_labels_known": labels_known,
+        # with unknown labels the age-bin edges are bin numbers, not ages: name the classes plainly
+        "stage1_classes": class_names(config) if labels_known else list(labels),
+        **({} if labels_known else {"class_names": list(labels)}),
         "sex_encoding": {"M": 0, "F": 1},
         "training_data": {
             "cohorts": list(OFFICIAL_TRAINING_COHORTS),
