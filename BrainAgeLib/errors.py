@@ -31,6 +31,11 @@ class CheckpointError(BrainAgeError, ValueError):
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
+class ModelDownloadError(CheckpointError):
+    """A registered model could not be fetched or built: offline, a damaged or tampered download,
+    an archive that cannot be extracted, or a cache folder that cannot be written."""
+
+
 class CohortError(BrainAgeError, ValueError):
     """A cohort table (CSV/TSV/BIDS) is missing columns or holds unusable rows."""
 

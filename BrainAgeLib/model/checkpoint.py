@@ -10,8 +10,10 @@ message, and a file whose tensors do not match the architecture its metadata des
 refused before any weight is used.
 
 ``load_model(name_or_path)`` takes a file path or a registered name: ``"demo"`` is the model
-bundled in ``Resources/Models``; entries with a URL are downloaded once into
-``resources.cache_dir()`` and verified against their SHA-256 (``register_model`` adds entries).
+bundled in ``Resources/Models``; ``"brainrotvit"`` is the authors' published model, fetched from
+their archive and imported once (:mod:`BrainAgeLib.model.published`); entries with a URL are
+downloaded once into ``resources.cache_dir()`` and verified against their SHA-256
+(``register_model`` adds entries). Writing checkpoints lives in :mod:`.checkpoint_file`.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -35,12 +37,17 @@ from ..errors import CheckpointError
 from ..presets import ModelConfig
 from ..devices import resolve_device
 from ..resources import cache_dir, resource_path
-from .brain_age_model import BrainAgeModel, class_names
+from .brain_age_model import BrainAgeModel
+from .checkpoint_file import FORMAT_VERSION, METADATA_KEY, build_metadata, save_checkpoint
+
+__all__ = [
+    "ModelEntry", "REGISTRY", "register_model", "available_models", "load_model", "load_checkpoint",
+    "resolve_checkpoint", "remove_cached_model", "read_metadata", "download", "save_checkpoint", "build_metadata",
+    "FORMAT_VERSION", "METADATA_KEY",
+]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-METADATA_KEY = "brainage"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _PICKLE_PROTOCOL_BYTE = 0x80
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -51,7 +58,9 @@ PathLike = Union[str, os.PathLike]
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model known by name: bundled with BrainAge, or downloaded once from ``url``."""
+    """A model known by name: bundled with BrainAge, downloaded once from ``url``, or built once
+    by a ``recipe`` (``"published"``: the authors' archive, fetched and imported by
+    :mod:`BrainAgeLib.model.published`)."""
 
     name: str
     filename: str
@@ -59,11 +68,20 @@ class ModelEntry:
     url: Optional[str] = None
     sha256: Optional[str] = None
     bundled: bool = False
+    recipe: Optional[str] = None
+    source: str = ""
+    trained_on: str = ""
 
-    def local_path(self) -> Path:
-        """Where the file is (bundled) or will be cached (downloaded)."""
-        return resource_path("Models", self.filename) if self.bundled else cache_dir() / self.filename
+    def local_path(self, cache: Optional[PathLike] = None) -> Path:
+        """Where the file is (bundled) or will be cached (downloaded or built; ``cache`` overrides
+        ``resources.cache_dir()``)."""
+        if self.bundled:
+            return resource_path("Models", self.filename)
+        return (Path(cache).expanduser() if cache else cache_dir()) / self.filename
 
+
+#: How registered models that are built rather than downloaded are made.
+RECIPES = ("published",)
 
 #: Models known by name. The demo model is trained on synthetic phantoms (not for clinical use).
 REGISTRY: Dict[str, ModelEntry] = {
@@ -72,13 +90,26 @@ REGISTRY: Dict[str, ModelEntry] = {
         filename="brainage_demo.safetensors",
         description="demo preset trained on synthetic phantoms; for demonstration only, not for clinical use",
         bundled=True,
+        source="bundled with BrainAge",
+        trained_on="synthetic ageing phantoms",
+    ),
+    "brainrotvit": ModelEntry(
+        name="brainrotvit",
+        filename="brainrotvit.safetensors",
+        description="BrainRotViT as published by its authors (Jalal et al. 2025), fetched from their "
+                    "17-volume 7z archive and imported on first use; for research",
+        recipe="published",
+        source="github.com/wjalal/BrainRotViT@559af43 best_checkpoints/",
+        trained_on="11 public cohorts, >130 sites (paper: 4,086 train / 1,022 validation subjects)",
     ),
 }
 
 
 def register_model(entry: ModelEntry) -> None:
     """Add (or replace) a named model; downloaded entries need both ``url`` and ``sha256``."""
-    if not entry.bundled and not (entry.url and entry.sha256):
+    if entry.recipe is not None and entry.recipe not in RECIPES:
+        raise ValueError(f"model {entry.name!r}: unknown recipe {entry.recipe!r} (known: {', '.join(RECIPES)})")
+    if not entry.bundled and entry.recipe is None and not (entry.url and entry.sha256):
         raise ValueError(f"model {entry.name!r}: a downloaded model needs both url and sha256")
     REGISTRY[entry.name] = entry
 
@@ -88,72 +119,21 @@ def available_models() -> List[ModelEntry]:
     return list(REGISTRY.values())
 
 
-# ---------------------------------------------------------------------------- saving
-def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``model`` (a BrainAgeModel) to ``path`` atomically; returns the path.
-
-    The card is the model's own ``metadata`` updated by ``metadata``, which may hold name,
-    intended_use, is_demo, source, trained, training_data, metrics, bias_correction (a
-    BiasCorrection or its dict) and any other JSON-safe entries; the architecture,
-    preprocessing, classes, versions and weights digest are filled in here.
-    """
-    path = Path(path)
-    config: ModelConfig = model.config
-    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
-    card = build_metadata(config, {**getattr(model, "metadata", {}), **(metadata or {})})
-    card["weights_sha256"] = weights_digest(tensors)
-    # an imported classifier whose labels are unknown keeps its generic names ("class 0", ...)
-    generic = card.get("class_labels_known") is False and len(card.get("class_names") or ()) == config.n_classes
-    if not generic:
-        card["class_names"] = class_names(config)
-    header = {METADATA_KEY: json.dumps(card, sort_keys=True, default=_json_default), "format": "pt"}
-
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=header)
-    return path
-
-
-def build_metadata(config: ModelConfig, metadata: Mapping[str, Any]) -> Dict[str, Any]:
-    """The JSON model card of a checkpoint (without the weights digest)."""
-    card: Dict[str, Any] = {
-        "name": config.name,
-        "intended_use": "",
-        "is_demo": False,
-        "trained": True,
-        "source": "",
-        "training_data": {},
-        "metrics": {},
-        "bias_correction": None,
-    }
-    card.update({k: v for k, v in metadata.items() if k not in ("config", "weights_sha256")})
-    correction = card.get("bias_correction")
-    if correction is not None and hasattr(correction, "to_dict"):
-        card["bias_correction"] = correction.to_dict()
-    card.update(
-        format_version=FORMAT_VERSION,
-        library_version=__version__,
-        preset=config.name,
-        config=config.to_dict(),
-        preprocessing=config.preprocess.to_dict(),
-        age_bin_edges=list(config.age_bin_edges),
-    )
-    return card
-
-
 # ---------------------------------------------------------------------------- loading
-def load_model(name_or_path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "torch.nn.Module":
-    """A BrainAgeModel from a registered name (``"demo"``, ...) or a ``.safetensors`` path, in eval mode."""
-    path = resolve_checkpoint(name_or_path)
+def load_model(name_or_path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+               cache_dir: Optional[PathLike] = None) -> "torch.nn.Module":
+    """A BrainAgeModel from a registered name (``"demo"``, ``"brainrotvit"``, ...) or a
+    ``.safetensors`` path, in eval mode. A registered model not yet in the cache (``cache_dir``,
+    else ``$BRAINAGE_CACHE``, else ``~/.cache/brainage``) is downloaded (and built) first; once
+    cached, no network is used."""
+    path = resolve_checkpoint(name_or_path, cache_dir=cache_dir)
     return load_checkpoint(path, device=device)
 
 
-def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> Path:
+def resolve_checkpoint(name_or_path: Union[str, os.PathLike], cache_dir: Optional[PathLike] = None) -> Path:
     """The local file of a registered model (downloading it once if needed) or of a path."""
     if isinstance(name_or_path, str) and name_or_path in REGISTRY:
-        return _registry_file(REGISTRY[name_or_path])
+        return _registry_file(REGISTRY[name_or_path], cache_dir)
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
@@ -161,6 +141,29 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> Path:
         raise CheckpointError(
             f"unknown model {name_or_path!r}: neither a registered model ({', '.join(REGISTRY)}) nor an existing file")
     raise CheckpointError("no such model file", path)
+
+
+def remove_cached_model(name: str, cache_dir: Optional[PathLike] = None) -> List[Path]:
+    """Delete a registered model's cached file and whatever its download left; returns what went.
+
+    Bundled models are part of the installation and are refused.
+    """
+    if name not in REGISTRY:
+        raise CheckpointError(f"unknown model {name!r} (registered: {', '.join(REGISTRY)})")
+    entry = REGISTRY[name]
+    if entry.bundled:
+        raise CheckpointError(f"model {name!r} is bundled with BrainAge, not cached; it cannot be removed")
+    removed = []
+    path = entry.local_path(cache_dir)
+    for leftover in [path, *path.parent.glob(f".{path.name}.*")] if path.parent.is_dir() else []:
+        if leftover.is_file():
+            leftover.unlink()
+            removed.append(leftover)
+    if entry.recipe == "published":
+        from .published import remove_downloads
+
+        removed += remove_downloads(entry.name, cache_dir)
+    return removed
 
 
 def read_metadata(path: PathLike) -> Dict[str, Any]:
@@ -279,8 +282,8 @@ def _check_layout(path: Path, config: ModelConfig, expected: Dict[str, tuple], s
 
 
 # ---------------------------------------------------------------------------- registry files
-def _registry_file(entry: ModelEntry) -> Path:
-    path = entry.local_path()
+def _registry_file(entry: ModelEntry, cache: Optional[PathLike] = None) -> Path:
+    path = entry.local_path(cache)
     if entry.bundled:
         if not path.is_file():
             raise CheckpointError(
@@ -289,6 +292,13 @@ def _registry_file(entry: ModelEntry) -> Path:
         if entry.sha256:
             _verify_sha256(path, entry)
         return path
+    if entry.recipe == "published":
+        if path.is_file():  # built here from verified volumes; load_checkpoint checks its weights digest
+            return path
+        from .published import install_published_model
+
+        logger.info("model %r is not in the cache yet: fetching and importing it into %s", entry.name, path)
+        return install_published_model(path, name=entry.name, cache_dir=cache)
     if path.is_file():
         actual = file_sha256(path)
         if actual == entry.sha256:
@@ -327,15 +337,3 @@ def download(entry: ModelEntry, destination: Path, timeout_s: float = 60.0) -> P
                 f"the file downloaded for model {entry.name!r} from {entry.url} has SHA-256 {digest.hexdigest()}, "
                 f"expected {entry.sha256}: tampered or damaged, not kept")
     return destination
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"checkpoint metadata value of type {type(value).__name__} is not JSON-serialisable")

@@ -39,7 +39,7 @@ import torch
 from ..digests import file_sha256
 from ..errors import CheckpointError
 from ..presets import PRESETS, ModelConfig
-from .checkpoint import save_checkpoint
+from .checkpoint_file import save_checkpoint
 
 PathLike = Union[str, Path]
 
@@ -728,9 +728,12 @@ def import_official(
     lora_alpha: float = OFFICIAL_LORA_ALPHA,
     num_heads: Optional[int] = None,
     class_labels: Optional[Sequence[str]] = None,
+    metadata: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Convert the authors' ViT ``.pth`` and CNN ``.pkl`` into a BrainAge safetensors checkpoint.
 
+    ``metadata``: entries added to the card (a dict value is merged into a dict already there,
+    e.g. ``{"source": {"download": ...}}`` keeps the recorded files).
     Neither input is modified; ``out_path`` is written atomically. Returns ``out_path``. The
     result loads with ``BrainAgeLib.load_model(out_path)`` and runs in the CLI (``--model``)
     and in Slicer like any BrainAge model. Raises :class:`CheckpointError` for unreadable,
@@ -746,6 +749,9 @@ def import_official(
     converted = convert_official(
         vit, cnn, name, lora_alpha=lora_alpha, num_heads=num_heads, class_labels=class_labels
     )
+    for key, value in (metadata or {}).items():
+        current = converted.metadata.get(key)
+        converted.metadata[key] = {**current, **value} if isinstance(value, Mapping) and isinstance(current, dict) else value
     with torch.device("meta"):  # shapes only: every tensor comes from the converted state
         model = BrainAgeModel(converted.config, metadata=converted.metadata)
     ours = model.state_dict()
