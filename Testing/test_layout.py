@@ -32,7 +32,7 @@ def import_graph() -> Dict[str, Set[str]]:
     import both ways is still two modules that need each other)."""
     graph: Dict[str, Set[str]] = {name: set() for name in MODULES}
     for name, path in MODULES.items():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -86,14 +86,14 @@ def test_no_module_imports_itself_back_through_others():
 
 @pytest.mark.parametrize("package", sorted(n for n, p in MODULES.items() if p.name == "__init__.py"))
 def test_every_package_says_what_lives_there(package):
-    docstring = ast.get_docstring(ast.parse(MODULES[package].read_text()))
+    docstring = ast.get_docstring(ast.parse(MODULES[package].read_text(encoding="utf-8")))
     assert docstring and len(docstring.split()) >= 8, f"{package}/__init__.py needs a docstring saying what it holds"
 
 
 def test_no_private_name_is_imported_from_another_module():
     offenders = []
     for name, path in MODULES.items():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.ImportFrom) and imported_from(name, path, node).startswith("BrainAgeLib"):
                 offenders += [f"{name}: {alias.name}" for alias in node.names
                               if alias.name.startswith("_") and not alias.name.startswith("__")]
