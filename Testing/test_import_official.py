@@ -312,6 +312,18 @@ def test_metadata_records_where_the_model_came_from(small_official, tmp_path):
     assert card["source"]["conversion"]["lora_scaling"] == pytest.approx(2.0)
     assert card["official_class_labels"][:2] == ["000F", "000M"]
     assert card["age_bin_edges"] == [float(e) for e in range(0, 101, 10)]
+    # the model card: the paper's figures, marked as not re-measured; the preprocessing and its differences
+    assert card["training_data"]["train_subjects"] == 4086 and card["training_data"]["validation_subjects"] == 1022
+    assert len(card["training_data"]["cohorts"]) == card["training_data"]["datasets"] == 11
+    paper = card["metrics"]["reported_in_paper"]
+    assert paper["validation_mae_years"] == 3.34 and paper["re_measured_here"] is False
+    assert paper["external_mae_years_range"] == [3.77, 5.04]
+    assert card["metrics"]["validation_mae_years"] == pytest.approx(2.96)  # what the CNN file itself says
+    notes = card["preprocessing_notes"]
+    assert notes["authors"]["skull_strip"].startswith("deepbrain") and notes["brainage"]["skull_strip"].startswith("deepbet")
+    assert "32 sagittal slices" in notes["brainage"]["slices"]  # this small model's slice count
+    assert any("skull stripping" in d for d in notes["differences"])
+    assert card["preprocessing"]["skull_strip"] == "deepbet" and card["preprocessing"]["n4_bias_correction"] is True
 
 
 def test_inputs_are_not_modified_and_output_is_complete(small_official, tmp_path):

@@ -252,6 +252,16 @@ def test_a_git_lfs_pointer_instead_of_a_volume_is_named_as_such(server, authors_
     assert not list(published.downloads_folder("brainrotvit", tmp_path).iterdir())
 
 
+def test_a_cache_folder_that_cannot_be_made_is_named(server, tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache should go")
+    with pytest.raises(ModelDownloadError, match="cannot write in") as error:
+        published.install_published_model(cache_dir=blocker / "cache")
+    assert str(blocker / "cache" / "downloads" / "brainrotvit") in str(error.value)
+    assert brainage(["models", "download", "brainrotvit", "--cache-dir", str(blocker / "cache")]) == 2
+    assert "--cache-dir" in capsys.readouterr().err
+
+
 def test_offline_gives_every_url_and_the_manual_route(authors_archive, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BRAINAGE_BRAINROTVIT_URL", closed_port_url())
     with pytest.raises(ModelDownloadError) as error:

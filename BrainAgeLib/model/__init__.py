@@ -1,5 +1,6 @@
 """The two-stage BrainRotViT network: ViT slice encoder (``encoder``), residual CNN (``regressor``),
-both (``brain_age_model``), its checkpoints (``checkpoint``) and the authors' files (``import_official``)."""
+both (``brain_age_model``), its checkpoints (``checkpoint`` reads and names them, ``checkpoint_file``
+writes them), the authors' files (``import_official``) and their published archive (``published``)."""
 from __future__ import annotations
 
 from .brain_age_model import (

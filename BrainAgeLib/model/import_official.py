@@ -710,12 +710,66 @@ def _official_metadata(config: ModelConfig, vit: OfficialCheckpoint, cnn: Offici
         "sex_encoding": {"M": 0, "F": 1},
         "training_data": {
             "cohorts": list(OFFICIAL_TRAINING_COHORTS),
-            "description": "the authors' training cohorts (skull-stripped, N4-corrected T1w); "
-                           "see the paper for ages and sizes",
+            **PAPER_TRAINING_DATA,
+            "description": "the authors' training cohorts (skull-stripped, N4-corrected T1w), as the "
+                           "paper reports them; not re-checked here",
             # the authors stripped with deepbrain's U-Net (prob > 0.5); BrainAge uses deepbet
             "skull_strip": "deepbrain",
         },
-        "metrics": {"validation_mae_years": cnn.validation_mae} if cnn.validation_mae is not None else {},
+        "metrics": {
+            **({"validation_mae_years": cnn.validation_mae} if cnn.validation_mae is not None else {}),
+            "reported_in_paper": dict(PAPER_METRICS),
+        },
+        "intended_use_detail": (
+            "research: brain age of T1w scans resembling the training cohorts'; not a medical device, "
+            "not for clinical decisions"
+        ),
+        "preprocessing_notes": preprocessing_notes(config),
+    }
+
+
+#: The training data as the paper reports it (Jalal et al. 2025); not re-counted here.
+PAPER_TRAINING_DATA = {
+    "datasets": 11,
+    "sites": ">130",
+    "train_subjects": 4086,
+    "validation_subjects": 1022,
+}
+
+#: The paper's own figures for the published model; this import did not re-measure them.
+PAPER_METRICS = {
+    "validation_mae_years": 3.34,
+    "external_mae_years_range": [3.77, 5.04],
+    "external_cohorts": 4,
+    "source": "Jalal et al. 2025, arXiv:2511.15188",
+    "re_measured_here": False,
+}
+
+
+def preprocessing_notes(config: ModelConfig) -> Dict[str, Any]:
+    """How the authors prepared their training scans, how BrainAge prepares an input for this
+    model, and where the two differ (recorded in the card so a user can judge the effect)."""
+    slices = f"{config.n_slices} sagittal slices (left-right axis resampled with a cubic spline), " \
+             f"each min-max scaled, 8-bit quantised and resized to {config.image_size} x {config.image_size}"
+    common = {
+        "orientation": "RAS",
+        "spatial_normalisation": "none (the slices come from the scan in its own space)",
+        "crop": "bounding box of the largest connected component above 0.1 after min-max scaling",
+        "slices": slices,
+    }
+    return {
+        "authors": {**common, "skull_strip": "deepbrain U-Net (probability > 0.5)",
+                    "bias_correction": "ANTs N4BiasFieldCorrection on the skull-stripped image"},
+        "brainage": {**common, "skull_strip": "deepbet (an input found already skull-stripped is kept)",
+                     "bias_correction": "SimpleITK N4 after skull stripping, fitted to the brain on a "
+                                        "shrunk image, the field evaluated at full resolution"},
+        "differences": [
+            "skull stripping: deepbet here, deepbrain in the authors' training; the masks differ at the "
+            "brain surface, which the crop and the slice intensities see",
+            "bias correction: SimpleITK's N4 with BrainAge's settings, not ANTs' command-line defaults",
+            "BrainAge replaces isolated extremely bright voxels by their neighbourhood's median before "
+            "scaling (ordinary scans have none and pass unchanged)",
+        ],
     }
 
 
