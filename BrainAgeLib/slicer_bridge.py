@@ -62,6 +62,8 @@ PIP_REQUIREMENTS: Dict[str, str] = {
     "connected-components-3d": "4.1.1",
     "fill_voids": "2.1.2",
     "pandas": "3.1.1",
+    # Cancel kills the background worker and its children (worker_protocol.kill_process_tree)
+    "psutil": "7.2.2",
 }
 #: What BrainAge asks of the torch that PyTorchUtils installs.
 TORCH_REQUIREMENT = ">=2.1"

@@ -1,0 +1,241 @@
+"""The Slicer module's background worker (BrainAgeLib.slicer_worker) and how the module talks to
+it (BrainAgeLib.worker_protocol): argument lists, progress lines, outputs read back, and real
+worker processes started as Slicer starts them (stdout and stderr merged, text), run to the end
+on the bundled sample head and cancelled half-way through preprocessing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from BrainAgeLib.errors import BrainAgeError
+from BrainAgeLib.worker_protocol import (BRAIN_MASK_FILE, INPUT_FILE, RESULT_FILE, ProgressWriter, WorkerMonitor,
+                                         batch_command, kill_process_tree, load_worker_result, parse_worker_line,
+                                         progress_line, read_worker_outputs, worker_command, worker_python)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "Resources" / "Samples" / "sample_phantom_F67.nii.gz"
+
+
+def start(command):
+    """The worker as ``slicer.util.launchConsoleProcess`` starts it (outside Slicer)."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+# --- argument lists ---------------------------------------------------------------------------
+
+def test_worker_command_names_every_input():
+    command = worker_command("/opt/Slicer/bin/PythonSlicer", "/tmp/job/input.nii.gz", "/tmp/job", "F", 63.5,
+                             "demo", "cuda", levels=10)
+    assert command[:4] == ["/opt/Slicer/bin/PythonSlicer", "-m", "BrainAgeLib.slicer_worker", "predict"]
+    assert command[4] == "/tmp/job/input.nii.gz"
+    pairs = dict(zip(command[5::2], command[6::2]))
+    assert pairs == {"--out": "/tmp/job", "--sex": "F", "--model": "demo", "--device": "cuda", "--age": "63.5",
+                     "--levels": "10"}
+    plain = worker_command("python", "in.nii.gz", "out", None, None, "/models/my model.safetensors", "auto",
+                           explain=False)
+    assert "--age" not in plain and plain[plain.index("--sex") + 1] == "unknown"
+    assert plain[-1] == "--no-explain"
+    assert "/models/my model.safetensors" in plain  # one argument, spaces kept: no shell involved
+
+
+def test_worker_command_is_what_the_worker_parses():
+    from BrainAgeLib.slicer_worker import build_parser
+
+    args = build_parser().parse_args(worker_command("python", "in.nii.gz", "out", "M", 40.0, "demo", "cpu")[3:])
+    assert (args.command, args.input, args.out, args.sex, args.age, args.model, args.device, args.explain) == \
+        ("predict", "in.nii.gz", "out", "M", 40.0, "demo", "cpu", True)
+    batch = build_parser().parse_args(batch_command("python", ["a.nii.gz", "b.nii.gz"], "out", explain=True)[3:])
+    assert (batch.command, batch.cohort, batch.out, batch.explain) == ("batch", ["a.nii.gz", "b.nii.gz"], "out", True)
+    with pytest.raises(BrainAgeError, match="no input"):
+        batch_command("python", [], "out")
+
+
+def test_worker_python_prefers_python_slicer():
+    assert worker_python(lambda name: "/Slicer/bin/PythonSlicer" if name == "PythonSlicer" else None) == \
+        "/Slicer/bin/PythonSlicer"
+    assert worker_python(lambda name: None, executable="/usr/bin/python3") == "/usr/bin/python3"
+
+
+# --- the progress protocol --------------------------------------------------------------------
+
+def test_progress_lines_round_trip():
+    stream = io.StringIO()
+    writer = ProgressWriter(stream)
+    writer(0.25, "Preparing sagittal\nslices")  # a message is always one line
+    writer.part(0.5, 0.5)(0.5, "Encoding")      # 0.5 + 0.5 * 0.5
+    writer(7.0, "clipped")
+    writer.done("/tmp/out dir")
+    writer.error("input.nii.gz: not a readable NIfTI image")
+    messages = [parse_worker_line(line) for line in stream.getvalue().splitlines(keepends=True)]
+    assert [(m.kind, m.fraction, m.text) for m in messages] == [
+        ("progress", 0.25, "Preparing sagittal slices"),
+        ("progress", 0.75, "Encoding"),
+        ("progress", 1.0, "clipped"),
+        ("done", None, "/tmp/out dir"),
+        ("error", None, "input.nii.gz: not a readable NIfTI image"),
+    ]
+
+
+@pytest.mark.parametrize("line", ["BRAINAGE_PROGRESS", "BRAINAGE_PROGRESS half way", "BRAINAGE_PROGRESS 1.5 over",
+                                  "BRAINAGE_PROGRESS nan x", "BRAINAGE_DONE", "BRAINAGE_ERROR  ", "BRAINAGE_RESULT 1"])
+def test_malformed_protocol_lines_are_reported_not_taken(line):
+    message = parse_worker_line(line + "\n")
+    assert message.kind == "malformed" and message.text == line and message.fraction is None
+
+
+def test_other_output_passes_through():
+    message = parse_worker_line("Traceback (most recent call last):\n")
+    assert (message.kind, message.text) == ("output", "Traceback (most recent call last):")
+    assert parse_worker_line(progress_line(0.5, "")).kind == "progress"
+
+
+# --- reading the outputs back -----------------------------------------------------------------
+
+def test_a_folder_without_the_result_file_holds_no_result(tmp_path):
+    (tmp_path / "brainage_attention.nii.gz").write_bytes(b"half")
+    with pytest.raises(BrainAgeError, match=f"{RESULT_FILE}: no result file"):
+        read_worker_outputs(tmp_path)
+    (tmp_path / RESULT_FILE).write_text("{not json")
+    with pytest.raises(BrainAgeError, match="not a readable result file"):
+        read_worker_outputs(tmp_path)
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"predicted_age": 60.0, "outputs": {"brain_mask": BRAIN_MASK_FILE}}))
+    with pytest.raises(BrainAgeError, match="lists brain_mask as brainage_brain_mask.nii.gz, which is not a file"):
+        read_worker_outputs(tmp_path)
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"predicted_age": 60.0, "outputs": {"x": "../etc/passwd"}}))
+    with pytest.raises(BrainAgeError, match="not a file in"):
+        read_worker_outputs(tmp_path)
+
+
+# --- a real worker ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_worker(tmp_path_factory):
+    """The worker run to the end on the bundled sample (a 67-year-old female phantom), demo model."""
+    out = tmp_path_factory.mktemp("worker")
+    shutil.copy(SAMPLE, out / INPUT_FILE)
+    monitor = WorkerMonitor(start(worker_command(sys.executable, out / INPUT_FILE, out, "F", 67.0, "demo", "cpu",
+                                                 levels=10)))
+    messages, seen_at = [], []
+    while not monitor.finished or not monitor.lines.empty():
+        batch = monitor.drain()
+        messages += batch
+        seen_at += [time.monotonic()] * len(batch)
+        time.sleep(0.05)
+    return out, monitor, messages, seen_at
+
+
+@pytest.mark.slow
+def test_worker_reports_progress_and_gives_the_in_process_age(finished_worker):
+    from BrainAgeLib.inference import predict
+    from BrainAgeLib.model.checkpoint import load_model
+
+    out, monitor, messages, seen_at = finished_worker
+    assert monitor.returncode == 0 and monitor.failure() is None, [m.text for m in messages]
+    progress = [m for m in messages if m.kind == "progress"]
+    fractions = [m.fraction for m in progress]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    texts = [m.text for m in progress]
+    assert "Preparing sagittal slices" in texts and "Computing the attention map" in texts
+    assert not [m for m in messages if m.kind == "malformed"]
+    assert messages[-1].kind == "done" and messages[-1].text == str(out)
+    # the lines arrive while the worker runs, not all at its end
+    prepare, done = (seen_at[i] for i, m in enumerate(messages) if m.text in ("Preparing sagittal slices", str(out)))
+    assert done - prepare > 1.0
+
+    result = json.loads((out / RESULT_FILE).read_text())
+    in_process = predict(load_model("demo"), SAMPLE, "F", age=67.0, explain=True, device="cpu", use_cache=False)
+    assert result["predicted_age"] == pytest.approx(in_process.predicted_age, abs=1e-3)
+    assert result["brain_age_gap"] == pytest.approx(in_process.brain_age_gap, abs=1e-3)
+    assert result["qc"]["brain_volume_ml"] == pytest.approx(in_process.qc.brain_volume_ml, abs=0.1)
+
+
+@pytest.mark.slow
+def test_worker_outputs_read_back_on_the_input_grid(finished_worker):
+    from BrainAgeLib.io import load_volume
+    from BrainAgeLib.slicer_bridge import result_text
+
+    out = finished_worker[0]
+    outputs = read_worker_outputs(out)
+    assert {"result", "attention", "labelmap", "color_table", "montage", "sidecar", "brain_mask", "qc_figure"} <= \
+        set(outputs.paths)
+    assert all(path.parent == out and path.stat().st_size > 0 for path in outputs.paths.values())
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+    result, labelmap = load_worker_result(out)
+    source = load_volume(out / INPUT_FILE)
+    for volume in (result.attention, result.brain_mask, labelmap.volume):
+        assert volume.shape == source.shape
+        np.testing.assert_allclose(volume.affine, source.affine, atol=1e-4)
+    assert int(np.asarray(labelmap.volume.array).max()) == 10 == labelmap.levels
+    assert len(labelmap.thresholds) == 11
+    mask = np.asarray(result.brain_mask.array) > 0
+    assert mask.sum() * np.prod(source.spacing) / 1000.0 == pytest.approx(result.qc.brain_volume_ml, abs=0.5)
+    assert result.qc.measured and math.isfinite(result.predicted_age) and result.model_is_demo
+    text = result_text(result)
+    assert f"{result.predicted_age:.1f} years" in text and "Demo model" in text
+
+
+def test_worker_reports_a_bad_input_as_one_error_line(tmp_path):
+    bad = tmp_path / INPUT_FILE
+    bad.write_bytes(b"this is not a NIfTI file")
+    monitor = WorkerMonitor(start(worker_command(sys.executable, bad, tmp_path, "F", None, "demo", "cpu")))
+    assert monitor.wait(120) == 2
+    messages = monitor.drain()
+    assert messages[-1].kind == "error" and str(bad) in messages[-1].text
+    assert monitor.failure() == messages[-1].text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [INPUT_FILE]
+
+
+def test_worker_refuses_a_bad_age_before_loading_anything(tmp_path):
+    monitor = WorkerMonitor(start(worker_command(sys.executable, tmp_path / INPUT_FILE, tmp_path, "F", -3.0,
+                                                 "demo", "cpu")))
+    assert monitor.wait(60) == 2
+    assert "age" in monitor.drain()[-1].text
+
+
+@pytest.mark.slow
+def test_cancel_mid_preprocessing_kills_the_tree_and_leaves_no_files(tmp_path):
+    shutil.copy(SAMPLE, tmp_path / INPUT_FILE)
+    monitor = WorkerMonitor(start(worker_command(sys.executable, tmp_path / INPUT_FILE, tmp_path, "F", 67.0, "demo",
+                                                 "cpu")))
+    deadline = time.monotonic() + 120
+    while not any(m.text == "Preparing sagittal slices" for m in monitor.drain()):
+        assert time.monotonic() < deadline and not monitor.finished, "the worker never started preprocessing"
+        time.sleep(0.02)
+    time.sleep(1.0)  # well inside the ~10 s of brain extraction
+    tree = [monitor.process.pid] + [c.pid for c in psutil.Process(monitor.process.pid).children(recursive=True)]
+    tic = time.monotonic()
+    killed = monitor.cancel()
+    assert monitor.wait(2.0) is not None
+    elapsed = time.monotonic() - tic
+    assert elapsed < 2.0
+    assert set(tree) <= set(killed)
+    assert not [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert monitor.failure() == "cancelled by the user"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [INPUT_FILE]  # nothing written, nothing half-written
+
+
+def test_kill_process_tree_takes_the_grandchildren(tmp_path):
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    assert psutil.Process(child_pid).ppid() == parent.pid
+    killed = kill_process_tree(parent.pid, timeout_s=2.0)
+    assert set(killed) == {parent.pid, child_pid}
+    parent.wait(2)
+    assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
+    assert kill_process_tree(parent.pid) == []  # already gone: nothing to do, no error
