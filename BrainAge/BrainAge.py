@@ -8,12 +8,16 @@ Python console:
     logic = slicer.util.getModuleLogic("BrainAge")
     result = logic.process(getNode("MRHead"), sex="F", chronologicalAge=63)
     logic.processFiles("/data/cohort.csv", "/data/brainage-out")
+
+The Estimate button runs the model in a background process (BrainAgeLib.slicer_worker, started
+with PythonSlicer) so Slicer stays responsive and Cancel can stop it at once; process() with
+waitForCompletion=False does the same from the console.
 """
-import concurrent.futures
 import logging
 import os
+import shutil
 import sys
-import time
+import tempfile
 
 import qt
 import vtk
@@ -32,12 +36,7 @@ if not os.path.isdir(os.path.join(_moduleDir, "BrainAgeLib")):
     sys.path.insert(0, os.path.dirname(_moduleDir))
 
 SEX_CODES = ("F", "M", "unknown")  # the order of the sex combo box items
-# Slicer's PythonQt keeps the GIL in the GUI thread while Qt's event loop runs, so a Python worker
-# thread only runs while the GUI thread runs Python. The poll timer therefore fires often and
-# sleeps a little each time (releasing the GIL) so the estimate proceeds at nearly full speed,
-# while the GUI still handles its events between ticks (as SlicerSimpleFilters does).
-POLL_INTERVAL_MS = 20
-POLL_YIELD_S = 0.012
+POLL_INTERVAL_MS = 100  # how often the GUI reads the worker process's progress lines
 ATTENTION_LEVELS = 10
 COLOR_TABLE_NAME = "BrainAgeAttention"
 BRAIN_MASK_SUFFIX = " brain mask"  # the brain mask labelmap is named "<input> brain mask"
@@ -84,13 +83,9 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
 
         self.logic = BrainAgeLogic()
         self.logic.logCallback = self.showStatus
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self.job = None  # (future, relay, inputs) while an estimate runs in the background
+        self.job = None  # the WorkerMonitor of the estimate running in the background
         self.shownLabelmaps = (None, None)  # (attention labelmap, brain mask) of the last result
-        self.starting = False  # True while onEstimate installs packages/loads the model
-        self.pollTimer = qt.QTimer()
-        self.pollTimer.setInterval(POLL_INTERVAL_MS)
-        self.pollTimer.connect("timeout()", self.onPollJob)
+        self.starting = False  # True while onEstimate installs packages/starts the worker
 
         for selector in (self.ui.inputVolumeSelector, self.ui.outputAttentionSelector):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateEstimateButton)
@@ -106,9 +101,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
 
     def cleanup(self):
         if self.job:
-            self.job[1].cancel()
-        self.pollTimer.stop()
-        self.executor.shutdown(wait=False)
+            self.job.cancel()
 
     def inputs(self):
         """The form as the arguments of BrainAgeLogic.process."""
@@ -150,8 +143,6 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.updateEstimateButton()
 
     def onEstimate(self):
-        from BrainAgeLib.slicer_bridge import ProgressRelay
-
         if self.starting or self.job is not None:
             return  # pip output processes events while installing: a second click lands here
         self.ui.resultsTextBrowser.setHtml("")
@@ -160,53 +151,43 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         try:
             with slicer.util.tryWithErrorDisplay("Could not start the brain age estimate.", waitCursor=True):
                 self.logic.setupPythonRequirements()
-                inputs = self.inputs()
-                volume = self.logic.volumeFromNode(inputs["inputVolumeNode"])
-                model = self.logic.loadModel(inputs["model"])
-                relay = ProgressRelay()
-                future = self.executor.submit(
-                    self.logic.estimate, model, volume, inputs["sex"], inputs["chronologicalAge"], inputs["device"], relay)
-                self.job = (future, relay, inputs)
+                self.job = self.logic.process(
+                    **self.inputs(), outputLabelmapNode=self.ui.outputLabelmapSelector.currentNode(),
+                    outputAttentionVolumeNode=self.ui.outputAttentionSelector.currentNode(),
+                    opacity=self.ui.opacitySliderWidget.value, showBrainMask=self.ui.showBrainMaskCheckBox.checked,
+                    progress=self.onProgress, waitForCompletion=False, completedCallback=self.onEstimateDone)
                 self.setRunning(True)
-                self.pollTimer.start()
         finally:
             self.starting = False
             self.updateEstimateButton()
 
     def onCancel(self):
         if self.job:
-            self.job[1].cancel()
             self.ui.cancelButton.enabled = False
             self.showStatus("Cancelling...")
+            with slicer.util.tryWithErrorDisplay("Could not stop the brain age estimate."):
+                self.job.cancel()
 
-    def onPollJob(self):
-        """Runs every POLL_INTERVAL_MS on the GUI thread while the worker thread estimates."""
-        from BrainAgeLib.slicer_bridge import EstimationCancelled, result_text
-
-        time.sleep(POLL_YIELD_S)  # lets the worker thread run (see POLL_INTERVAL_MS)
-        future, relay, inputs = self.job
-        fraction, message = relay.snapshot()
+    def onProgress(self, fraction, message):
         self.ui.progressBar.value = int(round(100 * fraction))
-        if not future.done():
-            if not relay.cancelled:
-                self.showStatus(message)
-            return
-        self.pollTimer.stop()
+        if self.job is None or not self.job.cancelled:
+            self.showStatus(message)
+
+    def onEstimateDone(self, result, shownLabelmaps, error):
+        """The background estimate ended: result and labelmaps shown, or why not (error)."""
+        from BrainAgeLib.slicer_bridge import result_text
+
+        cancelled = self.job is not None and self.job.cancelled
         self.job = None
         self.setRunning(False)
-        if isinstance(future.exception(), EstimationCancelled):
+        if cancelled:
             self.showStatus("Cancelled.")
-            return
-        if not slicer.mrmlScene.IsNodePresent(inputs["inputVolumeNode"]):
-            self.showStatus("The input volume was removed while the estimate ran; nothing to show.")
-            return
-        with slicer.util.tryWithErrorDisplay("Brain age estimation failed."):
-            result = future.result()
-            self.shownLabelmaps = self.logic.showResult(
-                result, inputs["inputVolumeNode"], self.ui.outputLabelmapSelector.currentNode(),
-                self.ui.outputAttentionSelector.currentNode(), self.ui.opacitySliderWidget.value,
-                self.ui.showBrainMaskCheckBox.checked)
-            self.ui.outputLabelmapSelector.setCurrentNode(self.shownLabelmaps[0])
+        elif error:
+            self.showStatus("Brain age estimation failed.")
+            slicer.util.errorDisplay("Brain age estimation failed.\n\n" + error)
+        else:
+            self.shownLabelmaps = shownLabelmaps
+            self.ui.outputLabelmapSelector.setCurrentNode(shownLabelmaps[0])
             self.ui.resultsTextBrowser.setHtml(result_text(result))
             self.showStatus(f"Done in {result.timings.get('total', 0.0):.1f} s.")
 
@@ -270,23 +251,29 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         torch = sys.modules.get("torch")
         return bool(torch.cuda.is_available()) if torch else None
 
-    def loadModel(self, model="demo"):
-        """A BrainAge model by name ("demo"), file path, or https URL (downloaded once)."""
+    def modelFile(self, model="demo"):
+        """A registered name or a file path as it is; an https URL downloaded once, to BrainAge's cache."""
         from BrainAgeLib.atomic_files import atomic_path
-        from BrainAgeLib.model.checkpoint import load_model
         from BrainAgeLib.slicer_bridge import model_download_path
 
+        if not model.lower().startswith("https://"):
+            return model
+        source = model_download_path(model)
+        if not os.path.exists(source):  # download beside it; moved into place only once complete
+            os.makedirs(os.path.dirname(source), exist_ok=True)
+            self.log(f"Downloading {model}...")
+            with atomic_path(source) as partial:
+                os.remove(partial)  # downloadFile keeps an existing non-empty file
+                if not slicer.util.downloadFile(model, str(partial)):
+                    raise RuntimeError(f"Could not download the model {model}")
+        return source
+
+    def loadModel(self, model="demo"):
+        """A BrainAge model by name ("demo"), file path, or https URL (downloaded once)."""
+        from BrainAgeLib.model.checkpoint import load_model
+
         if model not in self._models:
-            source = model
-            if model.lower().startswith("https://"):
-                source = model_download_path(model)
-                if not os.path.exists(source):  # download beside it; moved into place only once complete
-                    os.makedirs(os.path.dirname(source), exist_ok=True)
-                    self.log(f"Downloading {model}...")
-                    with atomic_path(source) as partial:
-                        os.remove(partial)  # downloadFile keeps an existing non-empty file
-                        if not slicer.util.downloadFile(model, str(partial)):
-                            raise RuntimeError(f"Could not download the model {model}")
+            source = self.modelFile(model)
             self.log(f"Loading model {model}...")
             self._models[model] = load_model(source)
         return self._models[model]
@@ -311,45 +298,111 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
                                  parentToWorld)
         return validate_volume(volume, path=volumeNode.GetName())
 
-    def estimate(self, model, volume, sex, chronologicalAge=None, device="auto", progress=None):
-        """The prediction with its attention map. Touches no MRML node: safe in a worker thread."""
-        from BrainAgeLib.inference import predict
-
-        return predict(model, volume, sex, age=chronologicalAge, explain=True, device=device, progress=progress)
-
     def process(self, inputVolumeNode, sex, chronologicalAge=None, outputLabelmapNode=None, device="auto",
-                model="demo", outputAttentionVolumeNode=None, progress=None):
-        """Estimate brain age of a volume node (blocking) and show the attention labelmap over it.
+                model="demo", outputAttentionVolumeNode=None, progress=None, waitForCompletion=True,
+                completedCallback=None, opacity=0.6, showBrainMask=False):
+        """Estimate brain age of a volume node and show the attention labelmap over it.
 
         sex: "F", "M" or "unknown"; chronologicalAge: years or None. A new labelmap node is made
         when outputLabelmapNode is None; outputAttentionVolumeNode, when given, receives the scalar
-        attention map; the brain mask goes to the labelmap "<input> brain mask". Returns the
-        BrainAgeLib Result (predicted_age, brain_age_gap, qc, ...).
+        attention map; the brain mask goes to the labelmap "<input> brain mask". progress(fraction,
+        message) reports the steps. Blocking (in Slicer's process), returns the BrainAgeLib Result
+        (predicted_age, brain_age_gap, qc, ...). With waitForCompletion=False the model runs in a
+        background process and this returns its WorkerMonitor at once (.cancel() stops it); when it
+        ends, the nodes are filled and completedCallback(result, (labelmapNode, maskNode), error)
+        is called on the GUI thread (error: None, or why there is no result).
         """
+        from BrainAgeLib.inference import predict
+
         if not inputVolumeNode:
             raise ValueError("No input volume")
         self.setupPythonRequirements()
         volume = self.volumeFromNode(inputVolumeNode)
-        result = self.estimate(self.loadModel(model), volume, sex, chronologicalAge, device, progress)
-        self.showResult(result, inputVolumeNode, outputLabelmapNode, outputAttentionVolumeNode)
+        show = lambda result, labelmap=None: self.showResult(  # noqa: E731
+            result, inputVolumeNode, outputLabelmapNode, outputAttentionVolumeNode, opacity, showBrainMask, labelmap)
+        if not waitForCompletion:
+            return self.startEstimate(volume, sex, chronologicalAge, model, device, inputVolumeNode, show, progress,
+                                      completedCallback)
+        result = predict(self.loadModel(model), volume, sex, age=chronologicalAge, explain=True, device=device,
+                         progress=progress)
+        show(result)
         self.log(result.summary())
         return result
 
-    def processFiles(self, pathsOrCohortCsv, outputDir, model="demo", explain=False, device="auto", progress=None):
-        """Batch: the volumes of a list of files, a folder or a cohort CSV/TSV -> outputDir/predictions.csv
-        (resumable). Runs in Slicer's own process (workers=0): multiprocessing workers would start Slicer's
-        executable, not Python."""
-        self.setupPythonRequirements()
-        from BrainAgeLib.cohort.batch import run_batch
+    def startEstimate(self, volume, sex, chronologicalAge, model, device, inputVolumeNode, show, progress,
+                      completedCallback):
+        """process(waitForCompletion=False): the input to a temporary folder, the worker started on it."""
+        from BrainAgeLib.io import save_volume
+        from BrainAgeLib.worker_protocol import INPUT_FILE, load_worker_result, worker_command, worker_python
 
-        return run_batch(pathsOrCohortCsv, outputDir, model=self.loadModel(model), explain=explain, device=device,
-                         workers=0, progress=progress)
+        workDir = tempfile.mkdtemp(prefix="BrainAge-")
+        try:
+            inputPath = str(save_volume(volume, os.path.join(workDir, INPUT_FILE)))
+            command = worker_command(worker_python(), inputPath, workDir, sex, chronologicalAge,
+                                     self.modelFile(model), device, levels=ATTENTION_LEVELS)
+        except Exception:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+
+        def finished(monitor):
+            result, shown, error = None, (None, None), monitor.failure()
+            try:
+                if error is None and not slicer.mrmlScene.IsNodePresent(inputVolumeNode):
+                    error = "the input volume was removed while the estimate ran; nothing to show"
+                if error is None:
+                    result, labelmap = load_worker_result(workDir)
+                    shown = show(result, labelmap)
+                    self.log(result.summary())
+            except Exception as exception:
+                logging.exception("BrainAge could not show the result")
+                error = str(exception)
+            finally:
+                shutil.rmtree(workDir, ignore_errors=True)
+            if completedCallback:
+                completedCallback(result, shown, error)
+
+        return self.runWorker(command, progress, finished)
+
+    def processFiles(self, pathsOrCohortCsv, outputDir, model="demo", explain=False, device="auto", progress=None,
+                     waitForCompletion=True, completedCallback=None):
+        """Batch: the volumes of a list of files, a folder or a cohort CSV/TSV -> outputDir/predictions.csv
+        (resumable), in a background process whose multiprocessing workers prepare the next subjects.
+        Blocking: returns the path of predictions.csv, raises RuntimeError when the run failed. With
+        waitForCompletion=False returns the WorkerMonitor; completedCallback(error or None) at the end."""
+        from BrainAgeLib.worker_protocol import batch_command, worker_python
+
+        self.setupPythonRequirements()
+        command = batch_command(worker_python(), pathsOrCohortCsv, outputDir, self.modelFile(model), device, explain)
+        monitor = self.runWorker(command, progress, completedCallback and (lambda job: completedCallback(job.failure())),
+                                 waitForCompletion)
+        if waitForCompletion and monitor.failure():
+            raise RuntimeError("BrainAge batch failed: " + monitor.failure())
+        return os.path.join(outputDir, "predictions.csv") if waitForCompletion else monitor
+
+    def runWorker(self, command, progress=None, finished=None, waitForCompletion=False):
+        """Start a BrainAgeLib worker command (slicer.util.launchConsoleProcess, stdout and stderr merged): its
+        progress lines go to progress(fraction, message), other output to the log, then finished(monitor).
+        A QTimer polls it; with waitForCompletion this waits for the end instead."""
+        from BrainAgeLib.worker_protocol import WorkerMonitor, library_parent
+
+        logging.info("BrainAge worker: " + " ".join(command))
+        process = slicer.util.launchConsoleProcess(command, useStartupEnvironment=False, cwd=library_parent())
+        monitor = WorkerMonitor(process, progress, logging.info, finished)
+        if waitForCompletion:
+            monitor.poll_until_finished(POLL_INTERVAL_MS / 1000.0)
+            return monitor
+        monitor.poller = qt.QTimer()
+        monitor.poller.setInterval(POLL_INTERVAL_MS)
+        monitor.poller.connect("timeout()", lambda: monitor.poll() and monitor.poller.stop())
+        monitor.poller.start()
+        return monitor
 
     def showResult(self, result, inputVolumeNode, outputLabelmapNode=None, outputAttentionVolumeNode=None,
-                   opacity=0.6, showBrainMask=False):
-        """Put the attention labelmap (with its colour table) and the brain mask (labelmap "<input> brain mask",
-        1 = brain, reused on a rerun) on the input's grid; the slice views show the mask when showBrainMask, else
-        the attention labelmap, over the input. Returns (attention labelmap, brain mask); None where not in result."""
+                   opacity=0.6, showBrainMask=False, labelmap=None):
+        """Put the attention labelmap (with its colour table; labelmap: one made already, e.g. by the worker) and
+        the brain mask (labelmap "<input> brain mask", 1 = brain, reused on a rerun) on the input's grid; the slice
+        views show the mask when showBrainMask, else the attention labelmap, over the input. Returns (attention
+        labelmap, brain mask); None where not in result."""
         from BrainAgeLib.explain.labelmap import attention_labelmap
         from BrainAgeLib.slicer_bridge import label_layer_node
 
@@ -361,7 +414,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
                 maskNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
             self.updateVolumeNode(maskNode, result.brain_mask, inputVolumeNode)
         if result.attention is not None:
-            labelmap = attention_labelmap(result, levels=ATTENTION_LEVELS)
+            labelmap = labelmap or attention_labelmap(result, levels=ATTENTION_LEVELS)
             labelmapNode = outputLabelmapNode if outputLabelmapNode is not None else slicer.mrmlScene.AddNewNodeByClass(
                 "vtkMRMLLabelMapVolumeNode", inputVolumeNode.GetName() + " attention")
             self.updateVolumeNode(labelmapNode, labelmap.volume, inputVolumeNode)
@@ -414,6 +467,7 @@ class BrainAgeTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_phantom_head()
+        self.test_background_worker()
 
     def test_phantom_head(self):
         import math
@@ -459,3 +513,43 @@ class BrainAgeTest(ScriptedLoadableModuleTest):
         self.assertEqual(colorNode.GetNumberOfColors(), ATTENTION_LEVELS + 1)
         self.delayDisplay("Test passed")
 
+    def test_background_worker(self):
+        """What Estimate does: the model in a background process, progress, the result back as nodes; Cancel."""
+        from BrainAgeLib.slicer_bridge import kji_from_volume, phantom_head
+
+        logic = BrainAgeLogic()
+        arrayKji, ijkToRas = kji_from_volume(phantom_head())
+        inputNode = slicer.util.addVolumeFromArray(arrayKji, ijkToRAS=ijkToRas, name="BrainAgeWorkerPhantom")
+
+        def runInBackground(cancelAt=None):
+            ended, fractions = [], []
+            job = logic.process(inputNode, "F", 70.0, device="cpu", waitForCompletion=False,
+                                progress=lambda fraction, message: fractions.append(fraction),
+                                completedCallback=lambda *outcome: ended.append(outcome))
+            for _ in range(600):  # at most 5 minutes
+                if ended:
+                    break
+                if cancelAt is not None and fractions and fractions[-1] >= cancelAt and not job.cancelled:
+                    job.cancel()
+                slicer.util.delayDisplay("Estimating brain age in a background process", 500)
+            self.assertTrue(ended, "the worker did not finish within 5 minutes")
+            return job, fractions, ended[0]
+
+        self.delayDisplay("Estimating in the background")
+        job, fractions, (result, (labelmapNode, maskNode), error) = runInBackground()
+        self.assertIsNone(error)
+        self.assertEqual(fractions[-1], 1.0)
+        self.assertEqual(fractions, sorted(fractions))
+        blocking = logic.process(inputNode, "F", chronologicalAge=70.0, device="cpu")
+        self.assertAlmostEqual(result.predicted_age, blocking.predicted_age, places=2)
+        for node in (labelmapNode, maskNode):
+            self.assertEqual(slicer.util.arrayFromVolume(node).shape, arrayKji.shape)
+        self.assertEqual(int(slicer.util.arrayFromVolume(labelmapNode).max()), ATTENTION_LEVELS)
+
+        self.delayDisplay("Cancelling a background estimate during preprocessing")
+        job, fractions, (result, shown, error) = runInBackground(cancelAt=0.09)
+        self.assertTrue(job.cancelled)
+        self.assertIsNone(result)
+        self.assertEqual(error, "cancelled by the user")
+        self.assertIsNotNone(job.process.poll())
+        self.delayDisplay("Test passed")

@@ -295,17 +295,26 @@ def load_worker_result(out_dir: PathLike) -> Tuple["Result", Optional["Attention
 # --- watching and cancelling ----------------------------------------------------------------
 
 class WorkerMonitor:
-    """Reads a worker's merged stdout/stderr on a thread into a queue; ``drain()`` (from a GUI
-    timer) returns the parsed lines so far. ``process`` is a ``subprocess.Popen`` with text stdout
-    (what ``slicer.util.launchConsoleProcess`` returns).
+    """Reads a worker's merged stdout/stderr on a thread into a queue; ``drain()`` returns the
+    parsed lines so far, ``poll()`` (from a GUI timer) hands them on. ``process`` is a
+    ``subprocess.Popen`` with text stdout (what ``slicer.util.launchConsoleProcess`` returns).
+
+    ``progress(fraction, message)`` receives the progress lines, ``log(text)`` every other line
+    (library output, tracebacks), ``finished(monitor)`` is called once, by the ``poll`` that finds
+    the worker ended and all its output handed on.
     """
 
-    def __init__(self, process) -> None:
+    def __init__(self, process, progress: Optional[Callable[[float, str], None]] = None,
+                 log: Optional[Callable[[str], None]] = None,
+                 finished: Optional[Callable[["WorkerMonitor"], None]] = None) -> None:
         self.process = process
+        self.progress, self.log, self.finished_callback = progress, log, finished
         self.started = time.monotonic()
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.cancelled = False
+        self.ended = False  # poll() found the worker ended and called finished
         self.final: Optional[WorkerMessage] = None  # the done or error line, once read
+        self.poller = None  # what calls poll() (the Slicer module's QTimer), kept alive with the job
         self._reader = threading.Thread(target=self._read, name="BrainAge worker output", daemon=True)
         self._reader.start()
 
@@ -335,6 +344,27 @@ class WorkerMonitor:
                 self.final = message
             messages.append(message)
         return messages
+
+    def poll(self) -> bool:
+        """Hand the lines read so far to ``progress``/``log``; True once the worker has ended (then
+        ``finished`` has been called, exactly once)."""
+        for message in self.drain():
+            if message.kind == "progress":
+                if self.progress is not None:
+                    self.progress(message.fraction, message.text)
+            elif self.log is not None and message.kind in ("output", "malformed"):
+                self.log(message.text)
+        if not self.ended and self.finished and self.lines.empty():
+            self.ended = True
+            if self.finished_callback is not None:
+                self.finished_callback(self)
+        return self.ended
+
+    def poll_until_finished(self, interval_s: float = 0.1) -> Optional[str]:
+        """``poll`` until the worker ends (blocking); why it failed, None when it succeeded."""
+        while not self.poll():
+            time.sleep(interval_s)
+        return self.failure()
 
     @property
     def finished(self) -> bool:

@@ -38,7 +38,7 @@ SHARED_API = REPO.parent / "shared" / "slicer-api"
 COPIED_API = REPO / "Testing" / "slicer-api"
 API_FILES = ("slicer_util_functions.txt", "scripted_loadable_module_methods.txt",
              "mrml_methods.txt", "pytorchutils_logic.txt")
-MAX_MODULE_LINES = 470  # four classes, everything computable lives in BrainAgeLib
+MAX_MODULE_LINES = 580  # four classes, everything computable lives in BrainAgeLib (the worker: worker_protocol)
 #: CamelCase methods BrainAge.py calls on VTK objects that are not MRML nodes, and on what.
 NON_MRML_METHODS = {
     "GetDimensions": "vtkImageData, from volumeNode.GetImageData()",
@@ -394,3 +394,27 @@ def test_cmake_configures_and_places_brainagelib_beside_the_module(tmp_path):
     assert (shared / "ColorTables" / "BrainAgeAttention.ctbl").read_text() == \
         (REPO / "Resources" / "ColorTables" / "BrainAgeAttention.ctbl").read_text()
     assert "SCRIPT;BrainAge.py" in (tmp_path / "build" / "unittests.txt").read_text()
+
+
+#: Keywords of ``slicer.util.launchConsoleProcess`` at Slicer 5.10, the oldest supported release
+#: (``blocking``, ``logCallback`` and ``completedCallback`` came with 5.12; see slicer-api/v5.10.0/README.md).
+LAUNCH_CONSOLE_PROCESS_KEYWORDS_5_10 = {"useStartupEnvironment", "updateEnvironment", "cwd"}
+
+
+def test_the_worker_is_launched_as_slicer_5_10_can(tree, source_lines):
+    """The background estimate and batch start the worker with launchConsoleProcess (listed at 5.10 too),
+    with no keyword 5.10 lacks, and read its output through BrainAgeLib.worker_protocol."""
+    oldest = set((SHARED_API / "v5.10.0" / "slicer_util_functions.txt").read_text().split()) \
+        if (SHARED_API / "v5.10.0").is_dir() else {"launchConsoleProcess"}
+    assert "launchConsoleProcess" in oldest
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and dotted(n.func) == "slicer.util.launchConsoleProcess"]
+    assert calls, "BrainAge.py starts its worker with slicer.util.launchConsoleProcess"
+    for call in calls:
+        unknown = {k.arg for k in call.keywords} - LAUNCH_CONSOLE_PROCESS_KEYWORDS_5_10
+        assert not unknown, f"{where(call, source_lines)}  <- keyword(s) {sorted(unknown)} do not exist in Slicer 5.10"
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and dotted(n.value) == "slicer.util"}
+    assert oldest >= used or not (SHARED_API / "v5.10.0").is_dir(), \
+        f"slicer.util names missing at Slicer 5.10: {sorted(used - oldest)}"
+    text = MODULE.read_text(encoding="utf-8")
+    assert "worker_command(" in text and "batch_command(" in text and "WorkerMonitor(" in text
+    assert "concurrent.futures" not in text and "threading" not in text, "the estimate runs in a process, not a thread"

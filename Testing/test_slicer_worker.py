@@ -100,6 +100,19 @@ def test_other_output_passes_through():
     assert parse_worker_line(progress_line(0.5, "")).kind == "progress"
 
 
+def test_poll_hands_each_line_to_its_callback_and_ends_once():
+    script = ("print('BRAINAGE_PROGRESS 0.5000 Half way'); print('BRAINAGE_PROGRESS soon'); "
+              "print('a library note'); import sys; print('BRAINAGE_DONE /out'); sys.exit(0)")
+    progress, log, ends = [], [], []
+    monitor = WorkerMonitor(start([sys.executable, "-c", script]), lambda f, m: progress.append((f, m)), log.append,
+                            ends.append)
+    assert monitor.poll_until_finished(0.01) is None
+    assert progress == [(0.5, "Half way")] and log == ["BRAINAGE_PROGRESS soon", "a library note"]
+    assert monitor.poll() is True and ends == [monitor]
+    crashed = WorkerMonitor(start([sys.executable, "-c", "import sys; print('BRAINAGE_PROGRESS 0.1 x'); sys.exit(3)"]))
+    assert "exit code 3 and no result" in crashed.poll_until_finished(0.01)
+
+
 # --- reading the outputs back -----------------------------------------------------------------
 
 def test_a_folder_without_the_result_file_holds_no_result(tmp_path):
@@ -121,18 +134,19 @@ def test_a_folder_without_the_result_file_holds_no_result(tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_worker(tmp_path_factory):
-    """The worker run to the end on the bundled sample (a 67-year-old female phantom), demo model."""
+    """The worker run to the end on the bundled sample (a 67-year-old female phantom), demo model,
+    polled as the module's timer polls it: progress lines, other output and the end each to their callback."""
     out = tmp_path_factory.mktemp("worker")
     shutil.copy(SAMPLE, out / INPUT_FILE)
+    progress, other, ends = [], [], []
     monitor = WorkerMonitor(start(worker_command(sys.executable, out / INPUT_FILE, out, "F", 67.0, "demo", "cpu",
-                                                 levels=10)))
-    messages, seen_at = [], []
-    while not monitor.finished or not monitor.lines.empty():
-        batch = monitor.drain()
-        messages += batch
-        seen_at += [time.monotonic()] * len(batch)
+                                                 levels=10)),
+                            progress=lambda fraction, text: progress.append((fraction, text, time.monotonic())),
+                            log=other.append, finished=ends.append)
+    while not monitor.poll():
         time.sleep(0.05)
-    return out, monitor, messages, seen_at
+    assert monitor.poll() and ends == [monitor]  # finished is called once, however often poll runs after
+    return out, monitor, progress, other
 
 
 @pytest.mark.slow
@@ -140,18 +154,18 @@ def test_worker_reports_progress_and_gives_the_in_process_age(finished_worker):
     from BrainAgeLib.inference import predict
     from BrainAgeLib.model.checkpoint import load_model
 
-    out, monitor, messages, seen_at = finished_worker
-    assert monitor.returncode == 0 and monitor.failure() is None, [m.text for m in messages]
-    progress = [m for m in messages if m.kind == "progress"]
-    fractions = [m.fraction for m in progress]
+    out, monitor, progress, other = finished_worker
+    assert monitor.returncode == 0 and monitor.failure() is None, other
+    fractions = [fraction for fraction, _, _ in progress]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
-    texts = [m.text for m in progress]
-    assert "Preparing sagittal slices" in texts and "Computing the attention map" in texts
-    assert not [m for m in messages if m.kind == "malformed"]
-    assert messages[-1].kind == "done" and messages[-1].text == str(out)
+    texts = [text for _, text, _ in progress]
+    explaining = next(text for text in texts if text.startswith("Computing the"))  # the attention/explanation map
+    assert "Preparing sagittal slices" in texts
+    assert monitor.final.kind == "done" and monitor.final.text == str(out)
+    assert not [line for line in other if line.startswith("BRAINAGE_")]
     # the lines arrive while the worker runs, not all at its end
-    prepare, done = (seen_at[i] for i, m in enumerate(messages) if m.text in ("Preparing sagittal slices", str(out)))
-    assert done - prepare > 1.0
+    seen = {text: at for _, text, at in progress}
+    assert seen[explaining] - seen["Preparing sagittal slices"] > 1.0
 
     result = json.loads((out / RESULT_FILE).read_text())
     in_process = predict(load_model("demo"), SAMPLE, "F", age=67.0, explain=True, device="cpu", use_cache=False)
@@ -190,10 +204,9 @@ def test_worker_reports_a_bad_input_as_one_error_line(tmp_path):
     bad = tmp_path / INPUT_FILE
     bad.write_bytes(b"this is not a NIfTI file")
     monitor = WorkerMonitor(start(worker_command(sys.executable, bad, tmp_path, "F", None, "demo", "cpu")))
-    assert monitor.wait(120) == 2
-    messages = monitor.drain()
-    assert messages[-1].kind == "error" and str(bad) in messages[-1].text
-    assert monitor.failure() == messages[-1].text
+    failure = monitor.poll_until_finished(0.05)
+    assert monitor.returncode == 2
+    assert monitor.final.kind == "error" and str(bad) in monitor.final.text and failure == monitor.final.text
     assert sorted(p.name for p in tmp_path.iterdir()) == [INPUT_FILE]
 
 
