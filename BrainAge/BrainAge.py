@@ -86,6 +86,9 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.job = None  # the WorkerMonitor of the estimate running in the background
         self.shownLabelmaps = (None, None)  # (attention labelmap, brain mask) of the last result
         self.starting = False  # True while onEstimate installs packages/starts the worker
+        from BrainAgeLib.slicer_bridge import AGE_RANGE
+
+        self.ui.chronologicalAgeSpinBox.maximum = AGE_RANGE[1]  # the library's limit (0 = not given)
 
         for selector in (self.ui.inputVolumeSelector, self.ui.outputAttentionSelector):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateEstimateButton)
@@ -126,7 +129,8 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         problems = check_inputs(
             imageData.GetDimensions() if imageData else None, inputs["sex"], inputs["chronologicalAge"],
             inputs["model"], inputs["device"], self.logic.cudaAvailable(),
-            attention_output_is_input=node is not None and attentionNode is not None and attentionNode.GetID() == node.GetID())
+            attention_output_is_input=node is not None and attentionNode is not None and attentionNode.GetID() == node.GetID(),
+            components=imageData.GetNumberOfScalarComponents() if imageData else 1)
         self.ui.estimateButton.enabled = not problems and self.job is None and not self.starting
         self.ui.estimateButton.toolTip = "\n".join(problems) or "Estimate the brain age of the selected volume."
         if self.job is None:
@@ -312,8 +316,6 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         ends, the nodes are filled and completedCallback(result, (labelmapNode, maskNode), error)
         is called on the GUI thread (error: None, or why there is no result).
         """
-        from BrainAgeLib.inference import predict
-
         if not inputVolumeNode:
             raise ValueError("No input volume")
         self.setupPythonRequirements()
@@ -323,6 +325,8 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         if not waitForCompletion:
             return self.startEstimate(volume, sex, chronologicalAge, model, device, inputVolumeNode, show, progress,
                                       completedCallback)
+        from BrainAgeLib.inference import predict  # torch enters Slicer's process only on this blocking path
+
         result = predict(self.loadModel(model), volume, sex, age=chronologicalAge, explain=True, device=device,
                          progress=progress)
         show(result)
@@ -446,7 +450,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         """The scene's BrainAge attention colour table, (re)filled with colors."""
         from BrainAgeLib.slicer_bridge import color_table_rows
 
-        colorNode = slicer.mrmlScene.GetFirstNodeByName(COLOR_TABLE_NAME)
+        colorNode = slicer.mrmlScene.GetFirstNode(COLOR_TABLE_NAME, "vtkMRMLColorTableNode")
         if colorNode is None:
             colorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", COLOR_TABLE_NAME)
         colorNode.SetTypeToUser()
@@ -454,7 +458,6 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         count, rows = color_table_rows(colors)
         colorNode.SetNumberOfColors(count)
         colorNode.GetLookupTable().SetTableRange(0, count - 1)
-        colorNode.SetNamesInitialised(True)
         for index, name, r, g, b, a in rows:
             colorNode.SetColor(index, name, r, g, b, a)
         return colorNode

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from .demographics import MAX_AGE_YEARS, check_age
 from .errors import BrainAgeError
 from .sex import InvalidSexError, parse_sex
 
@@ -41,8 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Devices the module offers ("auto" = CUDA if present, else CPU).
 DEVICES = ("auto", "cpu", "cuda")
-#: Chronological ages (years) the module accepts.
-AGE_RANGE = (0.0, 120.0)
+#: Chronological ages (years) the module accepts: the library's own (``demographics.check_age``), so the
+#: panel never offers an age a prediction refuses or refuses one it takes. The panel's 0 means "not given".
+AGE_RANGE = (0.0, MAX_AGE_YEARS)
 
 #: Packages installed with ``slicer.util.pip_install`` on first use, pinned to the releases CI
 #: runs (known to work together). torch/torchvision come from the PyTorch extension instead.
@@ -86,6 +88,9 @@ def volume_from_kji(array_kji: np.ndarray, ijk_to_ras: np.ndarray,
     from .volume import Volume
 
     array_kji = np.asarray(array_kji)
+    if array_kji.ndim == 4:  # arrayFromVolume of an RGB or vector volume: [K, J, I, components]
+        raise ValueError(f"the volume has {array_kji.shape[3]} components per voxel (a colour or vector image); "
+                         "BrainAge needs a scalar (grey-value) T1-weighted volume")
     if array_kji.ndim != 3:
         raise ValueError(f"expected a 3D [K,J,I] voxel array, got shape {array_kji.shape}")
     affine = checked_ijk_to_ras(ijk_to_ras)
@@ -252,6 +257,7 @@ def check_inputs(
     device: str,
     cuda_available: Optional[bool] = None,
     attention_output_is_input: bool = False,
+    components: int = 1,
 ) -> List[str]:
     """Problems with the module's inputs, one sentence each; empty when Estimate may run.
 
@@ -259,7 +265,9 @@ def check_inputs(
     ``chronological_age``: years, or None when not given. ``model``: "demo", an http(s) URL or
     the path of a model file. ``cuda_available``: None when unknown (torch not imported yet).
     ``attention_output_is_input``: the volume chosen to receive the scalar attention map is the
-    input itself (writing the map would replace the scan's voxels).
+    input itself (writing the map would replace the scan's voxels). ``components``: scalar components
+    per voxel of the selected volume (``vtkImageData.GetNumberOfScalarComponents``): an RGB or vector
+    volume is refused, as the model reads one grey value per voxel.
     """
     problems = []
     if attention_output_is_input:
@@ -269,13 +277,17 @@ def check_inputs(
         problems.append("Select an input volume.")
     elif len(volume_shape) != 3 or min(int(n) for n in volume_shape) < 2:
         problems.append(f"The input volume must be 3D; its voxel dimensions are {tuple(volume_shape)}.")
+    elif int(components) != 1:
+        problems.append(f"The input volume has {int(components)} components per voxel (a colour or vector image); "
+                        "BrainAge needs a scalar (grey-value) T1-weighted volume.")
     try:
         parse_sex(sex)
     except InvalidSexError as error:
         problems.append(f"Sex: {error}.")
     if chronological_age is not None:
-        age = float(chronological_age)
-        if not (math.isfinite(age) and AGE_RANGE[0] < age < AGE_RANGE[1]):
+        try:
+            check_age(chronological_age)
+        except BrainAgeError:
             problems.append(f"Chronological age must be between {AGE_RANGE[0]:g} and {AGE_RANGE[1]:g} years, "
                             f"got {chronological_age}.")
     model = (model or "").strip()

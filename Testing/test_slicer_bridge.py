@@ -239,8 +239,9 @@ def test_check_inputs_accepts_a_complete_form(tmp_path):
     (((256, 256, 1), "F", None, "demo", "auto"), "must be 3D"),
     (((256, 256), "F", None, "demo", "auto"), "must be 3D"),
     (((64, 64, 64), "X", None, "demo", "auto"), "Sex"),
-    (((64, 64, 64), "F", 150.0, "demo", "auto"), "between 0 and 120"),
-    (((64, 64, 64), "F", float("nan"), "demo", "auto"), "between 0 and 120"),
+    (((64, 64, 64), "F", 150.0, "demo", "auto"), "between 0 and 130"),
+    (((64, 64, 64), "F", float("nan"), "demo", "auto"), "between 0 and 130"),
+    (((64, 64, 64), "F", -1.0, "demo", "auto"), "between 0 and 130"),
     (((64, 64, 64), "F", None, "", "auto"), "Choose a model"),
     (((64, 64, 64), "F", None, "/no/such/model.safetensors", "auto"), "/no/such/model.safetensors"),
     (((64, 64, 64), "F", None, "http://example.org/m.safetensors", "auto"), "https"),
@@ -250,6 +251,27 @@ def test_check_inputs_accepts_a_complete_form(tmp_path):
 def test_check_inputs_names_each_problem(args, problem):
     problems = check_inputs(*args)
     assert len(problems) == 1 and problem in problems[0], problems
+
+
+def test_a_colour_or_vector_volume_is_refused():
+    with pytest.raises(ValueError, match="3 components per voxel"):
+        volume_from_kji(np.zeros((8, 9, 10, 3), dtype=np.uint8), np.eye(4))
+    problems = check_inputs((64, 64, 64), "F", None, "demo", "auto", components=3)
+    assert len(problems) == 1 and "3 components per voxel" in problems[0] and "scalar" in problems[0]
+    assert check_inputs((64, 64, 64), "F", None, "demo", "auto", components=1) == []
+
+
+@pytest.mark.parametrize("age", [0.5, 67.0, 120.5, 129.9, 130.0, 130.1, 500.0, -0.1, float("inf")])
+def test_the_panel_accepts_exactly_the_ages_the_library_accepts(age):
+    from BrainAgeLib.demographics import check_age
+    from BrainAgeLib.errors import BrainAgeError
+
+    try:
+        check_age(age)
+        library_accepts = True
+    except BrainAgeError:
+        library_accepts = False
+    assert (check_inputs((64, 64, 64), "F", age, "demo", "auto") == []) == library_accepts
 
 
 def test_cuda_is_not_rejected_while_its_availability_is_unknown():

@@ -42,6 +42,7 @@ MAX_MODULE_LINES = 580  # four classes, everything computable lives in BrainAgeL
 #: CamelCase methods BrainAge.py calls on VTK objects that are not MRML nodes, and on what.
 NON_MRML_METHODS = {
     "GetDimensions": "vtkImageData, from volumeNode.GetImageData()",
+    "GetNumberOfScalarComponents": "vtkImageData, from volumeNode.GetImageData()",
     "SetTableRange": "vtkLookupTable, from colorNode.GetLookupTable()",
 }
 #: ``slicer.<name>`` attributes BrainAge.py may use (the lists cover slicer.util only).
@@ -418,3 +419,21 @@ def test_the_worker_is_launched_as_slicer_5_10_can(tree, source_lines):
     text = MODULE.read_text(encoding="utf-8")
     assert "worker_command(" in text and "batch_command(" in text and "WorkerMonitor(" in text
     assert "concurrent.futures" not in text and "threading" not in text, "the estimate runs in a process, not a thread"
+
+
+#: MRML calls that exist but BrainAge.py must not make, and why (issue 15 item 4).
+AVOIDED_MRML_CALLS = {
+    "SetNamesInitialised": "SetColor(index, name, r, g, b, a) names each colour; the flag is the node's own business",
+    "GetFirstNodeByName": "finds a node of any class with that name: use GetFirstNode(name, className)",
+}
+
+
+def test_avoided_mrml_calls_are_not_made(tree, source_lines):
+    problems = [f"{where(call, source_lines)}  <- {call.func.attr}: {AVOIDED_MRML_CALLS[call.func.attr]}"
+                for call in ast.walk(tree) if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                and call.func.attr in AVOIDED_MRML_CALLS]
+    assert not problems, "\n".join(problems)
+    color_lookups = [call for call in ast.walk(tree) if isinstance(call, ast.Call) and dotted(call.func) ==
+                     "slicer.mrmlScene.GetFirstNode"]
+    assert color_lookups and all(len(c.args) == 2 and getattr(c.args[1], "value", None) == "vtkMRMLColorTableNode"
+                                 for c in color_lookups), "the colour table is found by name and class"
