@@ -221,12 +221,17 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
             self.logCallback(text)
 
     def setupPythonRequirements(self, askConfirmation=True):
-        """Install what is missing, after one confirmation: torch through PyTorchUtils, the
-        rest pinned through pip (BrainAgeLib.slicer_bridge.PIP_REQUIREMENTS)."""
+        """Install what is missing, after one confirmation: torch through PyTorchUtils, the rest through pip
+        at their floors (BrainAgeLib.slicer_bridge.PIP_REQUIREMENTS); what no install fixes (too old a Slicer,
+        Python or torch) is an error saying what to do."""
         if self._requirementsReady:
             return
-        from BrainAgeLib.slicer_bridge import TORCH_REQUIREMENT, installed_version, missing_requirements, torch_missing
+        from BrainAgeLib.slicer_bridge import (TORCH_REQUIREMENT, environment_problems, installed_version,
+                                               missing_requirements, torch_missing)
 
+        problems = environment_problems(installed_version)
+        if problems:
+            raise RuntimeError("\n".join(problems))
         needTorch = torch_missing(installed_version)
         missing = missing_requirements(installed_version)
         if needTorch or missing:

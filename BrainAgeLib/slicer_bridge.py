@@ -10,8 +10,9 @@ conversion and check it relies on lives here, where pytest can reach it:
 - Colour tables: ``color_table_rows`` turns (label, name, RGBA 0-255) entries into the rows a
   ``vtkMRMLColorTableNode`` takes (``SetColor(index, name, r, g, b, a)`` with 0-1 components).
 - The results panel text (``result_text``, with the quality control from ``qc_html``), which
-  labelmap the slice views show (``label_layer_node``), widget input checks (``check_inputs``), the pinned
-  pip requirements installed on first use (``missing_requirements``), and the progress/cancel
+  labelmap the slice views show (``label_layer_node``), widget input checks (``check_inputs``), the pip
+  requirements installed on first use (``missing_requirements``, floors, never what Slicer bundles) and what
+  no install can fix (``environment_problems``: Python, Slicer's bundled packages, torch), and the progress/cancel
   relay between the worker thread and the GUI timer (``ProgressRelay``).
 
 Importing this module needs only numpy (the Slicer module imports it before BrainAge's other
@@ -24,6 +25,7 @@ import html
 import importlib.metadata
 import math
 import os
+import sys
 import threading
 import urllib.parse
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
@@ -46,29 +48,35 @@ DEVICES = ("auto", "cpu", "cuda")
 #: panel never offers an age a prediction refuses or refuses one it takes. The panel's 0 means "not given".
 AGE_RANGE = (0.0, MAX_AGE_YEARS)
 
-#: Packages installed with ``slicer.util.pip_install`` on first use, pinned to the releases CI
-#: runs (known to work together). torch/torchvision come from the PyTorch extension instead.
-#: numpy is never installed: Slicer ships its own, and replacing it breaks Slicer.
+#: Packages installed with ``slicer.util.pip_install`` on first use, as the oldest releases known to
+#: work (the floors of pyproject.toml): pip picks the newest release that fits this Slicer's Python,
+#: and a package already installed at or above its floor is left alone (another extension may rely on
+#: it). torch/torchvision come from the PyTorch extension instead; what Slicer bundles
+#: (``SLICER_BUNDLED``) is never installed.
 PIP_REQUIREMENTS: Dict[str, str] = {
-    "nibabel": "5.4.2",
-    "SimpleITK": "2.5.7",
-    "scipy": "1.17.1",
-    "safetensors": "0.8.0",
-    "timm": "1.0.31",
-    "pillow": "13.0.0",
-    "matplotlib": "3.11.2",
-    "tqdm": "4.70.1",
+    "nibabel": "5.0",
+    "safetensors": "0.4",
+    "timm": "1.0",
+    "matplotlib": "3.6",
+    "tqdm": "4.60",
     # brain extraction (BrainAgeLib.preprocess.brain_extraction) and what it imports; pip brings deepbet's
     # other requirement, customtkinter, for deepbet's GUI, which BrainAge never imports.
     "deepbet": "1.0.2",
-    "connected-components-3d": "4.1.1",
-    "fill_voids": "2.1.2",
-    "pandas": "3.1.1",
+    "connected-components-3d": "4.1",  # deepbet names no versions: these three are releases CI has run
+    "fill_voids": "2.1",
+    "pandas": "2.0",
     # Cancel kills the background worker and its children (worker_protocol.kill_process_tree)
-    "psutil": "7.2.2",
+    "psutil": "5.9",
 }
+#: What every Slicer ships in its own Python (with the version BrainAge needs at least): never
+#: pip-installed, because replacing any of them breaks Slicer. Missing or older: the Slicer is too old.
+SLICER_BUNDLED: Dict[str, str] = {"numpy": "1.23", "scipy": "1.10", "SimpleITK": "2.3", "pillow": "9.0", "vtk": "9.2"}
 #: What BrainAge asks of the torch that PyTorchUtils installs.
-TORCH_REQUIREMENT = ">=2.1"
+TORCH_MINIMUM = "2.1"
+TORCH_REQUIREMENT = f">={TORCH_MINIMUM}"
+#: The oldest Slicer BrainAge supports, and its Python.
+OLDEST_SLICER = "5.10"
+MINIMUM_PYTHON = (3, 12)
 
 
 # --- geometry -------------------------------------------------------------------------------
@@ -330,14 +338,63 @@ def model_download_path(url: str) -> str:
     return str(cache_dir() / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{file_name}")
 
 
+def version_tuple(version: str) -> Tuple[int, ...]:
+    """The leading numbers of a version string: "2.14.1+cu121" -> (2, 14, 1), "1.0rc1" -> (1, 0)."""
+    numbers = []
+    for part in str(version).split("."):
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if len(digits) < len(part):
+            break
+    return tuple(numbers)
+
+
+def at_least(version: Optional[str], floor: str) -> bool:
+    """True when ``version`` is installed (not None) and not older than ``floor``."""
+    return version is not None and version_tuple(version) >= version_tuple(floor)
+
+
 def missing_requirements(installed_version: Callable[[str], Optional[str]] = installed_version) -> List[str]:
-    """Pinned pip specs (``name==version``) of the ``PIP_REQUIREMENTS`` not installed yet.
+    """pip specs (``name>=floor``) of the ``PIP_REQUIREMENTS`` not installed, or installed older than
+    their floor; never one of ``SLICER_BUNDLED`` or torch.
 
     ``installed_version(name)`` returns the installed version or None (in Slicer: a wrapper of
-    ``importlib.metadata.version``). Installed packages are left alone whatever their version,
-    so BrainAge never replaces a package Slicer or another extension relies on.
+    ``importlib.metadata.version``).
     """
-    return [f"{name}=={version}" for name, version in PIP_REQUIREMENTS.items() if not installed_version(name)]
+    return [f"{name}>={floor}" for name, floor in PIP_REQUIREMENTS.items()
+            if not at_least(installed_version(name), floor)]
+
+
+def environment_problems(installed_version: Callable[[str], Optional[str]] = installed_version,
+                         python_version: Sequence[int] = tuple(sys.version_info[:3])) -> List[str]:
+    """What in this Slicer BrainAge cannot fix by installing packages, one sentence each (empty: fine).
+
+    A Python older than ``MINIMUM_PYTHON`` (a Slicer older than ``OLDEST_SLICER``), a package Slicer
+    bundles missing or older than BrainAge needs, a torch older than ``TORCH_MINIMUM`` (torch missing is
+    not a problem here: the PyTorch extension installs it, see ``torch_missing``).
+    """
+    problems = []
+    if tuple(python_version[:2]) < MINIMUM_PYTHON:
+        problems.append(f"BrainAge needs 3D Slicer {OLDEST_SLICER} or later (Python {'.'.join(map(str, MINIMUM_PYTHON))}); "
+                        f"this one runs Python {'.'.join(map(str, python_version[:3]))}. Install a newer Slicer.")
+    for name, floor in SLICER_BUNDLED.items():
+        version = installed_version(name)
+        if not at_least(version, floor):
+            found = "is missing" if version is None else f"is {version}"
+            problems.append(f"BrainAge needs {name} {floor} or later, which Slicer bundles; here it {found}. "
+                            f"Install 3D Slicer {OLDEST_SLICER} or later (BrainAge never replaces Slicer's own {name}).")
+    torch_version = installed_version("torch")
+    if torch_version is not None and not at_least(torch_version, TORCH_MINIMUM):
+        problems.append(f"BrainAge needs torch {TORCH_MINIMUM} or later; this Slicer has torch {torch_version}. "
+                        "Open the PyTorch Utils module, uninstall torch and install it again (it picks a recent build "
+                        "for this computer), then restart Slicer.")
+    return problems
 
 
 # --- progress and cancel across threads -----------------------------------------------------

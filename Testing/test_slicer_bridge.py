@@ -19,11 +19,14 @@ from BrainAgeLib.result import Result
 from BrainAgeLib.slicer_bridge import (
     PIP_REQUIREMENTS,
     QC_FLAG_COLOR,
+    SLICER_BUNDLED,
     QC_NO_FLAGS,
     EstimationCancelled,
     ProgressRelay,
+    at_least,
     check_inputs,
     checked_ijk_to_ras,
+    environment_problems,
     color_table_rows,
     installed_version,
     kji_from_volume,
@@ -308,21 +311,43 @@ def test_the_attention_output_may_not_be_the_input_volume():
     assert len(problems) == 1 and "would be overwritten" in problems[0]
 
 
-def test_missing_requirements_are_pinned_and_installed_ones_left_alone():
-    installed = {"nibabel": "5.0.0", "scipy": "1.10.0", "SimpleITK": "2.3.0"}
+def test_missing_requirements_are_floors_and_never_what_slicer_bundles():
+    installed = {"nibabel": "5.0.0", "scipy": "1.10.0", "SimpleITK": "2.3.0", "matplotlib": "3.5.3", "tqdm": "4.70.1"}
     missing = missing_requirements(installed.get)
-    assert "nibabel==5.4.2" not in " ".join(missing)  # an older nibabel is kept, not replaced
-    assert f"timm=={PIP_REQUIREMENTS['timm']}" in missing
-    assert all("==" in spec for spec in missing)
-    assert not any(spec.startswith(("numpy", "torch")) for spec in missing)
-    assert missing_requirements(lambda name: "1.0") == []
+    assert not any(spec.startswith("nibabel") for spec in missing)  # at its floor: kept, not replaced
+    assert f"matplotlib>={PIP_REQUIREMENTS['matplotlib']}" in missing  # older than its floor: upgraded
+    assert f"timm>={PIP_REQUIREMENTS['timm']}" in missing
+    assert all(">=" in spec and "==" not in spec for spec in missing)
+    bundled = {name.lower() for name in SLICER_BUNDLED} | {"torch", "torchvision"}
+    assert not {spec.split(">=")[0].lower() for spec in missing_requirements({}.get)} & bundled
+    assert {"numpy", "scipy", "simpleitk", "pillow", "vtk"} <= bundled
+    assert missing_requirements(lambda name: "99.0") == []
+
+
+@pytest.mark.parametrize("version, floor, ok", [
+    ("2.14.1+cu121", "2.1", True), ("2.0.1", "2.1", False), ("2.1", "2.1", True), ("1.0rc1", "1.0", True),
+    ("0.4.5", "0.4", True), (None, "1.0", False), ("10.0", "9.2", True)])
+def test_versions_compare_by_their_numbers(version, floor, ok):
+    assert at_least(version, floor) is ok
+
+
+def test_environment_problems_name_what_no_install_fixes():
+    good = {"numpy": "2.1.0", "scipy": "1.14.1", "SimpleITK": "2.4.0", "pillow": "11.0.0", "vtk": "9.4.2"}
+    assert environment_problems(good.get, python_version=(3, 12, 10)) == []
+    assert environment_problems({**good, "torch": "2.5.1"}.get, python_version=(3, 13, 0)) == []
+    (python,) = environment_problems(good.get, python_version=(3, 9, 10))
+    assert "Slicer 5.10 or later" in python and "Python 3.9.10" in python
+    (torch,) = environment_problems({**good, "torch": "1.13.1"}.get, python_version=(3, 12, 0))
+    assert "torch 2.1 or later" in torch and "1.13.1" in torch and "PyTorch Utils" in torch
+    (scipy,) = environment_problems({k: v for k, v in good.items() if k != "scipy"}.get, python_version=(3, 12, 0))
+    assert "scipy" in scipy and "missing" in scipy and "never replaces" in scipy
 
 
 def test_deepbet_and_what_it_imports_are_installed_on_first_use():
     missing = missing_requirements({}.get)
-    assert f"deepbet=={PIP_REQUIREMENTS['deepbet']}" in missing
+    assert f"deepbet>={PIP_REQUIREMENTS['deepbet']}" in missing
     for name in ("connected-components-3d", "fill_voids", "pandas", "nibabel", "tqdm"):
-        assert any(spec.startswith(name + "==") for spec in missing), name
+        assert any(spec.startswith(name + ">=") for spec in missing), name
     import importlib.metadata as metadata
     import re
 
