@@ -71,6 +71,10 @@ PIP_REQUIREMENTS: Dict[str, str] = {
 #: What every Slicer ships in its own Python (with the version BrainAge needs at least): never
 #: pip-installed, because replacing any of them breaks Slicer. Missing or older: the Slicer is too old.
 SLICER_BUNDLED: Dict[str, str] = {"numpy": "1.23", "scipy": "1.10", "SimpleITK": "2.3", "pillow": "9.0", "vtk": "9.2"}
+#: The module each bundled distribution is imported as. Slicer builds some (VTK, SimpleITK) from source,
+#: without pip's metadata: then only their presence can be checked, not their version.
+BUNDLED_MODULES: Dict[str, str] = {"numpy": "numpy", "scipy": "scipy", "SimpleITK": "SimpleITK", "pillow": "PIL",
+                                   "vtk": "vtk"}
 #: What BrainAge asks of the torch that PyTorchUtils installs.
 TORCH_MINIMUM = "2.1"
 TORCH_REQUIREMENT = f">={TORCH_MINIMUM}"
@@ -371,8 +375,16 @@ def missing_requirements(installed_version: Callable[[str], Optional[str]] = ins
             if not at_least(installed_version(name), floor)]
 
 
+def module_available(name: str) -> bool:
+    """True when the top-level module ``name`` can be imported (found without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def environment_problems(installed_version: Callable[[str], Optional[str]] = installed_version,
-                         python_version: Sequence[int] = tuple(sys.version_info[:3])) -> List[str]:
+                         python_version: Sequence[int] = tuple(sys.version_info[:3]),
+                         module_available: Callable[[str], bool] = module_available) -> List[str]:
     """What in this Slicer BrainAge cannot fix by installing packages, one sentence each (empty: fine).
 
     A Python older than ``MINIMUM_PYTHON`` (a Slicer older than ``OLDEST_SLICER``), a package Slicer
@@ -385,6 +397,8 @@ def environment_problems(installed_version: Callable[[str], Optional[str]] = ins
                         f"this one runs Python {'.'.join(map(str, python_version[:3]))}. Install a newer Slicer.")
     for name, floor in SLICER_BUNDLED.items():
         version = installed_version(name)
+        if version is None and module_available(BUNDLED_MODULES[name]):
+            continue  # built by Slicer without pip metadata: present, version unknown
         if not at_least(version, floor):
             found = "is missing" if version is None else f"is {version}"
             problems.append(f"BrainAge needs {name} {floor} or later, which Slicer bundles; here it {found}. "

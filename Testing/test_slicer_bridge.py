@@ -27,6 +27,7 @@ from BrainAgeLib.slicer_bridge import (
     check_inputs,
     checked_ijk_to_ras,
     environment_problems,
+    module_available,
     color_table_rows,
     installed_version,
     kji_from_volume,
@@ -333,14 +334,28 @@ def test_versions_compare_by_their_numbers(version, floor, ok):
 
 def test_environment_problems_name_what_no_install_fixes():
     good = {"numpy": "2.1.0", "scipy": "1.14.1", "SimpleITK": "2.4.0", "pillow": "11.0.0", "vtk": "9.4.2"}
-    assert environment_problems(good.get, python_version=(3, 12, 10)) == []
-    assert environment_problems({**good, "torch": "2.5.1"}.get, python_version=(3, 13, 0)) == []
-    (python,) = environment_problems(good.get, python_version=(3, 9, 10))
+    nothing_importable = lambda module: False  # noqa: E731
+    assert environment_problems(good.get, (3, 12, 10), nothing_importable) == []
+    assert environment_problems({**good, "torch": "2.5.1"}.get, (3, 13, 0), nothing_importable) == []
+    (python,) = environment_problems(good.get, (3, 9, 10), nothing_importable)
     assert "Slicer 5.10 or later" in python and "Python 3.9.10" in python
-    (torch,) = environment_problems({**good, "torch": "1.13.1"}.get, python_version=(3, 12, 0))
+    (torch,) = environment_problems({**good, "torch": "1.13.1"}.get, (3, 12, 0), nothing_importable)
     assert "torch 2.1 or later" in torch and "1.13.1" in torch and "PyTorch Utils" in torch
-    (scipy,) = environment_problems({k: v for k, v in good.items() if k != "scipy"}.get, python_version=(3, 12, 0))
+    no_scipy = {k: v for k, v in good.items() if k != "scipy"}
+    (scipy,) = environment_problems(no_scipy.get, (3, 12, 0), nothing_importable)
     assert "scipy" in scipy and "missing" in scipy and "never replaces" in scipy
+    (old,) = environment_problems({**good, "numpy": "1.21.6"}.get, (3, 12, 0), nothing_importable)
+    assert "numpy 1.23 or later" in old and "is 1.21.6" in old
+
+
+def test_a_package_slicer_built_without_pip_metadata_counts_as_present():
+    """Slicer builds VTK (and may build SimpleITK) from source: importable, but no version to read."""
+    pip_only = {"numpy": "2.1.0", "scipy": "1.14.1", "pillow": "11.0.0"}
+    assert environment_problems(pip_only.get, (3, 12, 0), lambda module: module in ("vtk", "SimpleITK")) == []
+    assert "vtk" in " ".join(environment_problems(pip_only.get, (3, 12, 0), lambda module: module == "SimpleITK"))
+    # this venv's real numpy, scipy, SimpleITK and pillow pass (it has no VTK: counted as present here)
+    assert environment_problems(python_version=(3, 12, 0),
+                                module_available=lambda module: module == "vtk" or module_available(module)) == []
 
 
 def test_deepbet_and_what_it_imports_are_installed_on_first_use():
