@@ -105,9 +105,13 @@ def run_predict(args: argparse.Namespace, progress: ProgressWriter) -> Path:
 def run_batch_command(args: argparse.Namespace, progress: ProgressWriter) -> Path:
     """``cohort.batch.run_batch`` with protocol progress; returns the predictions table."""
     from .cohort.batch import run_batch
+    from .io import READ_EXTENSIONS
 
     progress(0.0, f"Loading model {args.model}")
-    cohort = args.cohort[0] if len(args.cohort) == 1 else list(args.cohort)
+    # one table or folder is a cohort; image files (one or more) are a list of subjects
+    single = args.cohort[0] if len(args.cohort) == 1 else None
+    is_image = single is not None and single.lower().endswith(READ_EXTENSIONS)
+    cohort = single if single is not None and not is_image else list(args.cohort)
     summary = run_batch(cohort, args.out, model=args.model, explain=args.explain, device=args.device,
                         progress=progress)
     progress(1.0, f"Batch finished: {summary.n_done} done, {summary.n_failed} failed, {summary.n_skipped} skipped")

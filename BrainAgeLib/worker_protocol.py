@@ -419,8 +419,15 @@ def kill_process_tree(pid: int, timeout_s: float = 2.0) -> List[int]:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    alive = [p for p in alive if _running(p)]
+    # Polled here rather than with psutil.wait_procs: a killed grandchild stays a zombie until its new
+    # parent reaps it (in a container that may be never), and wait_procs would wait for the reaping.
+    deadline = time.monotonic() + timeout_s
+    alive = processes
+    while True:
+        alive = [p for p in alive if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            break
+        time.sleep(0.005)
     if alive:
         raise BrainAgeError("could not stop the BrainAge worker: process(es) "
                             f"{', '.join(str(p.pid) for p in alive)} still running after {timeout_s:g} s")

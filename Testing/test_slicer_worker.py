@@ -252,3 +252,41 @@ def test_kill_process_tree_takes_the_grandchildren(tmp_path):
     parent.wait(2)
     assert not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE
     assert kill_process_tree(parent.pid) == []  # already gone: nothing to do, no error
+
+
+@pytest.mark.slow
+def test_batch_worker_and_its_preprocessing_processes_are_cancelled_together(tmp_path):
+    """processFiles' worker runs run_batch with preprocessing processes of its own: Cancel takes them too."""
+    heads = []
+    for name in ("a", "b", "c"):
+        heads.append(tmp_path / f"{name}.nii.gz")
+        shutil.copy(SAMPLE, heads[-1])
+    out = tmp_path / "out"
+    monitor = WorkerMonitor(start(batch_command(sys.executable, heads, out, "demo", "cpu")))
+    deadline = time.monotonic() + 120
+    children = []
+    while len(children) < 1:
+        assert time.monotonic() < deadline and not monitor.finished, [m.text for m in monitor.drain()]
+        time.sleep(0.2)
+        children = psutil.Process(monitor.process.pid).children(recursive=True)
+    tree = [monitor.process.pid] + [c.pid for c in children]
+    tic = time.monotonic()
+    killed = monitor.cancel()
+    assert monitor.wait(2.0) is not None and time.monotonic() - tic < 2.0
+    assert set(tree) <= set(killed)
+    assert not [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not (out / "predictions.csv").exists() or (out / "predictions.csv").read_text().count("\n") <= 1 + len(heads)
+
+
+@pytest.mark.slow
+def test_batch_worker_predicts_a_list_of_files(tmp_path):
+    head = tmp_path / "sample.nii.gz"
+    shutil.copy(SAMPLE, head)
+    out = tmp_path / "out"
+    progress = []
+    monitor = WorkerMonitor(start(batch_command(sys.executable, [head], out, "demo", "cpu")),
+                            progress=lambda fraction, text: progress.append((fraction, text)))
+    assert monitor.poll_until_finished(0.1) is None, monitor.final
+    assert progress[-1][0] == 1.0 and progress[-1][1].startswith("Batch finished: 1 done, 0 failed")
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 2 and "sample" in rows[1]
