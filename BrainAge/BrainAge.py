@@ -103,8 +103,9 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.setRunning(False)
 
     def cleanup(self):
-        if self.job:
+        if self.job:  # the worker must not outlive the panel: stop it and clean up while the widgets exist
             self.job.cancel()
+            self.job.poll_until_finished(0.05)
 
     def inputs(self):
         """The form as the arguments of BrainAgeLogic.process."""
