@@ -290,3 +290,36 @@ def test_batch_worker_predicts_a_list_of_files(tmp_path):
     assert progress[-1][0] == 1.0 and progress[-1][1].startswith("Batch finished: 1 done, 0 failed")
     rows = (out / "predictions.csv").read_text().splitlines()
     assert len(rows) == 2 and "sample" in rows[1]
+
+
+@pytest.mark.slow
+def test_cancel_while_writing_leaves_only_complete_files(tmp_path):
+    """Killed while it writes its outputs, the worker leaves whole files under their names (atomic writes)
+    and no result file, so the folder is never read as a result; staging files are hidden (dot names)."""
+    import nibabel as nib
+    from PIL import Image
+
+    shutil.copy(SAMPLE, tmp_path / INPUT_FILE)
+    monitor = WorkerMonitor(start(worker_command(sys.executable, tmp_path / INPUT_FILE, tmp_path, "F", 67.0, "demo",
+                                                 "cpu")))
+    deadline = time.monotonic() + 180
+    while not any(m.text.startswith("Writing the attention map") for m in monitor.drain()):
+        assert time.monotonic() < deadline and not monitor.finished, "the worker never started writing"
+        time.sleep(0.005)
+    time.sleep(0.3)  # part-way through the files
+    monitor.cancel()
+    monitor.wait(2.0)
+    visible = sorted(p for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert tmp_path / RESULT_FILE not in visible
+    with pytest.raises(BrainAgeError, match="no result file"):
+        read_worker_outputs(tmp_path)
+    for path in visible:
+        if path.name.endswith(".nii.gz"):
+            assert np.asarray(nib.load(str(path)).dataobj).size > 0, path
+        elif path.suffix == ".png":
+            with Image.open(path) as image:
+                image.load()
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".ctbl":
+            assert path.read_text().endswith("\n")
