@@ -269,9 +269,11 @@ def load_worker_result(out_dir: PathLike) -> Tuple["Result", Optional["Attention
 
     outputs = read_worker_outputs(out_dir)
     data, paths = outputs.result, outputs.paths
+    if not isinstance(data.get("predicted_age"), (int, float)):
+        raise BrainAgeError(f"{paths['result']}: no predicted_age in the result file")
     number = lambda key: None if data.get(key) is None else float(data[key])  # noqa: E731
     result = Result(
-        predicted_age=float(data["predicted_age"]) if data.get("predicted_age") is not None else float("nan"),
+        predicted_age=float(data["predicted_age"]),
         chronological_age=number("chronological_age"), brain_age_gap=number("brain_age_gap"),
         corrected_brain_age_gap=number("corrected_brain_age_gap"), sex=str(data.get("sex", "unknown")),
         sex_was_unknown=bool(data.get("sex_was_unknown", False)),

@@ -128,6 +128,13 @@ def test_a_folder_without_the_result_file_holds_no_result(tmp_path):
     (tmp_path / RESULT_FILE).write_text(json.dumps({"predicted_age": 60.0, "outputs": {"x": "../etc/passwd"}}))
     with pytest.raises(BrainAgeError, match="not a file in"):
         read_worker_outputs(tmp_path)
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"predicted_age": None, "outputs": {}}))
+    with pytest.raises(BrainAgeError, match="no predicted_age"):
+        load_worker_result(tmp_path)
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"predicted_age": 61.5, "sex": "M", "qc": {"flags": ["x"]},
+                                                    "outputs": {}}))
+    result, labelmap = load_worker_result(tmp_path)  # a result without maps (explain off)
+    assert (result.predicted_age, result.sex, result.qc.flags, result.attention, labelmap) == (61.5, "M", ["x"], None, None)
 
 
 # --- a real worker ----------------------------------------------------------------------------
