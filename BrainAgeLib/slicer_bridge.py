@@ -12,8 +12,9 @@ conversion and check it relies on lives here, where pytest can reach it:
 - The results panel text (``result_text``, with the quality control from ``qc_html``), which
   labelmap the slice views show (``label_layer_node``), widget input checks (``check_inputs``), the pip
   requirements installed on first use (``missing_requirements``, floors, never what Slicer bundles) and what
-  no install can fix (``environment_problems``: Python, Slicer's bundled packages, torch), and the progress/cancel
-  relay between the worker thread and the GUI timer (``ProgressRelay``).
+  no install can fix (``environment_problems``: Python, Slicer's bundled packages, torch). The background
+  worker process the module runs, and how it reports and is cancelled, are ``slicer_worker`` and
+  ``worker_protocol``.
 
 Importing this module needs only numpy (the Slicer module imports it before BrainAge's other
 dependencies are installed); anything heavier is imported inside the function that uses it.
@@ -26,7 +27,6 @@ import importlib.metadata
 import math
 import os
 import sys
-import threading
 import urllib.parse
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -409,46 +409,6 @@ def environment_problems(installed_version: Callable[[str], Optional[str]] = ins
                         "Open the PyTorch Utils module, uninstall torch and install it again (it picks a recent build "
                         "for this computer), then restart Slicer.")
     return problems
-
-
-# --- progress and cancel across threads -----------------------------------------------------
-
-class EstimationCancelled(BrainAgeError):
-    """The user pressed Cancel; raised inside the worker thread by its progress callback."""
-
-
-class ProgressRelay:
-    """The ``progress`` callback of ``inference.predict`` for a worker thread, and its Cancel switch.
-
-    The worker calls the relay with (fraction 0-1, message); the GUI reads ``snapshot()`` from
-    a timer and calls ``cancel()`` from its Cancel button. The next progress call after a
-    cancel raises :class:`EstimationCancelled`, which unwinds the prediction.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._fraction = 0.0
-        self._message = ""
-        self._cancelled = threading.Event()
-
-    def __call__(self, fraction: float, message: str = "") -> None:
-        if self._cancelled.is_set():
-            raise EstimationCancelled("cancelled by the user")
-        with self._lock:
-            self._fraction = min(max(float(fraction), 0.0), 1.0)
-            self._message = str(message)
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def snapshot(self) -> Tuple[float, str]:
-        """The latest (fraction, message)."""
-        with self._lock:
-            return self._fraction, self._message
 
 
 # --- the module's self-test input -----------------------------------------------------------

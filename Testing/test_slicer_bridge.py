@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +19,6 @@ from BrainAgeLib.slicer_bridge import (
     QC_FLAG_COLOR,
     SLICER_BUNDLED,
     QC_NO_FLAGS,
-    EstimationCancelled,
-    ProgressRelay,
     at_least,
     check_inputs,
     checked_ijk_to_ras,
@@ -386,32 +382,6 @@ def test_installed_version_and_the_model_download_path(monkeypatch, tmp_path):
     assert model_download_path("https://example.org/").endswith("-model.safetensors")
 
 
-def test_progress_relay_reports_and_cancel_stops_the_worker():
-    relay = ProgressRelay()
-    relay(1.7, "too far")
-    assert relay.snapshot() == (1.0, "too far")  # clamped to 0-1
-
-    outcome = {}
-
-    def worker():
-        try:
-            for step in range(1000):
-                relay(step / 1000, f"slice {step}")
-                time.sleep(0.002)
-            outcome["finished"] = True
-        except EstimationCancelled:
-            outcome["cancelled_at"] = relay.snapshot()[0]
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    time.sleep(0.05)
-    relay.cancel()
-    thread.join(timeout=5)
-    assert not thread.is_alive()
-    assert relay.cancelled and "finished" not in outcome
-    assert 0.0 < outcome["cancelled_at"] < 1.0
-
-
 def test_bridge_imports_and_checks_inputs_with_numpy_alone():
     """Slicer imports the bridge before BrainAge's dependencies are installed."""
     code = (
@@ -450,13 +420,14 @@ def test_the_module_flow_from_kji_arrays_to_a_labelmap_on_the_input_grid():
     node_kji, node_ijk_to_ras = kji_from_volume(phantom_head(spacing_mm=3.0, use_template=False))
     volume = validate_volume(volume_from_kji(node_kji, node_ijk_to_ras), path="phantom node")
     model = build_model("tiny", seed=0)
-    relay = ProgressRelay()
+    reported = []
 
-    result = predict(model, volume, "F", age=70.0, explain=True, device="cpu", progress=relay)
+    result = predict(model, volume, "F", age=70.0, explain=True, device="cpu",
+                     progress=lambda fraction, message: reported.append(fraction))
 
     assert np.isfinite(result.predicted_age)
     assert result.brain_age_gap == pytest.approx(result.predicted_age - 70.0)
-    assert relay.snapshot()[0] == 1.0
+    assert reported[-1] == 1.0
     labelmap = attention_labelmap(result, levels=10)
     label_kji, label_ijk_to_ras = kji_from_volume(labelmap.volume)
     assert label_kji.shape == node_kji.shape
@@ -469,7 +440,3 @@ def test_the_module_flow_from_kji_arrays_to_a_labelmap_on_the_input_grid():
     assert "Predicted brain age" in text and f"{result.qc.brain_volume_ml:.0f} ml" in text
     assert (QC_NO_FLAGS in text) == (not result.qc.flags) and text.count("QC flag:") == len(result.qc.flags)
 
-    cancelled = ProgressRelay()
-    cancelled.cancel()
-    with pytest.raises(EstimationCancelled):
-        predict(model, volume, "F", explain=True, device="cpu", progress=cancelled)
