@@ -8,7 +8,10 @@ model's weights, by their cheap in-memory fingerprint ``digests.weights_digest(m
 cheap=True)``, its preprocessing config, the device type and the precision). On a miss it
 prepares the volume and runs the ViT once in its explanation mode (embeddings, patch tokens
 and last-layer CLS attention, which cost the same pass), and stores all of it; a later call
-with ``explain=True`` then only runs the regressor's guided backprop and the map fusion.
+with ``explain=True`` then only runs the regressor's guided backprop and the map fusion. The
+"relevance" explanation needs gradients through the ViT, which the stored no-grad outputs do
+not carry: it reads only their embeddings (for the CNN's gradient) and runs its own gradient
+pass, whose outputs are never stored, so a cached entry is the same whichever method asked.
 
 The cache lives in memory, least recently used first out, bounded in bytes (default 1 GiB;
 ``BRAINAGE_EMBEDDING_CACHE_MB`` sets it, 0 turns caching off). Tensors are kept on the CPU.

@@ -45,7 +45,7 @@ def predict(
     volume: Union[Volume, str, Path],
     sex: Optional[str],
     age: Optional[float] = None,
-    explain: bool = False,
+    explain: Union[bool, str, None] = False,
     device: DeviceLike = "auto",
     progress: Optional[ProgressCallback] = None,
     *,
@@ -55,12 +55,16 @@ def predict(
     """Brain age of one T1 volume (a ``Volume`` or a file path) with ``model``.
 
     ``sex`` "F"/"M"/"unknown"; ``age`` the chronological age in years (gives the brain-age
-    gap); ``explain`` adds the attention map (a Volume on the input grid). ``progress`` is
+    gap); ``explain`` adds the explanation map (a Volume on the input grid): ``"paper"`` (or
+    True) the paper's fused attention map, ``"relevance"`` gradient-weighted attention relevance
+    from the predicted age (``BrainAgeLib.explain.methods``); the Result records which in
+    ``explain_method``. ``progress`` is
     called as ``progress(fraction, message)``; raising inside it cancels. The model stays on
     the chosen device afterwards. ``use_cache``: the same input asked again reuses its
     slices and ViT outputs (``BrainAgeLib.embedding_cache``).
     """
     report = progress or _silent
+    explain = resolve_explain_method(explain)
     sex_parsed = parse_sex(sex)
     chronological = check_age(age)
     run = _Run(started=time.perf_counter())
@@ -96,10 +100,10 @@ def predict(
 
 
 def predict_prepared(model: BrainAgeModel, prepared: Any, sex: Optional[str], age: Optional[float] = None,
-                     explain: bool = False, device: DeviceLike = "auto", progress: Optional[ProgressCallback] = None,
-                     *, precision: str = "auto") -> Result:
+                     explain: Union[bool, str, None] = False, device: DeviceLike = "auto",
+                     progress: Optional[ProgressCallback] = None, *, precision: str = "auto") -> Result:
     """Like :func:`predict` (the same arguments), from a volume already prepared (``preprocess.prepare``)."""
-    return _infer(model, prepared, parse_sex(sex), check_age(age), explain, resolve_device(device),
+    return _infer(model, prepared, parse_sex(sex), check_age(age), resolve_explain_method(explain), resolve_device(device),
                   progress or _silent, precision, _Run(started=time.perf_counter()))
 
 
@@ -118,7 +122,18 @@ def _silent(fraction: float, message: str) -> None:
     pass
 
 
-def _infer(model: BrainAgeModel, prepared: Any, sex: str, chronological: Optional[float], explain: bool,
+def resolve_explain_method(explain: Union[bool, str, None]) -> Optional[str]:
+    """The explanation method ``explain`` asks for: False/None -> None (no map), True -> "paper",
+    "paper" or "relevance" -> itself; ``BrainAgeError`` for anything else."""
+    from .explain.methods import explanation_method
+
+    try:
+        return explanation_method(explain)
+    except ValueError as error:
+        raise BrainAgeError(str(error)) from None
+
+
+def _infer(model: BrainAgeModel, prepared: Any, sex: str, chronological: Optional[float], explain: Optional[str],
            target: torch.device, report: ProgressCallback, precision: str, run: _Run) -> Result:
     timings = dict(run.timings)
     for step, seconds in prepared.timings.items():
@@ -158,10 +173,12 @@ def _infer(model: BrainAgeModel, prepared: Any, sex: str, chronological: Optiona
     if explain:
         from .explain.methods import explain_slices
 
-        report(0.9, "Computing the attention map")
+        report(0.9, f"Computing the explanation map ({explain})")
         tic = time.perf_counter()
         code = UNKNOWN_SEX_CODE if sex == "unknown" else SEX_CODES[sex]
-        slice_map = explain_slices(model, prepared, encoded, code)
+        # "relevance" reads only the embeddings of the (possibly cached) no-grad triple and runs
+        # its own gradient pass through the ViT; nothing of that pass goes into the cache
+        slice_map = explain_slices(model, prepared, encoded, code, method=explain)
         attention = prepared.to_input_grid(np.asarray(slice_map, dtype=np.float32))
         if prepared.input_brain_mask is not None:   # interpolation spreads the map past the brain's edge: 0 outside
             attention = attention.with_array(np.where(prepared.input_brain_mask, attention.array, np.float32(0.0)))
@@ -193,6 +210,7 @@ def _infer(model: BrainAgeModel, prepared: Any, sex: str, chronological: Optiona
         sex=sex,
         sex_was_unknown=sex == "unknown",
         attention=attention,
+        explain_method=explain if attention is not None else None,
         timings=timings,
         model_name=model.name,
         model_intended_use=str(model.metadata.get("intended_use", "")),

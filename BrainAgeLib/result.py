@@ -32,6 +32,9 @@ class Result:
     sex: str = "unknown"
     sex_was_unknown: bool = False
     attention: Optional[Volume] = None
+    #: how ``attention`` was made: "paper" (the paper's fused map) or "relevance"
+    #: (``BrainAgeLib.explain.methods``); None without a map
+    explain_method: Optional[str] = None
     timings: Dict[str, float] = field(default_factory=dict)
     model_name: str = ""
     model_intended_use: str = ""
@@ -61,6 +64,7 @@ class Result:
             "sex": self.sex,
             "sex_was_unknown": bool(self.sex_was_unknown),
             "has_attention": self.attention is not None,
+            "explain_method": self.explain_method if self.attention is not None else None,
             "timings": {str(k): _number(v) for k, v in self.timings.items()},
             "model_name": self.model_name,
             "model_intended_use": self.model_intended_use,

@@ -19,7 +19,7 @@ import pytest
 from BrainAgeLib.cohort.batch import cohort_subjects, run_batch
 from BrainAgeLib.inference import predict
 from BrainAgeLib.model.checkpoint import load_model, save_checkpoint
-from BrainAgeLib.errors import CohortError
+from BrainAgeLib.errors import BrainAgeError, CohortError
 from BrainAgeLib.cohort.predictions_csv import FILENAME, PredictionsFileError, read_predictions
 
 from cohort_heads import cohort_folder, write_cohort_csv
@@ -179,6 +179,29 @@ def test_explain_writes_attention_maps_named_in_the_csv(cohort_files, tmp_path):
     assert np.allclose(attention.array, expected.attention.array, atol=1e-4)
     assert 0.5 < attention.array.max() <= 1.0 and attention.array.min() >= 0.0
     assert (tmp_path / "out" / "attention" / "head0_attention.png").exists()
+
+
+def test_batch_explain_method_is_used_and_recorded(cohort_files, tmp_path):
+    """``--explain-method relevance`` implies --explain; each sidecar names the method (so cohort
+    maps can refuse to mix methods) and the map is predict's relevance map."""
+    import json
+
+    from BrainAgeLib.cli import main
+    from BrainAgeLib.io import load_volume
+
+    head = cohort_files["heads"][0][0]
+    cohort = write_cohort_csv(tmp_path / "cohort.csv", [("r", head, 40, "F")])
+    code = main(["batch", str(cohort), "--out", str(tmp_path / "out"), "--model", str(cohort_files["checkpoint"]),
+                 "--device", "cpu", "--workers", "0", "--explain-method", "relevance", "--no-plots"])
+    assert code == 0
+    sidecar = json.loads((tmp_path / "out" / "attention" / "r_attention.json").read_text())
+    assert sidecar["explain_method"] == "relevance"
+    expected = predict(load_model(cohort_files["checkpoint"]), head, "F", 40, device="cpu", explain="relevance",
+                       use_cache=False)
+    attention = load_volume(tmp_path / "out" / "attention" / "r_attention.nii.gz")
+    assert np.allclose(attention.array, expected.attention.array, atol=1e-4)
+    with pytest.raises(BrainAgeError, match="unknown explanation method"):
+        run_batch(cohort, tmp_path / "other", model=str(cohort_files["checkpoint"]), explain="gradcam", workers=0)
 
 
 def test_resuming_with_another_model_is_refused(cohort_files, tmp_path):

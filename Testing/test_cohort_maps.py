@@ -312,3 +312,28 @@ def test_maps_of_one_model_name_with_different_weights_are_not_averaged(batch_fo
         sidecar.write_text(json.dumps(data))
     with pytest.raises(CohortError, match="different weights.*" + "a" * 12):
         read_batch_explanations(batch_folder)
+
+
+def test_maps_of_different_explanation_methods_are_not_averaged(batch_folder, tmp_path):
+    sidecars = sorted(batch_folder.rglob("*_attention.json"))
+    # a sidecar from before the method was recorded holds a paper map
+    subjects = read_batch_explanations(batch_folder)
+    assert len(subjects) > 1 and all(s.explain_method == "paper" for s in subjects)
+    for n, sidecar in enumerate(sidecars):
+        data = json.loads(sidecar.read_text())
+        data["explain_method"] = "relevance" if n == 0 else "paper"
+        sidecar.write_text(json.dumps(data))
+    with pytest.raises(CohortError, match=rf"different methods \(1 paper, {len(sidecars) - 1} relevance|"
+                                          rf"different methods \({len(sidecars) - 1} paper, 1 relevance"):
+        read_batch_explanations(batch_folder)
+    # the averaging itself refuses too, for subjects gathered some other way
+    subjects[1].explain_method = "relevance"
+    with pytest.raises(CohortError, match="one explanation method at a time"):
+        cohort_attention_maps(subjects, TEMPLATE, assume_template_space=True)
+
+    _sign(batch_folder, explain_method="relevance")
+    (tmp_path / "relevance").mkdir()
+    maps = cohort_attention_maps(read_batch_explanations(batch_folder), TEMPLATE)
+    assert maps.explain_method == "relevance"
+    paths = write_cohort_maps(maps, tmp_path / "relevance")
+    assert json.loads(paths["summary"].read_text())["explain_method"] == "relevance"

@@ -3,6 +3,7 @@
     python scripts/explain_figures.py overhead --presets demo paper --repeats 3 [--device cpu]
     python scripts/explain_figures.py localisation [--model PATH] [--n 6]
     python scripts/explain_figures.py sanity [--model PATH] [--n 3]
+    python scripts/explain_figures.py methods [--model PATH] [--n 12]
 
 ``overhead`` times ``predict`` without and with ``explain=True`` on the same synthetic
 head (1 mm, with skull: the full preprocessing, as a user's scan gets), alternating the two,
@@ -12,6 +13,12 @@ Weights do not change the timing, so presets with random weights stand in for tr
 phantoms, as ``Testing/test_explain.py`` does, but on more heads. ``localisation`` also scores
 the fused map's two factors alone (``explain_components``) and the best map the method's
 resolution allows; ``sanity`` also gives the floor of the CNN-head check for this fusion.
+``methods`` puts the two explanation methods ("paper", "relevance") side by side on the same
+held-out phantoms: localisation ratio, Spearman with the map of the model with its CNN head,
+its ViT's last block or last two blocks re-initialised, the same input twice, and Pearson r of
+the map (on the input grid, via ``predict``) of the head saved in another voxel orientation;
+plus, for the record, the relevance rolled out through all blocks (``blocks=None``), which
+the library does not use (see ``explain.methods.RELEVANCE_BLOCKS``).
 """
 from __future__ import annotations
 
@@ -193,6 +200,74 @@ def sanity(args: argparse.Namespace) -> None:
         print(f"Spearman(trained, {label}): mean {np.mean(values):.3f} (range {np.min(values):.3f}-{np.max(values):.3f}, n={len(values)})")
 
 
+def methods(args: argparse.Namespace) -> None:
+    import torch
+    from scipy.stats import spearmanr
+
+    from BrainAgeLib.explain.methods import explain_slices, localisation_ratio, relevance_slices
+    from BrainAgeLib.inference import predict
+    from BrainAgeLib.io import load_volume, save_volume
+    from BrainAgeLib.preprocess.pipeline import prepare
+
+    model = _demo_model(args.model)
+    variants = {
+        "paper": lambda m, prep, enc, sv: explain_slices(m, prep, enc, sv, method="paper"),
+        "relevance": lambda m, prep, enc, sv: explain_slices(m, prep, enc, sv, method="relevance"),
+        "relevance, all blocks rolled out (not used)": lambda m, prep, enc, sv: relevance_slices(m, prep, enc, sv, blocks=None),
+    }
+    randomisations = {"CNN head": lambda m: list(m.regressor.modules()),
+                      "ViT last block": lambda m: list(m.encoder.vit.blocks[-1].modules()) + [m.encoder.vit.norm],
+                      "ViT last 2 blocks": lambda m: list(m.encoder.vit.blocks[-2:].modules()) + [m.encoder.vit.norm]}
+    clones = {}
+    for label, modules in randomisations.items():
+        clone = copy.deepcopy(model)
+        torch.manual_seed(99)
+        for module in modules(clone):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        clones[label] = clone
+    rows: dict = {}
+    seconds: dict = {}
+    for phantom in _phantoms(args.n):
+        prepared = prepare(phantom.volume, model.config)
+        sv = 1.0 if phantom.sex == "F" else 0.0
+        brain = prepared.brain_mask
+        rho = lambda a, b: float(spearmanr(a[brain], b[brain]).statistic)  # noqa: E731
+        brain_in = prepared.to_input_grid(brain.astype(np.float32)).array > 0.5
+        regions = phantom.aging_map.array >= AGING_REGION_THRESHOLD
+        encoded = model.embed_explain(prepared.slices, precision="fp32")
+        encoded_clones = {label: c.embed_explain(prepared.slices, precision="fp32") for label, c in clones.items()}
+        line = [f"age {phantom.age:.1f} {phantom.sex} skull={phantom.has_skull}:"]
+        for name, make in variants.items():
+            tic = time.perf_counter()
+            trained = make(model, prepared, encoded, sv)
+            seconds.setdefault(name, []).append(time.perf_counter() - tic)
+            got = rows.setdefault(name, {})
+            got.setdefault("localisation ratio", []).append(
+                localisation_ratio(prepared.to_input_grid(trained).array, regions, brain_in))
+            for label, clone in clones.items():
+                got.setdefault(f"Spearman vs {label} re-initialised", []).append(
+                    rho(trained, make(clone, prepared, encoded_clones[label], sv)))
+            got.setdefault("Spearman, same input twice", []).append(rho(trained, make(model, prepared, encoded, sv)))
+            line.append(f"{name.split(',')[0]} loc {got['localisation ratio'][-1]:.2f}")
+        with tempfile.TemporaryDirectory() as folder:     # the head in another voxel orientation
+            save_volume(phantom.volume.reoriented("PIL"), Path(folder) / "head_PIL.nrrd")
+            reread = load_volume(Path(folder) / "head_PIL.nrrd")
+            for name in ("paper", "relevance"):
+                ref = predict(model, phantom.volume, phantom.sex, explain=name, device="cpu", precision="fp32",
+                              use_cache=False).attention
+                other = predict(model, reread, phantom.sex, explain=name, device="cpu", precision="fp32",
+                                use_cache=False).attention.reoriented("RAS")
+                rows[name].setdefault("Pearson r, head saved in another orientation", []).append(
+                    float(np.corrcoef(other.array.ravel(), ref.array.ravel())[0, 1]))
+        print(" ".join(line), flush=True)
+    print(f"\n{args.n} held-out phantoms (aged 65-88, every third with skull), demo model; mean (min-max)")
+    for name, got in rows.items():
+        print(f"[{name}] explain step {np.median(seconds[name]):.2f} s median (model space, this CPU)")
+        for label, values in got.items():
+            print(f"  {label}: {np.mean(values):.3f} ({np.min(values):.3f} to {np.max(values):.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="figure", required=True)
@@ -209,6 +284,10 @@ def main() -> None:
         p.add_argument("--model", default=None)
         p.add_argument("--n", type=int, default=6 if name == "localisation" else 3)
         p.set_defaults(run=run)
+    p = sub.add_parser("methods")
+    p.add_argument("--model", default=None)
+    p.add_argument("--n", type=int, default=12)
+    p.set_defaults(run=methods)
     args = parser.parse_args()
     args.run(args)
 

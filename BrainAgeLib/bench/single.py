@@ -53,6 +53,12 @@ class BenchResult:
     build_model_s: float = 0.0
     prepare_steps: Dict[str, float] = field(default_factory=dict)
     torch_threads: int = 0
+    #: the explanation method timed ("paper" or "relevance"; None with explain off)
+    explain_method: Optional[str] = "paper"
+    #: peak resident memory of the process during the explain stage (MB; Linux, where the peak
+    #: can be reset: None elsewhere), and how far it rose above the memory held just before it
+    explain_peak_memory_mb: Optional[float] = None
+    explain_added_memory_mb: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)
@@ -63,7 +69,8 @@ class BenchResult:
         """Human-readable lines."""
         rows = [
             ("load", self.load_s), ("prepare", self.prepare_s), ("embed (ViT, all slices)", self.embed_s),
-            ("regress (CNN)", self.regress_s), ("explain", self.explain_s),
+            ("regress (CNN)", self.regress_s),
+            (f"explain ({self.explain_method})" if self.explain_method else "explain", self.explain_s),
             ("end to end", self.end_to_end_s), ("bare ViT forward", self.vit_forward_s),
         ]
         lines = [
@@ -78,6 +85,9 @@ class BenchResult:
         if self.cuda_peak_memory_mb is not None:
             memory += f", {self.cuda_peak_memory_mb:.0f} MB on the GPU"
         lines.append(memory)
+        if self.explain_peak_memory_mb is not None:
+            lines.append(f"  peak memory in explain    {self.explain_peak_memory_mb:8.0f} MB "
+                         f"(+{self.explain_added_memory_mb:.0f} MB over the RSS before it)")
         if self.prepare_steps:
             steps = ", ".join(f"{k} {v:.2f}" for k, v in self.prepare_steps.items() if k != "total")
             lines.append(f"  prepare steps (s): {steps}")
@@ -124,12 +134,14 @@ def run_benchmark(
     log: Callable[[str], None] = lambda message: None,
     repeats: int = 1,
     head_file: Optional[Path] = None,
+    explain_method: str = "paper",
 ) -> BenchResult:
     """Time one prediction of ``preset`` with random weights on a generated head (see module docstring).
 
     ``repeats`` > 1 runs the model stages (embed, regress, explain, bare ViT) that many times,
     interleaved, and keeps each one's fastest time: on a shared machine that is the best
     estimate of the cost itself. ``head_file`` times a given T1 file instead of a generated head.
+    ``explain_method``: the explanation timed, "paper" or "relevance" (``explain.methods``).
     """
     from ..devices import autocast, autocast_dtype, precision_name, resolve_device, slice_batch_size, to_device
     from ..explain.methods import explain_slices
@@ -183,6 +195,7 @@ def run_benchmark(
         images = model.encoder.normalize(images).contiguous()
     embed_s = regress_s = vit_s = math.inf
     explain_s = math.inf if explain else None
+    explain_peak = explain_added = None
     for attempt in range(max(1, int(repeats))):
         log(f"timing embed, regress{', explain' if explain else ''} and the bare ViT ({attempt + 1}/{repeats})")
         tic = time.perf_counter()
@@ -199,11 +212,16 @@ def run_benchmark(
             raise RuntimeError(f"the benchmark model produced a non-finite age ({age})")
 
         if explain:
+            before = reset_peak_rss()
             tic = time.perf_counter()
-            slice_map = explain_slices(model, prepared, encoded, 1.0)
+            slice_map = explain_slices(model, prepared, encoded, 1.0, method=explain_method)
             prepared.to_input_grid(np.asarray(slice_map, dtype=np.float32))
             _sync(target)
             explain_s = min(explain_s, time.perf_counter() - tic)
+            peak = current_peak_rss()
+            if before is not None and peak is not None:
+                explain_peak = max(explain_peak or 0.0, peak)
+                explain_added = max(explain_added or 0.0, peak - before)
         del encoded
 
         with torch.no_grad():
@@ -239,7 +257,35 @@ def run_benchmark(
         build_model_s=build_s,
         prepare_steps={k: float(v) for k, v in prepared.timings.items()},
         torch_threads=torch.get_num_threads(),
+        explain_method=explain_method if explain else None,
+        explain_peak_memory_mb=explain_peak,
+        explain_added_memory_mb=explain_added,
     )
+
+
+def _status_mb(field: str) -> Optional[float]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> Optional[float]:
+    """Reset this process's peak-RSS counter (Linux: ``5`` into ``/proc/self/clear_refs``) and
+    return the resident memory now (MB); None where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_mb("VmRSS")
+
+
+def current_peak_rss() -> Optional[float]:
+    """Peak resident memory since the last :func:`reset_peak_rss` (MB, Linux ``VmHWM``)."""
+    return _status_mb("VmHWM")
 
 
 def _sync(device: torch.device) -> None:

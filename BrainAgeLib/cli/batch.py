@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write each subject's attention map files into DIR/attention/")
     parser.add_argument("--explain-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd"),
                         help="file format of the attention maps (default nii.gz)")
+    parser.add_argument("--explain-method", default=None, choices=("paper", "relevance"),
+                        help="how the map is made (implies --explain): paper (default) = the paper's fused map, "
+                             "where the ViT looked; relevance = gradient-weighted attention relevance from the "
+                             "predicted age, which the whole model moves (README: 'How far to trust a map')")
     parser.add_argument("--qc", action="store_true",
                         help="also write each subject's QC picture (brain-mask outline over the input) to OUT/qc/")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     check_writable_folder(args.out)  # made by run_batch once the model has loaded
     model = load_model_from_args(args)
     with _progress_bar(len(subjects)) as progress:
-        summary = run_batch(subjects, args.out, model=model, explain=args.explain, device=args.device,
+        explain = (args.explain_method or "paper") if (args.explain or args.explain_method) else False
+        summary = run_batch(subjects, args.out, model=model, explain=explain, device=args.device,
                             workers=args.workers, progress=progress, retry_failed=args.retry_failed,
                             explain_format=args.explain_format, precision=args.precision, qc=args.qc)
     if summary.rank != 0:

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="ViT autocast precision")
     parser.add_argument("--no-explain", dest="explain", action="store_false", help="skip the explanation stage")
+    parser.add_argument("--explain-method", default="paper", choices=("paper", "relevance"),
+                        help="the explanation to time (default paper)")
     parser.add_argument("--head", default=None, metavar="PATH",
                         help="time this T1 file instead of a generated head")
     parser.add_argument("--repeat", type=positive_int, default=1, metavar="N",
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = run_benchmark(
         args.preset or "paper", device=args.device, precision=args.precision, explain=args.explain,
-        repeats=args.repeat, head_file=args.head,
+        repeats=args.repeat, head_file=args.head, explain_method=args.explain_method,
         log=(lambda message: print(f"  ... {message}", file=sys.stderr)) if verbose else (lambda message: None),
     )
     if args.json:

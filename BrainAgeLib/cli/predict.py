@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also compute and write the 3D attention map (on the input's grid)")
     parser.add_argument("--explain-format", default="nii.gz", choices=("nii.gz", "nii", "nrrd"),
                         help="file format of the attention map and its labelmap (default nii.gz)")
+    parser.add_argument("--explain-method", default=None, choices=("paper", "relevance"),
+                        help="how the map is made (implies --explain): paper (default) = the paper's fused map, "
+                             "where the ViT looked; relevance = gradient-weighted attention relevance from the "
+                             "predicted age, which the whole model moves (README: 'How far to trust a map')")
     parser.add_argument("--qc", action="store_true",
                         help="also write the QC picture: the brain mask's outline over the input (<stem>_qc.png; "
                              "--explain writes it too)")
@@ -53,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from ..io import check_image_path, image_stem, load_volume
     from ..sex import parse_sex
 
+    if args.explain_method is not None:
+        args.explain = True
+    explain = (args.explain_method or "paper") if args.explain else False
     # Bad input fails before torch is imported (seconds) and before anything is written.
     given_sex = None if args.sex is None else parse_sex(args.sex)
     given_age = check_age(args.age)
@@ -70,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     with _progress_bar() as progress:
         try:
-            result = predict(model, volume, sex, age=age, explain=args.explain, device=args.device,
+            result = predict(model, volume, sex, age=age, explain=explain, device=args.device,
                                    progress=progress, precision=args.precision)
         except InvalidVolumeError as error:  # preprocessing found the image unusable: name the file
             if error.path is None:

@@ -356,7 +356,7 @@ def _stem(subject_id: str) -> str:
     return keep.strip(".") or "subject"
 
 
-def infer_subject(model: Any, item: PreparedSubject, subject: Subject, out_dir: Path, explain: bool,
+def infer_subject(model: Any, item: PreparedSubject, subject: Subject, out_dir: Path, explain: Optional[str],
                   explain_format: str, precision: str, qc: bool = False) -> PredictionRow:
     """The row of one prepared subject: predict (and write its explanation files and, with
     ``qc``, its QC picture in ``out_dir/qc/``)."""
@@ -414,7 +414,7 @@ def run_batch(
     cohort: Union[PathLike, Sequence[Any]],
     out_dir: PathLike,
     model: Any = "demo",
-    explain: bool = False,
+    explain: Union[bool, str, None] = False,
     device: Any = "auto",
     workers: Optional[int] = None,
     progress: Optional[BatchProgress] = None,
@@ -431,7 +431,7 @@ def run_batch(
     ``cohort``: a CSV/TSV, BIDS folder or image folder (``cohort.read_cohort``), or a list of
     subjects or image paths. ``model``: a registered name, a checkpoint path or a loaded
     ``BrainAgeModel``. ``explain`` writes each subject's attention map files into
-    ``out_dir/attention/``. ``workers``: preprocessing processes (None: one per core, at most 4;
+    ``out_dir/attention/``: "paper" (or True) or "relevance", as ``inference.predict``. ``workers``: preprocessing processes (None: one per core, at most 4;
     0: everything in this process). ``progress(fraction, message)`` after each subject; raising
     in it stops the run cleanly. Subjects already in the CSV are skipped (``retry_failed``:
     failed ones are tried again). ``rank``/``world_size`` (default: from ``torchrun``'s
@@ -439,15 +439,17 @@ def run_batch(
     ``qc`` (and ``explain``) writes each subject's QC picture (brain-mask outline over the input)
     into ``out_dir/qc/``; every row has the QC columns either way.
     """
+    from ..inference import resolve_explain_method
     from ..parallel import RankContext
 
+    explain = resolve_explain_method(explain)   # an unknown method fails before anything runs
     subjects = cohort_subjects(cohort)
     with RankContext.from_environment(rank, world_size) as context:
         return _run(subjects, Path(out_dir), model, explain, device, workers, progress,
                     retry_failed, explain_format, precision, context, qc)
 
 
-def _run(subjects: Cohort, out_dir: Path, model: Any, explain: bool, device: Any,
+def _run(subjects: Cohort, out_dir: Path, model: Any, explain: Optional[str], device: Any,
          workers: Optional[int], progress: Optional[BatchProgress], retry_failed: bool,
          explain_format: str, precision: str, context: Any, qc: bool = False) -> BatchSummary:
     started = time.perf_counter()
@@ -459,7 +461,7 @@ def _run(subjects: Cohort, out_dir: Path, model: Any, explain: bool, device: Any
     todo = [(index, s) for index, s in mine if str(s.id) not in done_ids]
     by_index = dict(todo)
     n_workers = default_workers() if workers is None else max(0, int(workers))
-    preparer = _Preparer([(index, str(s.path)) for index, s in todo], explain or qc, n_workers)
+    preparer = _Preparer([(index, str(s.path)) for index, s in todo], bool(explain or qc), n_workers)
     try:
         model, target = _resolve_model(model, context.device_for(device))
         out_dir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves no folder

@@ -45,6 +45,7 @@ class ExplainedSubject:
     model_name: str = ""                        # the model that made the map
     model_weights_sha256: Optional[str] = None  # SHA-256 of its weights, when the sidecar names it
     model_is_demo: bool = False                 # the bundled demo model (or another demo checkpoint)
+    explain_method: str = "paper"               # how the map was made (sidecars before it was recorded: paper)
 
 
 @dataclass
@@ -62,6 +63,8 @@ class CohortMaps:
     counts: Dict[str, int]
     subjects: List[str] = field(default_factory=list)
     model: Dict[str, Any] = field(default_factory=lambda: {"name": "", "weights_sha256": None, "is_demo": False})
+    #: the explanation method of every map averaged ("paper" or "relevance")
+    explain_method: str = "paper"
 
 
 def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> List[ExplainedSubject]:
@@ -70,7 +73,7 @@ def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> Lis
     An input image found twice (the same run given twice, or a copy of it) counts once, with a
     logged warning. Raises ``CohortError`` if there is none, if a sidecar is unreadable or names
     a map that does not exist, or if the maps come from different models, by name or by weights
-    digest (averaging them would mean nothing).
+    digest, or were made by different explanation methods (averaging them would mean nothing).
     """
     if isinstance(folders, (str, Path)):
         folders = [folders]
@@ -96,6 +99,12 @@ def read_batch_explanations(folders: Union[PathLike, Sequence[PathLike]]) -> Lis
     if len(models) > 1:
         raise CohortError(f"the explanations come from {len(models)} models ({'; '.join(models)}); "
                           "make cohort maps of one model at a time")
+    methods = sorted({subject.explain_method for subject in subjects})
+    if len(methods) > 1:
+        counts = ", ".join(f"{sum(s.explain_method == m for s in subjects)} {m}" for m in methods)
+        raise CohortError(f"the explanations were made by different methods ({counts}); a mean of maps that "
+                          "answer different questions means nothing: make cohort maps of one method at a time "
+                          "(brainage batch --explain-method)")
     digests = sorted({s.model_weights_sha256 for s in subjects if s.model_weights_sha256})
     if len(digests) > 1:
         raise CohortError(f"the explanations come from models with different weights (SHA-256 "
@@ -138,6 +147,7 @@ def _read_sidecar(path: Path) -> ExplainedSubject:
         model_name = str(data.get("model_name") or "")
         digest = data.get("model_weights_sha256")
         is_demo = bool(data.get("model_is_demo", False))
+        method = str(data.get("explain_method") or "paper")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CohortError(f"{path}: unreadable explanation sidecar ({type(error).__name__}: {error})") from None
     if not attention_path.exists():
@@ -152,6 +162,7 @@ def _read_sidecar(path: Path) -> ExplainedSubject:
         model_name=model_name,
         model_weights_sha256=str(digest) if digest else None,
         model_is_demo=is_demo,
+        explain_method=method,
     )
 
 
@@ -214,7 +225,13 @@ def cohort_attention_maps(subjects: Iterable[ExplainedSubject], template_grid: O
     counts: Dict[str, int] = {"all": 0}
     names: List[str] = []
     model: Dict[str, Any] = {"name": "", "weights_sha256": None, "is_demo": False}
+    methods: List[str] = []
     for index, subject in enumerate(subjects):
+        method = getattr(subject, "explain_method", "paper")
+        if methods and method != methods[0]:
+            raise CohortError(f"{subject.attention_path}: a {method} map among {methods[0]} maps; "
+                              "make cohort maps of one explanation method at a time")
+        methods.append(method)
         model["name"] = model["name"] or subject.model_name
         model["weights_sha256"] = model["weights_sha256"] or subject.model_weights_sha256
         model["is_demo"] = bool(model["is_demo"] or subject.model_is_demo)
@@ -256,7 +273,8 @@ def cohort_attention_maps(subjects: Iterable[ExplainedSubject], template_grid: O
         from ..cohort.evaluate import demo_model_names
 
         model["is_demo"] = model["name"] in demo_model_names()
-    return CohortMaps(mean=mean, by_decade=by_decade, counts=counts, subjects=names, model=model)
+    return CohortMaps(mean=mean, by_decade=by_decade, counts=counts, subjects=names, model=model,
+                      explain_method=methods[0])
 
 
 def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
@@ -281,7 +299,7 @@ def write_cohort_maps(maps: CohortMaps, out_dir: PathLike, fmt: str = "nii.gz",
     paths: Dict[str, Path] = {"mean": save_volume(maps.mean, out_dir / f"cohort_attention_mean{ext}")}
     for label, volume in maps.by_decade.items():
         paths[label] = save_volume(volume, out_dir / f"cohort_attention_{label}{ext}")
-    summary = {"model": dict(maps.model), "counts": maps.counts, "subjects": maps.subjects,
+    summary = {"model": dict(maps.model), "explain_method": maps.explain_method, "counts": maps.counts, "subjects": maps.subjects,
                "files": {key: path.name for key, path in paths.items()}}
     if maps.model.get("is_demo"):
         from ..result import DEMO_DISCLAIMER
@@ -346,7 +364,7 @@ def write_cohort_figure(maps: CohortMaps, path: PathLike, background: Optional[V
                 ax.set_ylabel(f"{title}\n(n={maps.counts.get(label, 0)})", color="white", fontsize=9, labelpad=14)
     add_colour_bar(fig, layout["colorbar"], cmap, vmax=vmax, label="mean attention")
     model = maps.model.get("name") or "unnamed model"
-    fig.suptitle(f"Mean attention in MNI152 space | model {model}\nplanes through the overall map's top-decile "
+    fig.suptitle(f"Mean attention in MNI152 space | model {model} | map: {maps.explain_method}\nplanes through the overall map's top-decile "
                  "region; axial and coronal in radiological view (patient right on the left)",
                  color="white", fontsize=10)
     if maps.model.get("is_demo"):

@@ -10,8 +10,8 @@ each subject. Into ``out_dir`` it writes, for ``stem``:
 - ``<stem>_attention.png``: the input with the map overlaid in axial, coronal and sagittal
   planes through the centre of its top-decile region, each panel cropped to the brain, predicted
   age and brain-age gap in the title (and the demo disclaimer for the demo model);
-- ``<stem>_attention.json``: what a cohort map needs later (ages, model, the map's file name
-  and, when registration ran, the input -> template transform).
+- ``<stem>_attention.json``: what a cohort map needs later (ages, model, the explanation
+  method, the map's file name and, when registration ran, the input -> template transform).
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``).
 """
@@ -113,11 +113,13 @@ def write_sidecar(result: Any, path: PathLike, *, attention_file: str,
                   input_to_template: Optional[np.ndarray] = None, input_path: Optional[PathLike] = None,
                   model_weights_sha256: Optional[str] = None) -> Path:
     """A small JSON file beside the map: ages (years), sex, model (name, weights digest, demo or
-    not), map file, input file and input -> template transform."""
+    not), the explanation method (``result.explain_method``: "paper" or "relevance"), map file,
+    input file and input -> template transform."""
     if model_weights_sha256 is None:
         model_weights_sha256 = getattr(result, "model_weights_sha256", None) or None
     data = {
         "attention_file": attention_file,
+        "explain_method": getattr(result, "explain_method", None),
         "input_file": None if input_path is None else str(Path(input_path).expanduser().resolve()),
         "predicted_age": _float_or_none(getattr(result, "predicted_age", None)),
         "chronological_age": _float_or_none(getattr(result, "chronological_age", None)),
@@ -166,8 +168,9 @@ def attention_peak(attention: Volume, smoothing_mm: float = 4.0) -> Tuple[int, i
 
 
 def montage_title(result: Any) -> str:
-    """'Predicted brain age 63.2 y | age 60.0 y | BAG +3.2 y (bias-corrected +2.1 y)', and
-    '| sex unknown' when the prediction is the mean of the female and male ones."""
+    """'Predicted brain age 63.2 y | age 60.0 y | BAG +3.2 y (bias-corrected +2.1 y)', then
+    '| sex unknown' when the prediction is the mean of the female and male ones, and
+    '| map: relevance' (or 'paper') when the result records its explanation method."""
     parts = [f"Predicted brain age {float(result.predicted_age):.1f} y"]
     age = getattr(result, "chronological_age", None)
     gap = getattr(result, "brain_age_gap", None)
@@ -181,6 +184,9 @@ def montage_title(result: Any) -> str:
         parts.append(text)
     if getattr(result, "sex_was_unknown", False):
         parts.append("sex unknown (mean of F and M)")
+    method = getattr(result, "explain_method", None)
+    if method:
+        parts.append(f"map: {method}")
     return " | ".join(parts)
 
 

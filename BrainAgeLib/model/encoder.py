@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from timm.layers import LayerNorm
@@ -148,7 +148,7 @@ class SliceEncoder(nn.Module):
 
 
 class _CapturedAttention:
-    """Holder :func:`last_block_attention` fills: ``probabilities`` [B, heads, T, T] once the ViT ran."""
+    """Holder :func:`block_attentions` fills: one block's ``probabilities`` [B, heads, T, T] once the ViT ran."""
 
     def __init__(self) -> None:
         self._probabilities: Optional[torch.Tensor] = None
@@ -156,7 +156,7 @@ class _CapturedAttention:
     @property
     def probabilities(self) -> torch.Tensor:
         if self._probabilities is None:
-            raise BrainAgeError("the ViT's last attention block did not compute its attention matrix")
+            raise BrainAgeError("the ViT's attention block did not compute its attention matrix")
         return self._probabilities
 
     def keep(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -165,29 +165,43 @@ class _CapturedAttention:
 
 
 @contextlib.contextmanager
-def last_block_attention(vit: VisionTransformer) -> Iterator[_CapturedAttention]:
-    """While open, the ViT's last block computes its attention explicitly and hands it over.
+def block_attentions(vit: VisionTransformer, blocks: Optional[Sequence[int]] = None) -> Iterator[List[_CapturedAttention]]:
+    """While open, the chosen blocks (default: all) compute their attention explicitly and hand it over.
 
-    timm's own mechanism (as ``timm.utils.AttentionExtract`` with hooks): the last block's
+    timm's own mechanism (as ``timm.utils.AttentionExtract`` with hooks): each chosen block's
     ``Attention`` gets ``fused_attn = False``, so instead of the fused SDPA kernel it runs its
     unfused branch, whose softmax probabilities pass through ``attn.attn_drop``; a forward hook
     there keeps that module's input (the probabilities before dropout, the same tensor in eval
-    mode). The other blocks keep the fused kernel. On exit the hook is removed and ``fused_attn``
-    restored, so :meth:`SliceEncoder.embed` outside this context is untouched. The unfused
-    branch is the arithmetic the fused kernel stands for, rounded differently: embeddings from
-    ``forward_explain`` and ``embed`` differ by float rounding (~5e-7 on the demo model).
-    Not for concurrent use of one ViT from several threads (the flag is the module's).
+    mode). Yields one holder per chosen block, in block order; under ``torch.enable_grad`` the
+    kept tensors are part of the autograd graph, so gradients with respect to them can be taken
+    (the relevance explanation does). Other blocks keep the fused kernel. On exit, even after an
+    error, the hooks are removed and every ``fused_attn`` restored, so :meth:`SliceEncoder.embed`
+    outside this context is untouched. The unfused branch is the arithmetic the fused kernel
+    stands for, rounded differently: embeddings differ by float rounding (~5e-7 on the demo model).
+    Not for concurrent use of one ViT from several threads (the flags are the modules').
     """
-    attn = vit.blocks[-1].attn
-    captured = _CapturedAttention()
-    fused = attn.fused_attn
-    handle = attn.attn_drop.register_forward_hook(captured.keep)
-    attn.fused_attn = False
+    indices = range(len(vit.blocks)) if blocks is None else [int(i) for i in blocks]
+    modules = [vit.blocks[i].attn for i in indices]
+    captured = [_CapturedAttention() for _ in modules]
+    flags = [attn.fused_attn for attn in modules]
+    handles = []
     try:
+        for attn, holder in zip(modules, captured):
+            handles.append(attn.attn_drop.register_forward_hook(holder.keep))
+            attn.fused_attn = False
         yield captured
     finally:
-        attn.fused_attn = fused
-        handle.remove()
+        for attn, flag in zip(modules, flags):
+            attn.fused_attn = flag
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def last_block_attention(vit: VisionTransformer) -> Iterator[_CapturedAttention]:
+    """:func:`block_attentions` for the last block alone (what the paper's map needs)."""
+    with block_attentions(vit, [len(vit.blocks) - 1]) as captured:
+        yield captured[0]
 
 
 def vit_parameter_count(config: ModelConfig) -> int:
