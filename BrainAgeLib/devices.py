@@ -102,22 +102,31 @@ def precision_name(dtype: Optional[torch.dtype]) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def batch_that_fits(device: torch.device, n_items: int, cpu_batch: int, bytes_per_item: float,
+                    memory_fraction: float) -> int:
+    """Items per batch on ``device``, at most ``n_items``: ``cpu_batch`` on the CPU (and on CUDA
+    when its free memory cannot be read); on CUDA as many as fit in ``memory_fraction`` of the
+    free memory at ``bytes_per_item`` each."""
+    n_items = max(1, int(n_items))
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+        except Exception:
+            return min(n_items, cpu_batch)
+        return int(max(1, min(n_items, (free * memory_fraction) // bytes_per_item)))
+    return min(n_items, cpu_batch)
+
+
 def slice_batch_size(device: torch.device, config: ModelConfig, n_slices: int) -> int:
     """How many slices go through the ViT at once on ``device``.
 
     On CUDA: as many as fit in half of the free memory, estimating a slice's peak activations
     as a few copies of its MLP hidden state (tokens x 4D); capped at ``n_slices``.
     """
-    n_slices = max(1, int(n_slices))
-    if device.type != "cuda":
-        return min(n_slices, CPU_BATCH_SIZE)
-    try:
-        free, _ = torch.cuda.mem_get_info(device)
-    except Exception:
-        return min(n_slices, CPU_BATCH_SIZE)
     tokens = (config.image_size // config.patch_size) ** 2 + 1
     per_slice = tokens * config.embed_dim * config.mlp_ratio * 4 * 4  # bytes, generous
-    return int(max(1, min(n_slices, (free * 0.5) // per_slice)))
+    return batch_that_fits(device, n_slices, CPU_BATCH_SIZE, per_slice, 0.5)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -59,7 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Explanation methods: the paper's fused map, and attention relevance through the whole model.
+from ..devices import batch_that_fits
+
+#: Explanation methods: the paper's fused map, and gradient-weighted attention relevance from the predicted age.
 METHODS = ("paper", "relevance")
 DEFAULT_METHOD = "paper"
 
@@ -263,7 +265,7 @@ def explain_slices(model: Any, prepared: Any, embeddings: ExplainInputs, sex_val
     """The explanation map of one subject in model space: float32 [S, H, W] in [0, 1].
 
     ``method`` (:data:`METHODS`): ``"paper"`` (default) the paper's fused attention map,
-    ``"relevance"`` the gradient-weighted attention relevance through every block
+    ``"relevance"`` the gradient-weighted attention relevance of the last RELEVANCE_BLOCKS block(s)
     (:func:`relevance_slices`; it only reads the embeddings of ``embeddings``, and
     ``batch_size`` is then its own gradient batch).
 
@@ -333,7 +335,7 @@ def explanation_method(explain: Any) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------------
-# Relevance: gradient-weighted attention rollout through every block (Chefer et al. 2021)
+# Relevance: gradient-weighted attention rollout (Chefer et al. 2021), over RELEVANCE_BLOCKS blocks
 # ------------------------------------------------------------------------------------------
 
 #: Slices per gradient pass of the relevance method on the CPU. Each pass keeps every block's
@@ -345,17 +347,9 @@ def relevance_batch_size(device: torch.device, config: Any, n_slices: int) -> in
     """Slices per gradient pass: :data:`RELEVANCE_CPU_BATCH` on the CPU; on CUDA as many as fit in
     a quarter of the free memory, estimating a slice's saved activations per block as its
     attention matrices (heads x T x T, three copies) and its MLP hidden state (T x 4D, a few copies)."""
-    n_slices = max(1, int(n_slices))
-    if torch.device(device).type != "cuda":
-        return min(n_slices, RELEVANCE_CPU_BATCH)
-    try:
-        free, _ = torch.cuda.mem_get_info(device)
-    except Exception:
-        return min(n_slices, RELEVANCE_CPU_BATCH)
     tokens = (config.image_size // config.patch_size) ** 2 + 1
     per_block = tokens * (3 * config.num_heads * tokens + config.embed_dim * (2 * config.mlp_ratio + 8))
-    per_slice = 4 * config.depth * per_block
-    return int(max(1, min(n_slices, (free * 0.25) // per_slice)))
+    return batch_that_fits(device, n_slices, RELEVANCE_CPU_BATCH, 4 * config.depth * per_block, 0.25)
 
 
 def relevance_rollout(probabilities: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor]) -> torch.Tensor:
