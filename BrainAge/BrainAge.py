@@ -92,7 +92,8 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
 
         for selector in (self.ui.inputVolumeSelector, self.ui.outputAttentionSelector):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateEstimateButton)
-        for comboBox in (self.ui.sexComboBox, self.ui.modelSourceComboBox, self.ui.deviceComboBox):
+        for comboBox in (self.ui.sexComboBox, self.ui.modelSourceComboBox, self.ui.deviceComboBox,
+                         self.ui.explainMethodComboBox):
             comboBox.connect("currentIndexChanged(int)", self.updateEstimateButton)
         self.ui.chronologicalAgeSpinBox.connect("valueChanged(double)", self.updateEstimateButton)
         self.ui.modelLocationLineEdit.connect("textChanged(QString)", self.updateEstimateButton)
@@ -117,6 +118,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
             "chronologicalAge": age if age > 0 else None,  # 0 shows as "(not given)"
             "model": "demo" if modelChoice == 0 else os.path.expanduser(self.ui.modelLocationLineEdit.text.strip()),
             "device": self.ui.deviceComboBox.currentText,
+            "explainMethod": self.ui.explainMethodComboBox.currentText,
         }
 
     def updateEstimateButton(self, *unused):
@@ -310,10 +312,11 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolumeNode, sex, chronologicalAge=None, outputLabelmapNode=None, device="auto",
                 model="demo", outputAttentionVolumeNode=None, progress=None, waitForCompletion=True,
-                completedCallback=None, opacity=0.6, showBrainMask=False):
+                completedCallback=None, opacity=0.6, showBrainMask=False, explainMethod="paper"):
         """Estimate brain age of a volume node and show the attention labelmap over it.
 
-        sex: "F", "M" or "unknown"; chronologicalAge: years or None. A new labelmap node is made
+        sex: "F", "M" or "unknown"; chronologicalAge: years or None; explainMethod: "paper" or
+        "relevance" (BrainAgeLib.explain.methods). A new labelmap node "<input> attention (<method>)" is made
         when outputLabelmapNode is None; outputAttentionVolumeNode, when given, receives the scalar
         attention map; the brain mask goes to the labelmap "<input> brain mask". progress(fraction,
         message) reports the steps. Blocking (in Slicer's process), returns the BrainAgeLib Result
@@ -330,17 +333,17 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
             result, inputVolumeNode, outputLabelmapNode, outputAttentionVolumeNode, opacity, showBrainMask, labelmap)
         if not waitForCompletion:
             return self.startEstimate(volume, sex, chronologicalAge, model, device, inputVolumeNode, show, progress,
-                                      completedCallback)
+                                      completedCallback, explainMethod)
         from BrainAgeLib.inference import predict  # torch enters Slicer's process only on this blocking path
 
-        result = predict(self.loadModel(model), volume, sex, age=chronologicalAge, explain=True, device=device,
+        result = predict(self.loadModel(model), volume, sex, age=chronologicalAge, explain=explainMethod, device=device,
                          progress=progress)
         show(result)
         self.log(result.summary())
         return result
 
     def startEstimate(self, volume, sex, chronologicalAge, model, device, inputVolumeNode, show, progress,
-                      completedCallback):
+                      completedCallback, explainMethod="paper"):
         """process(waitForCompletion=False): the input to a temporary folder, the worker started on it."""
         from BrainAgeLib.io import save_volume
         from BrainAgeLib.worker_protocol import INPUT_FILE, load_worker_result, worker_command, worker_python
@@ -349,7 +352,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         try:
             inputPath = str(save_volume(volume, os.path.join(workDir, INPUT_FILE)))
             command = worker_command(worker_python(), inputPath, workDir, sex, chronologicalAge,
-                                     self.modelFile(model), device, levels=ATTENTION_LEVELS)
+                                     self.modelFile(model), device, explain=explainMethod, levels=ATTENTION_LEVELS)
         except Exception:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
@@ -376,8 +379,8 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
     def processFiles(self, pathsOrCohortCsv, outputDir, model="demo", explain=False, device="auto", progress=None,
                      waitForCompletion=True, completedCallback=None):
         """Batch: the volumes of a list of files, a folder or a cohort CSV/TSV -> outputDir/predictions.csv
-        (resumable), in a background process whose multiprocessing workers prepare the next subjects.
-        Blocking: returns the path of predictions.csv, raises RuntimeError when the run failed. With
+        (resumable), in a background process whose multiprocessing workers prepare the next subjects;
+        explain: False, True (the paper's maps) or "relevance". Blocking: returns the path of predictions.csv, raises RuntimeError when the run failed. With
         waitForCompletion=False returns the WorkerMonitor; completedCallback(error or None) at the end."""
         from BrainAgeLib.worker_protocol import batch_command, worker_python
 
@@ -425,8 +428,8 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
             self.updateVolumeNode(maskNode, result.brain_mask, inputVolumeNode)
         if result.attention is not None:
             labelmap = labelmap or attention_labelmap(result, levels=ATTENTION_LEVELS)
-            labelmapNode = outputLabelmapNode if outputLabelmapNode is not None else slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLLabelMapVolumeNode", inputVolumeNode.GetName() + " attention")
+            name = f"{inputVolumeNode.GetName()} attention ({result.explain_method or 'paper'})"
+            labelmapNode = outputLabelmapNode or slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
             self.updateVolumeNode(labelmapNode, labelmap.volume, inputVolumeNode)
             labelmapNode.GetDisplayNode().SetAndObserveColorNodeID(self.colorTableNode(labelmap.colors).GetID())
             if outputAttentionVolumeNode is not None:

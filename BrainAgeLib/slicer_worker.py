@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("--model", default="demo", help="registered model name or checkpoint path")
     one.add_argument("--device", default="auto", help="auto, cpu or cuda")
     one.add_argument("--no-explain", dest="explain", action="store_false", help="no attention map")
+    one.add_argument("--explain-method", default="paper",
+                     help="the map's method (explain.methods.METHODS: paper, relevance); checked by predict")
     one.add_argument("--levels", type=int, default=None, help="levels of the attention labelmap")
     many = sub.add_parser("batch", help="a cohort into OUT/predictions.csv (cohort.batch.run_batch)")
     many.add_argument("cohort", nargs="+", help="a cohort table, a BIDS or image folder, or image files")
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--model", default="demo")
     many.add_argument("--device", default="auto")
     many.add_argument("--explain", action="store_true")
+    many.add_argument("--explain-method", default="paper", help="as for predict")
     return parser
 
 
@@ -74,7 +77,7 @@ def run_predict(args: argparse.Namespace, progress: ProgressWriter) -> Path:
     model = load_model(args.model)
     from .inference import predict
 
-    result = predict(model, volume, sex, age=age, explain=args.explain, device=args.device,
+    result = predict(model, volume, sex, age=age, explain=args.explain and args.explain_method, device=args.device,
                      progress=progress.part(*PREDICT_SPAN))
     write = progress.part(*WRITE_SPAN)
     outputs = {}
@@ -112,7 +115,8 @@ def run_batch_command(args: argparse.Namespace, progress: ProgressWriter) -> Pat
     single = args.cohort[0] if len(args.cohort) == 1 else None
     is_image = single is not None and single.lower().endswith(READ_EXTENSIONS)
     cohort = single if single is not None and not is_image else list(args.cohort)
-    summary = run_batch(cohort, args.out, model=args.model, explain=args.explain, device=args.device,
+    summary = run_batch(cohort, args.out, model=args.model, explain=args.explain and args.explain_method,
+                        device=args.device,
                         progress=progress)
     progress(1.0, f"Batch finished: {summary.n_done} done, {summary.n_failed} failed, {summary.n_skipped} skipped")
     return Path(args.out) / "predictions.csv"

@@ -160,14 +160,14 @@ def library_parent() -> str:
 
 
 def worker_command(python_executable: str, input_path: PathLike, out_dir: PathLike, sex: Optional[str],
-                   age: Optional[float], model: str, device: str, explain: bool = True,
+                   age: Optional[float], model: str, device: str, explain: Union[bool, str] = True,
                    levels: Optional[int] = None) -> List[str]:
     """The argument list that predicts one volume in a worker process.
 
     ``input_path``: the volume file (the module writes ``out_dir/INPUT_FILE``); ``sex`` "F", "M"
     or "unknown" (None: unknown); ``age`` years or None; ``model`` a registered name or a
     checkpoint path; ``device`` auto/cpu/cuda; ``explain``: also the attention map, its labelmap
-    (``levels`` levels) and montage.
+    (``levels`` levels) and montage (True: the paper's map; or a method's name, "relevance").
     """
     command = [str(python_executable), "-m", WORKER_MODULE, "predict", str(input_path), "--out", str(out_dir),
                "--sex", "unknown" if sex is None else str(sex), "--model", str(model), "--device", str(device)]
@@ -175,13 +175,15 @@ def worker_command(python_executable: str, input_path: PathLike, out_dir: PathLi
         command += ["--age", repr(float(age))]
     if not explain:
         command.append("--no-explain")
+    elif isinstance(explain, str):
+        command += ["--explain-method", explain]
     if levels is not None:
         command += ["--levels", str(int(levels))]
     return command
 
 
 def batch_command(python_executable: str, cohort: Union[PathLike, Sequence[PathLike]], out_dir: PathLike,
-                  model: str = "demo", device: str = "auto", explain: bool = False) -> List[str]:
+                  model: str = "demo", device: str = "auto", explain: Union[bool, str] = False) -> List[str]:
     """The argument list that runs a batch (``cohort.batch.run_batch``) in a worker process:
     ``cohort`` is a CSV/TSV table, a BIDS or image folder, or a list of image files."""
     items = [cohort] if isinstance(cohort, (str, os.PathLike)) else list(cohort)
@@ -191,6 +193,8 @@ def batch_command(python_executable: str, cohort: Union[PathLike, Sequence[PathL
                "--model", str(model), "--device", str(device)]
     if explain:
         command.append("--explain")
+    if isinstance(explain, str):
+        command += ["--explain-method", explain]
     return command
 
 
@@ -281,7 +285,7 @@ def load_worker_result(out_dir: PathLike) -> Tuple["Result", Optional["Attention
         model_name=str(data.get("model_name", "")), model_intended_use=str(data.get("model_intended_use", "")),
         model_is_demo=bool(data.get("model_is_demo", False)), warnings=[str(w) for w in data.get("warnings") or []],
         qc=quality_control_from_dict(data.get("qc") or {}),
-        model_weights_sha256=str(data.get("model_weights_sha256") or ""))
+        model_weights_sha256=str(data.get("model_weights_sha256") or ""), explain_method=data.get("explain_method"))
     if "attention" in paths:
         result.attention = read_volume_file(paths["attention"])
     if "brain_mask" in paths:

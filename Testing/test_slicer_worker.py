@@ -57,6 +57,18 @@ def test_worker_command_is_what_the_worker_parses():
         ("predict", "in.nii.gz", "out", "M", 40.0, "demo", "cpu", True)
     batch = build_parser().parse_args(batch_command("python", ["a.nii.gz", "b.nii.gz"], "out", explain=True)[3:])
     assert (batch.command, batch.cohort, batch.out, batch.explain) == ("batch", ["a.nii.gz", "b.nii.gz"], "out", True)
+    assert (args.explain_method, batch.explain_method) == ("paper", "paper")
+
+
+def test_the_explanation_method_reaches_the_worker():
+    from BrainAgeLib.slicer_worker import build_parser
+
+    one = build_parser().parse_args(
+        worker_command("python", "in.nii.gz", "out", "M", 40.0, "demo", "cpu", explain="relevance")[3:])
+    assert (one.explain, one.explain_method) == (True, "relevance")
+    many = build_parser().parse_args(batch_command("python", ["a.nii.gz"], "out", explain="relevance")[3:])
+    assert (many.explain, many.explain_method) == (True, "relevance")
+    assert "--explain-method" not in worker_command("python", "in.nii.gz", "out", "M", 40.0, "demo", "cpu", explain=False)
     with pytest.raises(BrainAgeError, match="no input"):
         batch_command("python", [], "out")
 
@@ -135,6 +147,8 @@ def test_a_folder_without_the_result_file_holds_no_result(tmp_path):
                                                     "outputs": {}}))
     result, labelmap = load_worker_result(tmp_path)  # a result without maps (explain off)
     assert (result.predicted_age, result.sex, result.qc.flags, result.attention, labelmap) == (61.5, "M", ["x"], None, None)
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"predicted_age": 61.5, "explain_method": "relevance", "outputs": {}}))
+    assert load_worker_result(tmp_path)[0].explain_method == "relevance"  # the panel names the labelmap after it
 
 
 # --- a real worker ----------------------------------------------------------------------------
