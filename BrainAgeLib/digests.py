@@ -1,4 +1,4 @@
-"""Content digests: the SHA-256 of a file and the SHA-256 of a model's weights.
+"""Content digests: the SHA-256 of a file, its git blob id, and the SHA-256 of a model's weights.
 
 One home for both, so that a checkpoint's recorded ``weights_sha256``, a batch run's
 ``predictions.json``, the registry's download checks and an imported model's provenance all
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -23,7 +23,15 @@ CHUNK_BYTES = 1 << 20
 
 def file_sha256(path: PathLike, chunk_bytes: int = CHUNK_BYTES) -> str:
     """Hex SHA-256 of a file's bytes, read ``chunk_bytes`` at a time."""
-    digest = hashlib.sha256()
+    return _file_digest(hashlib.sha256(), path, chunk_bytes)
+
+
+def git_blob_id(path: PathLike, chunk_bytes: int = CHUNK_BYTES) -> str:
+    """The id git gives a file's content: SHA-1 of ``b"blob <size>\\0"`` followed by the bytes."""
+    return _file_digest(hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode()), path, chunk_bytes)
+
+
+def _file_digest(digest: Any, path: PathLike, chunk_bytes: int) -> str:
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(chunk_bytes), b""):
             digest.update(chunk)

@@ -24,7 +24,6 @@ cached file without touching the network.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
 
+from ..digests import git_blob_id
 from ..errors import ModelDownloadError
 from ..resources import cache_dir as default_cache_dir
 
@@ -111,16 +111,6 @@ BRAINROTVIT = PublishedArchive(
 
 
 # ------------------------------------------------------------------------------- downloading
-def git_blob_id(path: PathLike) -> str:
-    """The id git gives a file's content: SHA-1 of ``b"blob <size>\\0"`` followed by the bytes."""
-    path = Path(path)
-    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class _Unreachable(Exception):
     """No byte came from the server: offline, refused, no such host."""
 
