@@ -5,12 +5,15 @@ from ``worker_protocol.worker_command`` / ``batch_command``), or with any Python
 
     python -m BrainAgeLib.slicer_worker predict input.nii.gz --out DIR --sex F --age 67 --model demo
     python -m BrainAgeLib.slicer_worker batch cohort.csv --out DIR --model demo --explain
+    python -m BrainAgeLib.slicer_worker download brainrotvit
 
 ``predict`` writes into DIR (which must exist), each file atomically: the attention map, its
 labelmap and colour table, the montage and sidecar (``explain.outputs.write_explanation_outputs``),
 the brain mask, the QC picture (``explain.qc_figure``), and last the result file
-(``worker_protocol.RESULT_FILE``: ``Result.to_dict()`` and the output file names). Progress, the
-final line and the exit codes follow ``worker_protocol``. The worker runs in its own process so
+(``worker_protocol.RESULT_FILE``: ``Result.to_dict()`` and the output file names). ``download``
+fetches a registered model into the cache (the published BrainRotViT: its 17 archive volumes, each
+verified, then the import); a cancelled download resumes where it stopped. Progress, the final
+line (for ``download``: the model's path) and the exit codes follow ``worker_protocol``. The worker runs in its own process so
 Slicer stays responsive, and Cancel can stop it at any point by killing it.
 """
 from __future__ import annotations
@@ -53,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--device", default="auto")
     many.add_argument("--explain", action="store_true")
     many.add_argument("--explain-method", default="paper", help="as for predict")
+    fetch = sub.add_parser("download", help="fetch a registered model (e.g. brainrotvit) into the cache")
+    fetch.add_argument("name", help="registered model name")
+    fetch.add_argument("--cache-dir", default=None, help="model cache (default: $BRAINAGE_CACHE, else ~/.cache/brainage)")
     return parser
 
 
@@ -74,7 +80,7 @@ def run_predict(args: argparse.Namespace, progress: ProgressWriter) -> Path:
     load(0.3, f"Loading model {args.model}")
     from .model.checkpoint import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, progress=lambda fraction, message: load(0.3 + 0.7 * fraction, message))
     from .inference import predict
 
     result = predict(model, volume, sex, age=age, explain=args.explain and args.explain_method, device=args.device,
@@ -122,6 +128,23 @@ def run_batch_command(args: argparse.Namespace, progress: ProgressWriter) -> Pat
     return Path(args.out) / "predictions.csv"
 
 
+def run_download(args: argparse.Namespace, progress: ProgressWriter) -> Path:
+    """A registered model into the cache (nothing to do when it is there); returns its file."""
+    from .model.checkpoint import resolve_checkpoint
+    from .registry import REGISTRY, is_cached
+
+    if args.name not in REGISTRY:
+        raise BrainAgeError(f"unknown model {args.name!r} (registered: {', '.join(REGISTRY)})")
+    if is_cached(args.name, args.cache_dir):
+        progress(1.0, f"Model {args.name} is already downloaded")
+    path = resolve_checkpoint(args.name, cache_dir=args.cache_dir, progress=progress)
+    progress(1.0, f"Model {args.name} is ready: {path}")
+    return path
+
+
+RUNNERS = {"predict": run_predict, "batch": run_batch_command, "download": run_download}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # a non-ASCII path must not stop the worker
@@ -129,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     progress = ProgressWriter()
     try:
         progress(0.0, "Starting the BrainAge worker")
-        (run_predict if args.command == "predict" else run_batch_command)(args, progress)
+        written = RUNNERS[args.command](args, progress)
     except BrainAgeError as error:
         progress.error(str(error))
         return EXIT_BAD_INPUT
@@ -140,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         traceback.print_exc(file=sys.stdout)
         progress.error(f"{type(error).__name__}: {error}")
         return EXIT_FAILED
-    progress.done(args.out)
+    progress.done(getattr(args, "out", None) or written)
     return EXIT_OK
 
 

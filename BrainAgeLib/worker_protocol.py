@@ -198,6 +198,15 @@ def batch_command(python_executable: str, cohort: Union[PathLike, Sequence[PathL
     return command
 
 
+def download_command(python_executable: str, name: str, cache_dir: Optional[PathLike] = None) -> List[str]:
+    """The argument list that fetches the registered model ``name`` into the cache in a worker process
+    (its last line, ``done_line``, names the model's file)."""
+    command = [str(python_executable), "-m", WORKER_MODULE, "download", str(name)]
+    if cache_dir is not None:
+        command += ["--cache-dir", str(cache_dir)]
+    return command
+
+
 # --- reading it back ------------------------------------------------------------------------
 
 @dataclass

@@ -340,3 +340,34 @@ def test_no_extractor_gives_a_clear_error(server, tmp_path, monkeypatch):
     assert "py7zr cannot decompress" in str(error.value) and "p7zip" in str(error.value)
     assert not (tmp_path / "brainrotvit.safetensors").exists()
     assert not list(tmp_path.glob(".brainrotvit-extract-*"))  # the temporary folder is gone
+
+
+def test_the_worker_downloads_with_protocol_progress_and_names_the_model(server, tmp_path, capsys):
+    """What the Slicer panel's Download button runs (worker_protocol.download_command), in this process
+    so the served recipe applies: progress lines that only go forward, then the model's file."""
+    from BrainAgeLib import slicer_worker
+    from BrainAgeLib.registry import is_cached
+    from BrainAgeLib.worker_protocol import download_command, parse_worker_line
+
+    command = download_command("python", "brainrotvit", cache_dir=tmp_path)
+    assert command[1:4] == ["-m", "BrainAgeLib.slicer_worker", "download"]
+    with pytest.warns(UserWarning):  # the 18 stage-1 classes do not name their labels
+        assert slicer_worker.main(command[3:]) == 0
+    messages = [parse_worker_line(line) for line in capsys.readouterr().out.splitlines()]
+    fractions = [m.fraction for m in messages if m.kind == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    steps = [m.text for m in messages if m.kind == "progress"]
+    assert any(f"(2/{VOLUMES}): " in text and " MB" in text for text in steps), steps  # volume and bytes so far
+    assert messages[-1].kind == "done" and messages[-1].text == str(tmp_path / "brainrotvit.safetensors")
+    assert is_cached("brainrotvit", tmp_path)
+    assert slicer_worker.main(command[3:]) == 0  # a second run finds it cached: no request
+    assert len(server.requests) == VOLUMES
+    assert "already downloaded" in capsys.readouterr().out
+
+
+def test_unknown_model_to_download_is_a_bad_input(tmp_path, capsys):
+    from BrainAgeLib import slicer_worker
+    from BrainAgeLib.worker_protocol import EXIT_BAD_INPUT
+
+    assert slicer_worker.main(["download", "no-such-model", "--cache-dir", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "unknown model 'no-such-model'" in capsys.readouterr().out

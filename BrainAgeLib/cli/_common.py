@@ -31,8 +31,13 @@ def load_model_from_args(args: argparse.Namespace):
               "predictions mean nothing. Use it only to test the software.", file=sys.stderr)
         return build_model(args.preset, seed=0)
     from ..model.checkpoint import load_model
+    from ..registry import REGISTRY, is_cached
 
-    return load_model(args.model or "demo")
+    name = args.model or "demo"
+    if name in REGISTRY and not is_cached(name):  # first use: the download and import, with a progress bar
+        with TerminalProgress() as progress:
+            return load_model(name, progress=progress)
+    return load_model(name)
 
 
 def positive_int(text: str) -> int:
@@ -102,3 +107,31 @@ def report_warnings(caught, category: type = Warning) -> None:
         if text not in seen:
             seen.add(text)
             print(f"WARNING: {text}", file=sys.stderr)
+
+
+class TerminalProgress:
+    """``progress(fraction, message)`` for the library: a tqdm bar on a terminal, else one line per step."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.message = ""
+
+    def __enter__(self) -> "TerminalProgress":
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+        return self
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self.bar is not None:
+            self.bar.n = int(round(1000 * fraction))
+            self.bar.set_description_str(message, refresh=False)
+            self.bar.refresh()
+        elif message != self.message:
+            print(f"[{100 * fraction:3.0f}%] {message}", file=sys.stderr)
+        self.message = message
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 
 COMMAND = "models"
@@ -91,9 +90,9 @@ def _download(args: argparse.Namespace) -> int:
     if entry.recipe == "published":
         from ..model.import_official import UnknownClassLabelsWarning
         from ..model.published import install_published_model
-        from ._common import report_warnings
+        from ._common import TerminalProgress, report_warnings
 
-        with _Progress() as progress, warnings.catch_warnings(record=True) as caught:
+        with TerminalProgress() as progress, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnknownClassLabelsWarning)
             out = install_published_model(path, name=entry.name, cache_dir=args.cache_dir, base_url=args.base_url,
                                           keep_downloads=args.keep_downloads, progress=progress)
@@ -127,31 +126,3 @@ def _path(args: argparse.Namespace) -> int:
                               path)
     print(path)
     return 0
-
-
-class _Progress:
-    """``progress(fraction, message)`` for the library: a tqdm bar on a terminal, else one line per step."""
-
-    def __init__(self) -> None:
-        self.bar = None
-        self.message = ""
-
-    def __enter__(self) -> "_Progress":
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
-        return self
-
-    def __call__(self, fraction: float, message: str) -> None:
-        if self.bar is not None:
-            self.bar.n = int(round(1000 * fraction))
-            self.bar.set_description_str(message, refresh=False)
-            self.bar.refresh()
-        elif message != self.message:
-            print(f"[{100 * fraction:3.0f}%] {message}", file=sys.stderr)
-        self.message = message
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -24,9 +24,8 @@ import os
 import struct
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -36,7 +35,7 @@ from ..digests import file_sha256, weights_digest
 from ..errors import CheckpointError
 from ..presets import ModelConfig
 from ..devices import resolve_device
-from ..resources import cache_dir, resource_path
+from ..registry import REGISTRY, ModelEntry, available_models, register_model
 from .brain_age_model import BrainAgeModel
 from .checkpoint_file import FORMAT_VERSION, METADATA_KEY, build_metadata, save_checkpoint
 
@@ -54,86 +53,26 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _CHUNK = 1 << 20
 
 PathLike = Union[str, os.PathLike]
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A model known by name: bundled with BrainAge, downloaded once from ``url``, or built once
-    by a ``recipe`` (``"published"``: the authors' archive, fetched and imported by
-    :mod:`BrainAgeLib.model.published`)."""
-
-    name: str
-    filename: str
-    description: str = ""
-    url: Optional[str] = None
-    sha256: Optional[str] = None
-    bundled: bool = False
-    recipe: Optional[str] = None
-    source: str = ""
-    trained_on: str = ""
-
-    def local_path(self, cache: Optional[PathLike] = None) -> Path:
-        """Where the file is (bundled) or will be cached (downloaded or built; ``cache`` overrides
-        ``resources.cache_dir()``)."""
-        if self.bundled:
-            return resource_path("Models", self.filename)
-        return (Path(cache).expanduser() if cache else cache_dir()) / self.filename
-
-
-#: How registered models that are built rather than downloaded are made.
-RECIPES = ("published",)
-
-#: Models known by name. The demo model is trained on synthetic phantoms (not for clinical use).
-REGISTRY: Dict[str, ModelEntry] = {
-    "demo": ModelEntry(
-        name="demo",
-        filename="brainage_demo.safetensors",
-        description="demo preset trained on synthetic phantoms; for demonstration only, not for clinical use",
-        bundled=True,
-        source="bundled with BrainAge",
-        trained_on="synthetic ageing phantoms",
-    ),
-    "brainrotvit": ModelEntry(
-        name="brainrotvit",
-        filename="brainrotvit.safetensors",
-        description="BrainRotViT as published by its authors (Jalal et al. 2025), fetched from their "
-                    "17-volume 7z archive and imported on first use; for research",
-        recipe="published",
-        source="github.com/wjalal/BrainRotViT@559af43 best_checkpoints/",
-        trained_on="11 public cohorts, >130 sites (paper: 4,086 train / 1,022 validation subjects)",
-    ),
-}
-
-
-def register_model(entry: ModelEntry) -> None:
-    """Add (or replace) a named model; downloaded entries need both ``url`` and ``sha256``."""
-    if entry.recipe is not None and entry.recipe not in RECIPES:
-        raise ValueError(f"model {entry.name!r}: unknown recipe {entry.recipe!r} (known: {', '.join(RECIPES)})")
-    if not entry.bundled and entry.recipe is None and not (entry.url and entry.sha256):
-        raise ValueError(f"model {entry.name!r}: a downloaded model needs both url and sha256")
-    REGISTRY[entry.name] = entry
-
-
-def available_models() -> List[ModelEntry]:
-    """Registered models, in registration order."""
-    return list(REGISTRY.values())
+#: ``progress(fraction, message)`` of a first-use download and import
+Progress = Callable[[float, str], None]
 
 
 # ---------------------------------------------------------------------------- loading
 def load_model(name_or_path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-               cache_dir: Optional[PathLike] = None) -> "torch.nn.Module":
+               cache_dir: Optional[PathLike] = None, progress: Optional[Progress] = None) -> "torch.nn.Module":
     """A BrainAgeModel from a registered name (``"demo"``, ``"brainrotvit"``, ...) or a
     ``.safetensors`` path, in eval mode. A registered model not yet in the cache (``cache_dir``,
-    else ``$BRAINAGE_CACHE``, else ``~/.cache/brainage``) is downloaded (and built) first; once
-    cached, no network is used."""
-    path = resolve_checkpoint(name_or_path, cache_dir=cache_dir)
+    else ``$BRAINAGE_CACHE``, else ``~/.cache/brainage``) is downloaded (and built) first, reporting
+    to ``progress(fraction, message)`` when given; once cached, no network is used."""
+    path = resolve_checkpoint(name_or_path, cache_dir=cache_dir, progress=progress)
     return load_checkpoint(path, device=device)
 
 
-def resolve_checkpoint(name_or_path: Union[str, os.PathLike], cache_dir: Optional[PathLike] = None) -> Path:
+def resolve_checkpoint(name_or_path: Union[str, os.PathLike], cache_dir: Optional[PathLike] = None,
+                       progress: Optional[Progress] = None) -> Path:
     """The local file of a registered model (downloading it once if needed) or of a path."""
     if isinstance(name_or_path, str) and name_or_path in REGISTRY:
-        return _registry_file(REGISTRY[name_or_path], cache_dir)
+        return _registry_file(REGISTRY[name_or_path], cache_dir, progress)
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
@@ -282,7 +221,7 @@ def _check_layout(path: Path, config: ModelConfig, expected: Dict[str, tuple], s
 
 
 # ---------------------------------------------------------------------------- registry files
-def _registry_file(entry: ModelEntry, cache: Optional[PathLike] = None) -> Path:
+def _registry_file(entry: ModelEntry, cache: Optional[PathLike] = None, progress: Optional[Progress] = None) -> Path:
     path = entry.local_path(cache)
     if entry.bundled:
         if not path.is_file():
@@ -298,7 +237,7 @@ def _registry_file(entry: ModelEntry, cache: Optional[PathLike] = None) -> Path:
         from .published import install_published_model
 
         logger.info("model %r is not in the cache yet: fetching and importing it into %s", entry.name, path)
-        return install_published_model(path, name=entry.name, cache_dir=cache)
+        return install_published_model(path, name=entry.name, cache_dir=cache, progress=progress)
     if path.is_file():
         actual = file_sha256(path)
         if actual == entry.sha256:

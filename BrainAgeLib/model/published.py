@@ -260,7 +260,8 @@ def download_parts(
         def on_bytes(done: int, total: Optional[int], index: int = index, message: str = message) -> None:
             if progress:
                 within = done / total if total else 0.0
-                progress(_DOWNLOAD_SHARE * (index + min(within, 1.0)) / count, message)
+                size = f"{done / 1e6:.1f} of {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+                progress(_DOWNLOAD_SHARE * (index + min(within, 1.0)) / count, f"{message}: {size}")
 
         if progress:
             progress(_DOWNLOAD_SHARE * index / count, message)
