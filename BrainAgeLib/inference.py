@@ -192,6 +192,11 @@ def _infer(model: BrainAgeModel, prepared: Any, sex: str, chronological: Optiona
         correction = model.bias_correction
         if correction is not None:
             corrected = float(correction.corrected_gap(predicted, chronological))
+    calibration = model.calibration
+    interval = gap_z = None
+    if calibration is not None:
+        interval = calibration.interval(predicted)
+        gap_z = calibration.gap_z(corrected if corrected is not None else gap)
     warnings: List[str] = []
     if sex == "unknown":
         warnings.append("sex unknown: the prediction is the mean of the female and male predictions")
@@ -220,6 +225,9 @@ def _infer(model: BrainAgeModel, prepared: Any, sex: str, chronological: Optiona
         brain_mask=prepared.brain_mask_volume(),
         model_weights_sha256=str(model.metadata.get("weights_sha256") or ""),
         input_to_template=prepared.input_to_template,
+        interval=interval,
+        interval_level=calibration.level if interval is not None else None,
+        gap_z=gap_z,
     )
 
 

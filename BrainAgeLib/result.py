@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .conformal import EXTREME_GAP_SD, format_interval
 from .preprocess.qc import QualityControl
 from .volume import Volume
 
@@ -23,6 +24,12 @@ class Result:
     ``brain_age_gap`` (BAG) = predicted - chronological age; ``corrected_brain_age_gap`` removes
     the model's age trend (de Lange & Cole) when the model carries bias-correction coefficients.
     Both are None without a chronological age.
+
+    ``interval`` (low, high) in years holds the chronological age with probability
+    ``interval_level`` (split conformal on the model's reference set, ``BrainAgeLib.conformal``);
+    None when the model is not calibrated. ``gap_z`` is the corrected BAG (the raw one when the
+    model has no bias correction) in SDs of the reference set's gaps; ``extreme_gap`` flags
+    ``|gap_z| > 1`` (the paper's extreme ageing).
     """
 
     predicted_age: float
@@ -49,6 +56,21 @@ class Result:
     #: 4x4 input RAS (mm) -> template RAS (mm) when preprocessing registered to the template
     #: (``Prepared.input_to_template``); used for cohort attention maps. Not in ``to_dict``.
     input_to_template: Optional[np.ndarray] = None
+    #: (low, high) years at ``interval_level``; None when the model has no calibration
+    interval: Optional[Tuple[float, float]] = None
+    interval_level: Optional[float] = None
+    #: the (corrected) brain-age gap in SDs of the reference set's gaps; None without age or calibration
+    gap_z: Optional[float] = None
+
+    @property
+    def extreme_gap(self) -> Optional[bool]:
+        """|gap| beyond one reference SD (the paper's extreme ageing); None without ``gap_z``."""
+        return None if self.gap_z is None else bool(abs(self.gap_z) > EXTREME_GAP_SD)
+
+    @property
+    def interval_text(self) -> str:
+        """"67.2 years (90% interval 61.4–73.0)", or "... (no interval: not calibrated)"."""
+        return format_interval(self.predicted_age, self.interval, self.interval_level)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-safe summary (no arrays): numbers, strings, booleans, the timings in seconds.
@@ -61,6 +83,11 @@ class Result:
             "chronological_age": _number(self.chronological_age),
             "brain_age_gap": _number(self.brain_age_gap),
             "corrected_brain_age_gap": _number(self.corrected_brain_age_gap),
+            "interval": None if self.interval is None else [_number(v) for v in self.interval],
+            "interval_level": _number(self.interval_level),
+            "interval_text": self.interval_text,
+            "gap_z": _number(self.gap_z),
+            "extreme_gap": self.extreme_gap,
             "sex": self.sex,
             "sex_was_unknown": bool(self.sex_was_unknown),
             "has_attention": self.attention is not None,
@@ -79,12 +106,18 @@ class Result:
 
     def summary(self) -> str:
         """A few human-readable lines."""
-        lines = [f"Predicted brain age: {self.predicted_age:.1f} years"]
+        lines = [f"Predicted brain age: {self.interval_text}"]
         if self.chronological_age is not None and self.brain_age_gap is not None:
             gap = f"Chronological age: {self.chronological_age:.1f} years; brain-age gap: {self.brain_age_gap:+.1f} years"
             if self.corrected_brain_age_gap is not None:
                 gap += f" (bias-corrected: {self.corrected_brain_age_gap:+.1f} years)"
             lines.append(gap)
+        if self.gap_z is not None:
+            which = "bias-corrected gap" if self.corrected_brain_age_gap is not None else "gap"
+            line = f"Gap z: {self.gap_z:+.2f} (the {which} in SDs of the model's reference set)"
+            if self.extreme_gap:
+                line += f"; beyond {EXTREME_GAP_SD:g} SD: extreme (the paper's criterion)"
+            lines.append(line)
         if self.sex_was_unknown:
             lines.append("Sex: unknown (mean of the female and male predictions)")
         else:

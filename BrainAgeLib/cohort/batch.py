@@ -398,6 +398,10 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Subject, out_dir: 
     row.predicted_age = result.predicted_age
     row.brain_age_gap = result.brain_age_gap
     row.corrected_brain_age_gap = result.corrected_brain_age_gap
+    if result.interval is not None:
+        row.interval_low, row.interval_high = result.interval
+        row.interval_level = result.interval_level
+    row.gap_z = result.gap_z
     row.sex = result.sex
     row.chronological_age = result.chronological_age
     row.warnings = list(item.notes) + header_notes + list(result.warnings)

@@ -43,6 +43,11 @@ COLUMN_DOCS: Dict[str, str] = {
     "brain_age_gap": "predicted - chronological age, years (empty without an age)",
     "corrected_brain_age_gap": "BAG minus the model's age trend (de Lange & Cole), years; empty "
                                "without an age or when the model has no bias-correction coefficients",
+    "interval_low": "low end of the prediction interval, years (empty when the model is not calibrated)",
+    "interval_high": "high end of the prediction interval, years (empty when the model is not calibrated)",
+    "interval_level": "the interval's probability of holding the chronological age, e.g. 0.9",
+    "gap_z": "corrected BAG in SDs of the model's reference set (|z| > 1: extreme, the paper's criterion); "
+             "empty without an age or calibration",
     "site": "acquisition site from the cohort (empty when not given)",
     "model": "name of the model that made the prediction",
     "attention_map": "file of the attention map, relative to the output folder (--explain only)",
@@ -52,6 +57,10 @@ COLUMN_DOCS: Dict[str, str] = {
     "error": "empty when the subject succeeded; otherwise why it failed (file and problem)",
 }
 COLUMNS: List[str] = list(COLUMN_DOCS)
+#: Columns added since the first version; a file without them is read (they stay empty) and
+#: upgraded to :data:`COLUMNS` when a run appends to it.
+ADDED_COLUMNS = ("interval_low", "interval_high", "interval_level", "gap_z")
+LEGACY_COLUMNS: List[str] = [name for name in COLUMNS if name not in ADDED_COLUMNS]
 
 #: Decimals written for ages and gaps (1e-4 years is under an hour).
 AGE_DECIMALS = 4
@@ -72,6 +81,10 @@ class PredictionRow:
     predicted_age: Optional[float] = None
     brain_age_gap: Optional[float] = None
     corrected_brain_age_gap: Optional[float] = None
+    interval_low: Optional[float] = None
+    interval_high: Optional[float] = None
+    interval_level: Optional[float] = None
+    gap_z: Optional[float] = None
     site: str = ""
     model: str = ""
     attention_map: str = ""
@@ -94,6 +107,10 @@ class PredictionRow:
             "predicted_age": _format_number(self.predicted_age),
             "brain_age_gap": _format_number(self.brain_age_gap),
             "corrected_brain_age_gap": _format_number(self.corrected_brain_age_gap),
+            "interval_low": _format_number(self.interval_low),
+            "interval_high": _format_number(self.interval_high),
+            "interval_level": _format_number(self.interval_level, plain=True),
+            "gap_z": _format_number(self.gap_z),
             "site": self.site,
             "model": self.model,
             "attention_map": self.attention_map,
@@ -117,6 +134,10 @@ class PredictionRow:
             predicted_age=_parse_number(cells.get("predicted_age")),
             brain_age_gap=_parse_number(cells.get("brain_age_gap")),
             corrected_brain_age_gap=_parse_number(cells.get("corrected_brain_age_gap")),
+            interval_low=_parse_number(cells.get("interval_low")),
+            interval_high=_parse_number(cells.get("interval_high")),
+            interval_level=_parse_number(cells.get("interval_level")),
+            gap_z=_parse_number(cells.get("gap_z")),
             site=cells.get("site", ""),
             model=cells.get("model", ""),
             attention_map=cells.get("attention_map", ""),
@@ -180,15 +201,15 @@ def read_predictions(path: PathLike) -> List[PredictionRow]:
         header = next(reader)
     except StopIteration:
         return []
-    if header != COLUMNS:
+    if header not in (COLUMNS, LEGACY_COLUMNS):
         raise PredictionsFileError(
             f"{path}: not a BrainAge predictions file of this version (columns {header[:4]}..., "
             f"expected {COLUMNS[:4]}...); use another output folder")
     rows = []
     for cells in reader:
-        if len(cells) != len(COLUMNS):
+        if len(cells) != len(header):
             continue  # cannot happen with our writer; a hand-edited line is ignored
-        rows.append(PredictionRow.from_cells(dict(zip(COLUMNS, cells))))
+        rows.append(PredictionRow.from_cells(dict(zip(header, cells))))
     return rows
 
 
@@ -245,6 +266,9 @@ class PredictionsWriter:
         if self.path.exists():
             self.rows = read_predictions(self.path)
             data = self.path.read_bytes()
+            if data.startswith(_encode_line(LEGACY_COLUMNS)):   # an earlier version's file: add the new columns
+                data = _encode_line(COLUMNS) + b"".join(_encode_line(row.to_cells()) for row in self.rows)
+                _atomic_write(self.path, data)
             if data and not data.endswith(b"\n"):
                 _atomic_write(self.path, data[: data.rfind(b"\n") + 1] or _encode_line(COLUMNS))
             elif not data:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..bias_correction import BiasCorrection
+from ..conformal import ConformalCalibration
 from ..devices import DeviceLike, autocast, autocast_dtype, resolve_device, slice_batch_size, to_device
 from ..errors import BrainAgeError
 from ..presets import ModelConfig, get_preset
@@ -78,6 +79,12 @@ class BrainAgeModel(nn.Module):
     def bias_correction(self) -> Optional[BiasCorrection]:
         data = self.metadata.get("bias_correction")
         return BiasCorrection.from_dict(data) if data else None
+
+    @property
+    def calibration(self) -> Optional[ConformalCalibration]:
+        """The reference set behind prediction intervals and gap z (None: not calibrated)."""
+        data = self.metadata.get("calibration")
+        return ConformalCalibration.from_dict(data) if data else None
 
     @property
     def class_names(self) -> List[str]:

@@ -185,7 +185,14 @@ def _check_container(path: Path) -> None:
         raise CheckpointError("no such model file", path)
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
+    # a safetensors header's length may well start with the byte 0x80 of a pickle (1 file in 32):
+    # its JSON header, opening with "{" right after the 8 length bytes, tells them apart
+    looks_like_safetensors = (size >= 9 and head[8:9] == b"{"
+                              and struct.unpack("<Q", head[:8])[0] <= min(_MAX_HEADER_BYTES, size - 8))
+    head = head[:8]
+    if looks_like_safetensors:
+        return
     if head[:4] == _ZIP_MAGIC:
         raise CheckpointError(
             "a PyTorch zip checkpoint (torch.save), which holds pickled code; BrainAge never unpickles model "

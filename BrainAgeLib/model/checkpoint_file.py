@@ -31,7 +31,7 @@ def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional
 
     The card is the model's own ``metadata`` updated by ``metadata``, which may hold name,
     intended_use, is_demo, source, trained, training_data, metrics, bias_correction (a
-    BiasCorrection or its dict) and any other JSON-safe entries; the architecture,
+    BiasCorrection or its dict), calibration (a ConformalCalibration or its dict) and any other JSON-safe entries; the architecture,
     preprocessing, classes, versions and weights digest are filled in here.
     """
     path = Path(path)
@@ -64,11 +64,15 @@ def build_metadata(config: ModelConfig, metadata: Mapping[str, Any]) -> Dict[str
         "training_data": {},
         "metrics": {},
         "bias_correction": None,
+        "calibration": None,
     }
     card.update({k: v for k, v in metadata.items() if k not in ("config", "weights_sha256")})
     correction = card.get("bias_correction")
     if correction is not None and hasattr(correction, "to_dict"):
         card["bias_correction"] = correction.to_dict()
+    calibration = card.get("calibration")   # a ConformalCalibration (prediction intervals) or its dict
+    if calibration is not None and hasattr(calibration, "to_dict"):
+        card["calibration"] = calibration.to_dict()
     card.update(
         format_version=FORMAT_VERSION,
         library_version=__version__,

@@ -348,11 +348,20 @@ def _embedding_set(subjects, entries, cache: SliceCache, key: str):
 
 def _finish(model, groups, sets, predictions, entries, cache, config, state, result2, timings, run_dir,
             cohort_path, metadata, log):
+    from datetime import date
+
     from ..bias_correction import BiasCorrection
     from ..cohort.evaluate import compute_metrics
+    from ..conformal import ConformalCalibration
     from .baselines import cohort_volume_features, run_baselines
 
     correction = BiasCorrection.fit(sets["val"].age.numpy(), predictions["val"])
+    # prediction intervals and gap z from the same validation subjects (split conformal)
+    val_age = sets["val"].age.numpy().astype(np.float64)
+    calibration = ConformalCalibration.fit(val_age, predictions["val"], correction, source={
+        "cohort": f"validation split of {Path(cohort_path).name}", "n": int(val_age.size),
+        "age_range": [float(val_age.min()), float(val_age.max())], "date": date.today().isoformat(),
+        "how": "brainage train (validation split)"})
     test_age = sets["test"].age.numpy().astype(np.float64)
     test_pred = predictions["test"].astype(np.float64)
     test_sex = [s.sex for s in groups["test"]]
@@ -402,6 +411,7 @@ def _finish(model, groups, sets, predictions, entries, cache, config, state, res
             "skull_strip": model.config.preprocess.skull_strip,
         },
         "bias_correction": correction.to_dict(),
+        "calibration": calibration.to_dict(),
         "metrics": {"test": metrics, "baselines": baseline, "validation_mae": result2.best_val_mae},
         "training": {
             "config": config.to_dict(),
