@@ -44,6 +44,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Devices the module offers ("auto" = CUDA if present, else CPU).
 DEVICES = ("auto", "cpu", "cuda")
+#: The sex choices of the panel (its parameter node stores one of these; ``parse_sex`` reads them all).
+SEX_CHOICES = ("female", "male", "unknown")
+#: The explanation methods the panel offers (``explain.methods.METHODS``; kept here so the panel needs no torch).
+EXPLAIN_CHOICES = ("paper", "relevance")
+#: The panel's model choices, in the order listed (the published model first): label -> the registered
+#: model's name, or None for "a file or an https URL" typed in the model location field.
+MODEL_CHOICES: Dict[str, Optional[str]] = {
+    "BrainRotViT (published by its authors)": "brainrotvit",
+    "Demo (synthetic phantoms, not clinical)": "demo",
+    "Model file or https URL": None,
+}
 #: Chronological ages (years) the module accepts: the library's own (``demographics.check_age``), so the
 #: panel never offers an age a prediction refuses or refuses one it takes. The panel's 0 means "not given".
 AGE_RANGE = (0.0, MAX_AGE_YEARS)
@@ -57,7 +68,6 @@ PIP_REQUIREMENTS: Dict[str, str] = {
     "nibabel": "5.0",
     "safetensors": "0.4",
     "timm": "1.0",
-    "matplotlib": "3.6",
     "tqdm": "4.60",
     # brain extraction (BrainAgeLib.preprocess.brain_extraction) and what it imports; pip brings deepbet's
     # other requirement, customtkinter, for deepbet's GUI, which BrainAge never imports.
@@ -274,8 +284,8 @@ def check_inputs(
     """Problems with the module's inputs, one sentence each; empty when Estimate may run.
 
     ``volume_shape``: the selected volume's voxel dimensions (None when nothing is selected).
-    ``chronological_age``: years, or None when not given. ``model``: "demo", an http(s) URL or
-    the path of a model file. ``cuda_available``: None when unknown (torch not imported yet).
+    ``chronological_age``: years, or None when not given. ``model``: a registered name ("demo",
+    "brainrotvit"), an http(s) URL or the path of a model file (``model_argument``). ``cuda_available``: None when unknown (torch not imported yet).
     ``attention_output_is_input``: the volume chosen to receive the scalar attention map is the
     input itself (writing the map would replace the scan's voxels). ``components``: scalar components
     per voxel of the selected volume (``vtkImageData.GetNumberOfScalarComponents``): an RGB or vector
@@ -302,18 +312,100 @@ def check_inputs(
         except BrainAgeError:
             problems.append(f"Chronological age must be between {AGE_RANGE[0]:g} and {AGE_RANGE[1]:g} years, "
                             f"got {chronological_age}.")
+    from .registry import REGISTRY
+
     model = (model or "").strip()
     if not model:
-        problems.append("Choose a model: the bundled demo, a model file or a URL.")
+        problems.append("Choose a model: a registered one, a model file or a URL.")
     elif model.lower().startswith("http://"):
         problems.append("Model URLs must use https://.")
-    elif model != "demo" and not model.lower().startswith("https://") and not os.path.exists(model):
+    elif model not in REGISTRY and not model.lower().startswith("https://") and not os.path.exists(model):
         problems.append(f"Model file not found: {model}")
     if device not in DEVICES:
         problems.append(f"Device must be one of {', '.join(DEVICES)}, got {device!r}.")
     elif device == "cuda" and cuda_available is False:
         problems.append("CUDA was chosen but no CUDA GPU is available here; choose auto or CPU.")
     return problems
+
+
+def model_argument(choice: str, location: str = "") -> str:
+    """The ``model`` argument of the logic for a panel model choice (``MODEL_CHOICES``): the registered
+    name, or for the file/URL choice the location typed (``~`` expanded; "" when none)."""
+    if choice not in MODEL_CHOICES:
+        raise BrainAgeError(f"unknown model choice {choice!r} (choices: {', '.join(MODEL_CHOICES)})")
+    name = MODEL_CHOICES[choice]
+    if name is not None:
+        return name
+    location = (location or "").strip()
+    return location if location.lower().startswith("https://") else os.path.expanduser(location)
+
+
+def model_needs_download(model: str, cache: Optional[str] = None) -> bool:
+    """True for a registered model that is fetched on first use and is not in the cache yet."""
+    from .registry import REGISTRY, is_cached
+
+    return model in REGISTRY and not REGISTRY[model].bundled and not is_cached(model, cache)
+
+
+def model_status_html(model: str, cache: Optional[str] = None) -> str:
+    """What the panel says under the model choice: what a registered model is, whether it is downloaded
+    (and where, how big), and for the demo its warning in red. Empty for a file or URL."""
+    from .registry import REGISTRY
+
+    if model not in REGISTRY:
+        return ""
+    entry = REGISTRY[model]
+    what = html.escape(entry.description)
+    if entry.bundled:
+        return f'<span style="color:#b00000"><b>Trained on synthetic phantoms, not on real people:</b> {what}.</span>'
+    path = entry.local_path(cache)
+    if path.is_file():
+        return (f"{what}. Downloaded ({path.stat().st_size / 1e6:.0f} MB): {html.escape(str(path))}; "
+                "used offline from now on.")
+    return (f"{what}. <b>Not downloaded yet.</b> Download fetches it from {html.escape(entry.source)} once "
+            f"(the size shows as the download runs), verifies every part and imports it into "
+            f"{html.escape(str(path.parent))}; after that it works offline. Offline now? "
+            f"<code>brainage models download {html.escape(entry.name)}</code> on a computer with internet, "
+            "then copy the file to that folder.")
+
+
+def forget_library_modules(modules: Optional[Dict[str, object]] = None) -> List[str]:
+    """Drop BrainAgeLib and its submodules from ``modules`` (default ``sys.modules``) so the next import
+    reads the files again: the module's *Reload* does this before Slicer reloads BrainAge.py.
+    Returns the names dropped."""
+    modules = sys.modules if modules is None else modules
+    package = __name__.split(".")[0]
+    names = sorted(name for name in modules if name == package or name.startswith(package + "."))
+    for name in names:
+        del modules[name]
+    return names
+
+
+def offline_install_message(packages: Sequence[str], error: object) -> str:
+    """Why installing ``packages`` failed, and the offline route (a folder of wheels downloaded elsewhere)."""
+    specs = " ".join(f'"{spec}"' if ">" in spec or "<" in spec else spec for spec in packages)
+    return (f"BrainAge could not install {', '.join(packages)} ({error}). Without internet access, download "
+            f"the wheels on another computer (pip download {specs} -d WHEELS, with this Slicer's Python "
+            f"{sys.version_info[0]}.{sys.version_info[1]}), copy the WHEELS folder here and run in Slicer's Python "
+            f'console: slicer.util.pip_install("--no-index --find-links WHEELS {specs}")')
+
+
+def selftest_inference_allowed(missing: Sequence[str], torch_is_missing: bool,
+                               environ: Optional[Dict[str, str]] = None) -> Tuple[bool, str]:
+    """Whether the module's self-test runs the model: when every package is installed already, or when
+    ``BRAINAGE_SELFTEST_INSTALL=1`` allows it to install them (never on a build machine by default)."""
+    environ = os.environ if environ is None else environ
+    if not missing and not torch_is_missing:
+        return True, "all packages present"
+    if environ.get(SELFTEST_INSTALL_VARIABLE, "") == "1":
+        return True, f"{SELFTEST_INSTALL_VARIABLE}=1: missing packages will be installed"
+    absent = (["torch"] if torch_is_missing else []) + list(missing)
+    return False, (f"inference part skipped: {', '.join(absent)} not installed (set {SELFTEST_INSTALL_VARIABLE}=1 "
+                   "to let the self-test install them)")
+
+
+#: Set to 1 to let the module's self-test install BrainAge's Python packages (off: it installs nothing).
+SELFTEST_INSTALL_VARIABLE = "BRAINAGE_SELFTEST_INSTALL"
 
 
 # --- first-run dependencies -----------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from importlib.util import find_spec
 from pathlib import Path
 from typing import List, Optional
 
@@ -88,12 +89,16 @@ def run_predict(args: argparse.Namespace, progress: ProgressWriter) -> Path:
     write = progress.part(*WRITE_SPAN)
     outputs = {}
     thresholds: List[float] = []
+    figures = find_spec("matplotlib") is not None  # Slicer does not install it: no PNGs then, all else written
+    if not figures:
+        print("matplotlib is not installed: the montage and QC pictures are not drawn")
     if args.explain and result.attention is not None:
-        write(0.0, "Writing the attention map, labelmap and montage")
+        write(0.0, "Writing the attention map and labelmap" + (" and montage" if figures else ""))
         from .explain.labelmap import attention_labelmap
         from .explain.outputs import write_explanation_outputs
 
-        written = write_explanation_outputs(result, out_dir, OUTPUT_STEM, volume=volume, levels=args.levels)
+        written = write_explanation_outputs(result, out_dir, OUTPUT_STEM, volume=volume, levels=args.levels,
+                                            montage=figures)
         outputs.update({key: path.name for key, path in written.items()})
         labelmap = attention_labelmap(result, args.levels) if args.levels else attention_labelmap(result)
         thresholds = [float(t) for t in labelmap.thresholds]
@@ -103,7 +108,8 @@ def run_predict(args: argparse.Namespace, progress: ProgressWriter) -> Path:
         from .io import save_volume
 
         outputs["brain_mask"] = save_volume(result.brain_mask, out_dir / BRAIN_MASK_FILE).name
-        outputs["qc_figure"] = write_result_qc_figure(result, volume, out_dir, OUTPUT_STEM).name
+        if figures:
+            outputs["qc_figure"] = write_result_qc_figure(result, volume, out_dir, OUTPUT_STEM).name
     write(0.9, "Writing the result")
     result_path = write_json_atomic(out_dir / RESULT_FILE, {
         **result.to_dict(), "model": str(args.model), "attention_thresholds": thresholds, "outputs": outputs})

@@ -143,3 +143,14 @@ def test_names_with_spaces_become_one_token(tmp_path):
 def test_bundled_color_table_matches_the_default_levels():
     # Regenerate with: python scripts/make_color_table.py
     assert read_color_table(BUNDLED_COLOR_TABLE) == attention_colors(DEFAULT_LEVELS)
+
+
+def test_without_matplotlib_the_default_table_comes_from_the_bundled_file(monkeypatch):
+    """Inside Slicer matplotlib is not installed: the labelmap's colours are the shipped .ctbl."""
+    import sys
+
+    with_matplotlib = attention_colors(DEFAULT_LEVELS)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
+    assert attention_colors(DEFAULT_LEVELS) == with_matplotlib
+    with pytest.raises(BrainAgeError, match="needs matplotlib"):
+        attention_colors(DEFAULT_LEVELS + 2)

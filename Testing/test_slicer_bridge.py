@@ -309,10 +309,11 @@ def test_the_attention_output_may_not_be_the_input_volume():
 
 
 def test_missing_requirements_are_floors_and_never_what_slicer_bundles():
-    installed = {"nibabel": "5.0.0", "scipy": "1.10.0", "SimpleITK": "2.3.0", "matplotlib": "3.5.3", "tqdm": "4.70.1"}
+    installed = {"nibabel": "5.0.0", "scipy": "1.10.0", "SimpleITK": "2.3.0", "tqdm": "4.59.0"}
     missing = missing_requirements(installed.get)
     assert not any(spec.startswith("nibabel") for spec in missing)  # at its floor: kept, not replaced
-    assert f"matplotlib>={PIP_REQUIREMENTS['matplotlib']}" in missing  # older than its floor: upgraded
+    assert f"tqdm>={PIP_REQUIREMENTS['tqdm']}" in missing  # older than its floor: upgraded
+    assert "matplotlib" not in PIP_REQUIREMENTS  # Slicer's worker draws no PNG; the colour table ships as .ctbl
     assert f"timm>={PIP_REQUIREMENTS['timm']}" in missing
     assert all(">=" in spec and "==" not in spec for spec in missing)
     bundled = {name.lower() for name in SLICER_BUNDLED} | {"torch", "torchvision"}
@@ -388,8 +389,9 @@ def test_bridge_imports_and_checks_inputs_with_numpy_alone():
         "import sys\n"
         "for name in ('nibabel', 'torch', 'scipy', 'SimpleITK', 'matplotlib', 'timm', 'safetensors'):\n"
         "    sys.modules[name] = None\n"
-        "from BrainAgeLib.slicer_bridge import check_inputs\n"
+        "from BrainAgeLib.slicer_bridge import MODEL_CHOICES, check_inputs, model_argument, model_status_html\n"
         "assert check_inputs((64, 64, 64), 'F', 70.0, 'demo', 'auto') == []\n"
+        "assert all(model_status_html(model_argument(choice, '')) is not None for choice in MODEL_CHOICES)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -440,3 +442,73 @@ def test_the_module_flow_from_kji_arrays_to_a_labelmap_on_the_input_grid():
     assert "Predicted brain age" in text and f"{result.qc.brain_volume_ml:.0f} ml" in text
     assert (QC_NO_FLAGS in text) == (not result.qc.flags) and text.count("QC flag:") == len(result.qc.flags)
 
+
+
+# --- the panel's model choice, Reload, offline installs, the self-test --------------------------
+
+def test_model_choices_list_the_published_model_first_and_map_to_library_names(tmp_path):
+    from BrainAgeLib.registry import REGISTRY
+    from BrainAgeLib.slicer_bridge import MODEL_CHOICES, model_argument
+
+    choices = list(MODEL_CHOICES)
+    assert MODEL_CHOICES[choices[0]] == "brainrotvit" and MODEL_CHOICES[choices[1]] == "demo"
+    assert all(name is None or name in REGISTRY for name in MODEL_CHOICES.values())
+    assert model_argument(choices[0], "ignored") == "brainrotvit"
+    file_choice = next(label for label, name in MODEL_CHOICES.items() if name is None)
+    assert model_argument(file_choice, " ~/m.safetensors ") == str(Path.home() / "m.safetensors")
+    assert model_argument(file_choice, "https://example.org/~me/m.safetensors") == "https://example.org/~me/m.safetensors"
+    with pytest.raises(Exception, match="unknown model choice"):
+        model_argument("GPT", "")
+    assert check_inputs((64, 64, 64), "F", None, "brainrotvit", "auto") == []  # a registered name, not a file
+
+
+def test_model_status_says_whether_the_published_model_is_downloaded(tmp_path):
+    from BrainAgeLib.registry import REGISTRY
+    from BrainAgeLib.slicer_bridge import model_needs_download, model_status_html
+
+    assert model_needs_download("brainrotvit", str(tmp_path))
+    text = model_status_html("brainrotvit", str(tmp_path))
+    assert "Not downloaded yet" in text and "wjalal/BrainRotViT" in text and "brainage models download brainrotvit" in text
+    REGISTRY["brainrotvit"].local_path(str(tmp_path)).write_bytes(b"x" * 3_000_000)
+    assert not model_needs_download("brainrotvit", str(tmp_path))
+    text = model_status_html("brainrotvit", str(tmp_path))
+    assert "Downloaded (3 MB)" in text and str(tmp_path) in text
+    assert not model_needs_download("demo") and "synthetic phantoms" in model_status_html("demo")
+    assert "color:#b00000" in model_status_html("demo")  # the demo's warning is red
+    assert model_status_html("/models/mine.safetensors") == "" and not model_needs_download("/models/mine.safetensors")
+
+
+def test_the_explanation_choices_are_the_library_methods():
+    from BrainAgeLib.explain.methods import METHODS
+    from BrainAgeLib.slicer_bridge import EXPLAIN_CHOICES, SEX_CHOICES
+    from BrainAgeLib.sex import parse_sex
+
+    assert tuple(EXPLAIN_CHOICES) == tuple(METHODS)
+    assert [parse_sex(choice) for choice in SEX_CHOICES] == ["F", "M", "unknown"]
+
+
+def test_reload_forgets_every_brainagelib_module_and_nothing_else():
+    from BrainAgeLib.slicer_bridge import forget_library_modules
+
+    modules = {"BrainAgeLib": 1, "BrainAgeLib.io": 2, "BrainAgeLib.model.checkpoint": 3, "BrainAgeLibrary": 4,
+               "numpy": 5}
+    assert forget_library_modules(modules) == ["BrainAgeLib", "BrainAgeLib.io", "BrainAgeLib.model.checkpoint"]
+    assert modules == {"BrainAgeLibrary": 4, "numpy": 5}
+
+
+def test_offline_install_message_gives_the_wheel_folder_route():
+    from BrainAgeLib.slicer_bridge import offline_install_message
+
+    text = offline_install_message(["timm>=1.0", "psutil>=5.9"], "no network")
+    assert "no network" in text and 'pip download "timm>=1.0" "psutil>=5.9" -d WHEELS' in text
+    assert 'slicer.util.pip_install("--no-index --find-links WHEELS' in text
+
+
+def test_the_self_test_installs_nothing_unless_allowed():
+    from BrainAgeLib.slicer_bridge import SELFTEST_INSTALL_VARIABLE, selftest_inference_allowed
+
+    assert selftest_inference_allowed([], False, {}) == (True, "all packages present")
+    allowed, reason = selftest_inference_allowed(["timm>=1.0"], True, {})
+    assert not allowed and "torch, timm>=1.0 not installed" in reason and SELFTEST_INSTALL_VARIABLE in reason
+    assert selftest_inference_allowed(["timm>=1.0"], False, {SELFTEST_INSTALL_VARIABLE: "1"})[0]
+    assert not selftest_inference_allowed(["timm>=1.0"], False, {SELFTEST_INSTALL_VARIABLE: "yes"})[0]

@@ -344,3 +344,24 @@ def test_cancel_while_writing_leaves_only_complete_files(tmp_path):
             json.loads(path.read_text())
         elif path.suffix == ".ctbl":
             assert path.read_text().endswith("\n")
+
+
+@pytest.mark.slow
+def test_worker_without_matplotlib_writes_everything_slicer_loads(tmp_path, monkeypatch, capsys):
+    """Slicer does not install matplotlib: the worker still writes the map, the labelmap with the bundled
+    colours and the mask, leaves out only the two PNGs, and says so."""
+    from BrainAgeLib import slicer_worker
+    from BrainAgeLib.explain.labelmap import DEFAULT_LEVELS, attention_colors
+
+    colors = attention_colors(DEFAULT_LEVELS)
+    shutil.copy(SAMPLE, tmp_path / INPUT_FILE)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    command = worker_command(sys.executable, tmp_path / INPUT_FILE, tmp_path, "F", 67.0, "demo", "cpu",
+                             levels=DEFAULT_LEVELS)
+    assert slicer_worker.main(command[3:]) == 0
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    outputs = read_worker_outputs(tmp_path)
+    assert {"attention", "labelmap", "color_table", "brain_mask"} <= set(outputs.paths)
+    assert not {"montage", "qc_figure"} & set(outputs.paths) and not list(tmp_path.glob("*.png"))
+    result, labelmap = load_worker_result(tmp_path)
+    assert labelmap.colors == colors and int(np.asarray(labelmap.volume.array).max()) == DEFAULT_LEVELS

@@ -35,6 +35,8 @@ ColorEntry = Tuple[int, str, Tuple[int, int, int, int]]
 
 DEFAULT_LEVELS = 10
 DEFAULT_COLORMAP = "inferno"
+#: the bundled colour table of the default labelmap, under Resources/ColorTables
+BUNDLED_COLOR_TABLE = "BrainAgeAttention.ctbl"
 MAX_LEVELS = 255  # labels are stored as uint8
 # Part of the colormap used for levels 1..N: inferno starts near black, invisible over a T1.
 COLORMAP_RANGE = (0.15, 1.0)
@@ -105,9 +107,19 @@ def attention_colors(levels: int = DEFAULT_LEVELS, colormap: str = DEFAULT_COLOR
     """The colour table of an attention labelmap: background + ``levels`` colormap samples.
 
     Names say which share of brain voxels a level holds, e.g. ``Attention_90-100pct`` for the
-    top decile (percentiles of brain voxels ranked by attention).
+    top decile (percentiles of brain voxels ranked by attention). Without matplotlib (inside
+    3D Slicer, which does not install it), the default table is read from the bundled ``.ctbl``
+    (``scripts/make_color_table.py`` writes it from this function; a test keeps them equal).
     """
-    from matplotlib import colormaps  # lazy: matplotlib is only needed for colours
+    try:
+        from matplotlib import colormaps  # lazy: matplotlib is only needed for colours
+    except ModuleNotFoundError:
+        if (int(levels), colormap) == (DEFAULT_LEVELS, DEFAULT_COLORMAP):
+            from ..resources import resource_path
+
+            return read_color_table(resource_path("ColorTables", BUNDLED_COLOR_TABLE))
+        raise BrainAgeError(f"an attention colour table other than the bundled one ({DEFAULT_LEVELS} levels, "
+                            f"{DEFAULT_COLORMAP}) needs matplotlib: pip install matplotlib") from None
 
     cmap = colormaps[colormap]
     levels = int(levels)

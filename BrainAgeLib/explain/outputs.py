@@ -58,7 +58,8 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
                               write_map: bool = True,
                               input_path: Optional[PathLike] = None,
                               model_weights_sha256: Optional[str] = None,
-                              brain_mask: Optional[np.ndarray] = None) -> Dict[str, Path]:
+                              brain_mask: Optional[np.ndarray] = None,
+                              montage: bool = True) -> Dict[str, Path]:
     """Write the explanation files of one ``Result`` (see the module docstring); returns their paths.
 
     ``volume`` is the input image the map lies on (the montage's background; without it the
@@ -72,6 +73,7 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
     the sidecar so that cohort maps name the exact model. ``brain_mask`` (bool, on the input's
     grid): the brain as preprocessing found it, for the montage's framing (default: the result's
     ``brain_mask``, else where the map is non-zero).
+    ``montage=False`` skips the PNG (the one file that needs matplotlib; Slicer's worker without it).
     Raises ``BrainAgeError`` when the result has no attention map or the folder is missing.
     """
     attention = getattr(result, "attention", None)
@@ -95,7 +97,10 @@ def write_explanation_outputs(result: Any, out_dir: PathLike, stem: str, fmt: st
     write_color_table(labelmap.colors, paths["color_table"])
     if brain_mask is None and getattr(result, "brain_mask", None) is not None:
         brain_mask = np.asarray(result.brain_mask.array) > 0
-    write_montage(result, paths["montage"], volume=volume, brain_mask=brain_mask)
+    if montage:
+        write_montage(result, paths["montage"], volume=volume, brain_mask=brain_mask)
+    else:
+        del paths["montage"]
     if input_to_template is None:
         input_to_template = getattr(result, "input_to_template", None)
     write_sidecar(result, paths["sidecar"], attention_file=paths["attention"].name,
