@@ -169,7 +169,8 @@ def color_table_rows(colors: Sequence["ColorEntry"]) -> Tuple[int, List[Tuple[in
 # --- the results panel ----------------------------------------------------------------------
 
 def result_text(result: "Result") -> str:
-    """The results panel as HTML: ages and gaps (years), the model and what it is meant for,
+    """The results panel as HTML: ages and gaps (years), the prediction interval and gap z
+    (``Result.interval_text``, ``gap_z``), the model and what it is meant for,
     the quality control of the input (``qc_html``) and the prediction's warnings.
 
     The demo model's disclaimer (synthetic training data, not for clinical use) is shown in
@@ -177,7 +178,7 @@ def result_text(result: "Result") -> str:
     """
     from .result import DEMO_DISCLAIMER
 
-    rows: List[Tuple[str, str]] = [("Predicted brain age", _years(result.predicted_age))]
+    rows: List[Tuple[str, str]] = [("Predicted brain age", result.interval_text)]
     if result.chronological_age is None:
         rows.append(("Brain-age gap (BAG)", "enter the chronological age to compute it"))
     else:
@@ -187,6 +188,9 @@ def result_text(result: "Result") -> str:
         rows.append(("Bias-corrected BAG",
                      _years(corrected, signed=True) if corrected is not None
                      else "not available (the model has no bias-correction coefficients)"))
+        if result.gap_z is not None:
+            rows.append(("Gap z (reference SDs)", f"{result.gap_z:+.2f}"
+                         + (" — beyond 1 SD: extreme (the paper's criterion)" if result.extreme_gap else "")))
     sex = "unknown (mean of the female and male predictions)" if result.sex_was_unknown else result.sex
     rows.append(("Sex", sex))
     rows.append(("Model", result.model_name or "(unnamed)"))

@@ -294,7 +294,9 @@ def load_worker_result(out_dir: PathLike) -> Tuple["Result", Optional["Attention
         model_name=str(data.get("model_name", "")), model_intended_use=str(data.get("model_intended_use", "")),
         model_is_demo=bool(data.get("model_is_demo", False)), warnings=[str(w) for w in data.get("warnings") or []],
         qc=quality_control_from_dict(data.get("qc") or {}),
-        model_weights_sha256=str(data.get("model_weights_sha256") or ""), explain_method=data.get("explain_method"))
+        model_weights_sha256=str(data.get("model_weights_sha256") or ""), explain_method=data.get("explain_method"),
+        interval=tuple(float(v) for v in data["interval"]) if data.get("interval") else None,
+        interval_level=number("interval_level"), gap_z=number("gap_z"))
     if "attention" in paths:
         result.attention = read_volume_file(paths["attention"])
     if "brain_mask" in paths:

@@ -138,3 +138,14 @@ def test_cli_refuses_too_few_controls_naming_the_file(controls, tmp_path):
     assert done.returncode == 2
     assert f"{few}: 12 control subjects with an age, at least 20" in done.stderr
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x_calibration").exists()
+
+
+def test_slicer_results_text_shows_the_interval_and_gap_z_or_says_not_calibrated():
+    from BrainAgeLib.result import Result
+    from BrainAgeLib.slicer_bridge import result_text
+
+    calibrated = Result(predicted_age=67.23, chronological_age=60.0, brain_age_gap=7.23, corrected_brain_age_gap=6.5,
+                        interval=(61.41, 73.05), interval_level=0.9, gap_z=1.4)
+    text = result_text(calibrated)
+    assert "67.2 years (90% interval 61.4\u201373.0)" in text and "+1.40" in text and "extreme" in text
+    assert NOT_CALIBRATED in result_text(Result(predicted_age=50.0))
