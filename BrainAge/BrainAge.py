@@ -18,11 +18,14 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import Annotated
 
 import qt
 import vtk
 
 import slicer
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -30,16 +33,19 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
-# Installed, BrainAgeLib sits beside this file; in a source checkout it is one folder up.
+# Installed, BrainAgeLib sits beside this file; in a source checkout it is one folder up. Appended once.
 _moduleDir = os.path.dirname(os.path.abspath(__file__))
-if not os.path.isdir(os.path.join(_moduleDir, "BrainAgeLib")):
-    sys.path.insert(0, os.path.dirname(_moduleDir))
+_libraryParent = _moduleDir if os.path.isdir(os.path.join(_moduleDir, "BrainAgeLib")) else os.path.dirname(_moduleDir)
+if _libraryParent not in sys.path:
+    sys.path.append(_libraryParent)
 
-SEX_CODES = ("F", "M", "unknown")  # the order of the sex combo box items
+from BrainAgeLib.slicer_bridge import AGE_RANGE, DEVICES, EXPLAIN_CHOICES, MODEL_CHOICES, SEX_CHOICES  # noqa: E402 (numpy only)
+
 POLL_INTERVAL_MS = 100  # how often the GUI reads the worker process's progress lines
 ATTENTION_LEVELS = 10
 COLOR_TABLE_NAME = "BrainAgeAttention"
 BRAIN_MASK_SUFFIX = " brain mask"  # the brain mask labelmap is named "<input> brain mask"
+CONTRIBUTORS = ["BrainAge developers (BrainAge project)"]  # = EXTENSION_CONTRIBUTORS in ../CMakeLists.txt
 PYTORCH_EXTENSION_MISSING = (
     "BrainAge needs the PyTorch extension to install torch. Install 'PyTorch' from the "
     "Extensions Manager, restart Slicer, and try again.")
@@ -51,7 +57,7 @@ class BrainAge(ScriptedLoadableModule):
         self.parent.title = "Brain Age"
         self.parent.categories = ["Quantification"]
         self.parent.dependencies = []
-        self.parent.contributors = ["BrainAge developers"]
+        self.parent.contributors = CONTRIBUTORS
         self.parent.helpText = """
 Estimates the <b>brain age</b> of one 3D T1-weighted MRI with the two-stage BrainRotViT model, and
 shows where the model looked as an attention labelmap over the scan (10 = the tenth of brain voxels
@@ -73,6 +79,24 @@ SlicerMONAIAuto3DSeg.
 """
 
 
+@parameterNodeWrapper
+class BrainAgeParameterNode:
+    """The panel's inputs and outputs, saved with the scene. logic.process() writes its inputs here, so a
+    call from the Python console shows in the GUI. Choices are BrainAgeLib.slicer_bridge's."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    sex: Annotated[str, Choice(SEX_CHOICES)] = "unknown"
+    chronologicalAge: Annotated[float, WithinRange(*AGE_RANGE)] = 0.0  # 0 = not given
+    modelChoice: Annotated[str, Choice(list(MODEL_CHOICES))] = next(iter(MODEL_CHOICES))
+    modelLocation: str = ""  # the file or https URL of the "file or URL" choice
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    explainMethod: Annotated[str, Choice(EXPLAIN_CHOICES)] = "paper"
+    outputLabelmap: vtkMRMLLabelMapVolumeNode
+    outputAttention: vtkMRMLScalarVolumeNode
+    opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    showBrainMask: bool = False
+
+
 class BrainAgeWidget(ScriptedLoadableModuleWidget):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -83,58 +107,113 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
 
         self.logic = BrainAgeLogic()
         self.logic.logCallback = self.showStatus
-        self.job = None  # the WorkerMonitor of the estimate running in the background
+        self.job = None  # the WorkerMonitor of the estimate or download running in the background
         self.shownLabelmaps = (None, None)  # (attention labelmap, brain mask) of the last result
-        self.starting = False  # True while onEstimate installs packages/starts the worker
-        from BrainAgeLib.slicer_bridge import AGE_RANGE
+        self.lastResult = None
+        self.starting = False  # True while packages install / the worker starts
+        self._parameterNode = self._parameterNodeGuiTag = self._parameterObserver = None
 
-        self.ui.chronologicalAgeSpinBox.maximum = AGE_RANGE[1]  # the library's limit (0 = not given)
-
-        for selector in (self.ui.inputVolumeSelector, self.ui.outputAttentionSelector):
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateEstimateButton)
-        for comboBox in (self.ui.sexComboBox, self.ui.modelSourceComboBox, self.ui.deviceComboBox,
-                         self.ui.explainMethodComboBox):
-            comboBox.connect("currentIndexChanged(int)", self.updateEstimateButton)
-        self.ui.chronologicalAgeSpinBox.connect("valueChanged(double)", self.updateEstimateButton)
-        self.ui.modelLocationLineEdit.connect("textChanged(QString)", self.updateEstimateButton)
+        self.ui.modelLocationPathLineEdit.connect("currentPathChanged(QString)", self.onModelLocationChanged)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.showBrainMaskCheckBox.connect("toggled(bool)", self.onShowBrainMask)
         self.ui.estimateButton.connect("clicked(bool)", self.onEstimate)
+        self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.sceneObservers = [slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose),
+                               slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)]
         self.setRunning(False)
+        self.initializeParameterNode()
 
     def cleanup(self):
         if self.job:  # the worker must not outlive the panel: stop it and clean up while the widgets exist
             self.job.cancel()
             self.job.poll_until_finished(0.05)
+        for tag in self.sceneObservers:
+            slicer.mrmlScene.RemoveObserver(tag)
+        self.setParameterNode(None)
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onReload(self):
+        """Reload BrainAgeLib too: Slicer's Reload re-reads only this file."""
+        from BrainAgeLib.slicer_bridge import forget_library_modules
+
+        self.cleanup()
+        forget_library_modules()
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    def initializeParameterNode(self):
+        parameters = self.logic.getParameterNode()
+        if not parameters.inputVolume:
+            parameters.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self.setParameterNode(parameters)
+
+    def setParameterNode(self, parameters):
+        """Connect the panel to a parameter node (None: disconnect)."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNode.RemoveObserver(self._parameterObserver)
+        self._parameterNode = parameters
+        if parameters:
+            self._parameterNodeGuiTag = parameters.connectGui(self.ui)
+            self._parameterObserver = parameters.AddObserver(vtk.vtkCommand.ModifiedEvent, self.updateEstimateButton)
+            self.updateEstimateButton()
 
     def inputs(self):
-        """The form as the arguments of BrainAgeLogic.process."""
-        age = self.ui.chronologicalAgeSpinBox.value
-        modelChoice = self.ui.modelSourceComboBox.currentIndex
+        """The form (the parameter node) as the arguments of BrainAgeLogic.process."""
+        from BrainAgeLib.slicer_bridge import model_argument
+
+        parameters = self._parameterNode
+        age = parameters.chronologicalAge
         return {
-            "inputVolumeNode": self.ui.inputVolumeSelector.currentNode(),
-            "sex": SEX_CODES[max(self.ui.sexComboBox.currentIndex, 0)],
+            "inputVolumeNode": parameters.inputVolume,
+            "sex": parameters.sex,
             "chronologicalAge": age if age > 0 else None,  # 0 shows as "(not given)"
-            "model": "demo" if modelChoice == 0 else os.path.expanduser(self.ui.modelLocationLineEdit.text.strip()),
-            "device": self.ui.deviceComboBox.currentText,
-            "explainMethod": self.ui.explainMethodComboBox.currentText,
+            "model": model_argument(parameters.modelChoice, parameters.modelLocation),
+            "device": parameters.device,
+            "explainMethod": parameters.explainMethod,
         }
 
-    def updateEstimateButton(self, *unused):
-        from BrainAgeLib.slicer_bridge import check_inputs
+    def onModelLocationChanged(self, path):
+        if self._parameterNode and self._parameterNode.modelLocation != path:
+            self._parameterNode.modelLocation = path
 
-        inputs = self.inputs()
-        self.ui.modelLocationLineEdit.enabled = self.ui.modelSourceComboBox.currentIndex != 0
+    def updateEstimateButton(self, *unused):
+        from BrainAgeLib.slicer_bridge import check_inputs, model_needs_download, model_status_html
+
+        if self._parameterNode is None:
+            return
+        inputs, parameters = self.inputs(), self._parameterNode
+        if self.ui.modelLocationPathLineEdit.currentPath != parameters.modelLocation:
+            self.ui.modelLocationPathLineEdit.currentPath = parameters.modelLocation
+        self.ui.modelLocationPathLineEdit.enabled = MODEL_CHOICES[parameters.modelChoice] is None
+        self.ui.modelStatusLabel.text = model_status_html(inputs["model"])
+        needsDownload = model_needs_download(inputs["model"])
+        idle = self.job is None and not self.starting
+        self.ui.downloadModelButton.visible = needsDownload
+        self.ui.downloadModelButton.enabled = needsDownload and idle
         node = inputs["inputVolumeNode"]
         imageData = node.GetImageData() if node else None
-        attentionNode = self.ui.outputAttentionSelector.currentNode()
+        attentionNode = parameters.outputAttention
         problems = check_inputs(
             imageData.GetDimensions() if imageData else None, inputs["sex"], inputs["chronologicalAge"],
             inputs["model"], inputs["device"], self.logic.cudaAvailable(),
             attention_output_is_input=node is not None and attentionNode is not None and attentionNode.GetID() == node.GetID(),
             components=imageData.GetNumberOfScalarComponents() if imageData else 1)
-        self.ui.estimateButton.enabled = not problems and self.job is None and not self.starting
+        if needsDownload:
+            problems.append("Download the model first (Download model), or choose another model.")
+        self.ui.estimateButton.enabled = not problems and idle
         self.ui.estimateButton.toolTip = "\n".join(problems) or "Estimate the brain age of the selected volume."
         if self.job is None:
             self.showStatus(" ".join(problems))
@@ -149,30 +228,39 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.ui.progressBar.value = 0
         self.updateEstimateButton()
 
-    def onEstimate(self):
+    def startJob(self, start):
+        """Run start() (it installs what is missing, then returns the WorkerMonitor of a background job)."""
         if self.starting or self.job is not None:
             return  # pip output processes events while installing: a second click lands here
-        self.ui.resultsTextBrowser.setHtml("")
         self.starting = True
-        self.ui.estimateButton.enabled = False
+        self.updateEstimateButton()
         try:
-            with slicer.util.tryWithErrorDisplay("Could not start the brain age estimate.", waitCursor=True):
+            with slicer.util.tryWithErrorDisplay("Could not start BrainAge's background process.", waitCursor=True):
                 self.logic.setupPythonRequirements()
-                self.job = self.logic.process(
-                    **self.inputs(), outputLabelmapNode=self.ui.outputLabelmapSelector.currentNode(),
-                    outputAttentionVolumeNode=self.ui.outputAttentionSelector.currentNode(),
-                    opacity=self.ui.opacitySliderWidget.value, showBrainMask=self.ui.showBrainMaskCheckBox.checked,
-                    progress=self.onProgress, waitForCompletion=False, completedCallback=self.onEstimateDone)
+                self.job = start()
                 self.setRunning(True)
         finally:
             self.starting = False
             self.updateEstimateButton()
 
+    def onEstimate(self):
+        self.ui.resultsTextBrowser.setHtml("")
+        self.lastResult = None
+        parameters = self._parameterNode
+        self.startJob(lambda: self.logic.process(
+            **self.inputs(), outputLabelmapNode=parameters.outputLabelmap, outputAttentionVolumeNode=parameters.outputAttention,
+            opacity=parameters.opacity, showBrainMask=parameters.showBrainMask, progress=self.onProgress,
+            waitForCompletion=False, completedCallback=self.onEstimateDone))
+
+    def onDownloadModel(self):
+        self.startJob(lambda: self.logic.downloadModel(self.inputs()["model"], progress=self.onProgress,
+                                                       waitForCompletion=False, completedCallback=self.onDownloadDone))
+
     def onCancel(self):
         if self.job:
             self.ui.cancelButton.enabled = False
             self.showStatus("Cancelling...")
-            with slicer.util.tryWithErrorDisplay("Could not stop the brain age estimate."):
+            with slicer.util.tryWithErrorDisplay("Could not stop BrainAge's background process."):
                 self.job.cancel()
 
     def onProgress(self, fraction, message):
@@ -180,26 +268,45 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         if self.job is None or not self.job.cancelled:
             self.showStatus(message)
 
+    def endJob(self):
+        """The background job ended: True when it was cancelled."""
+        cancelled = self.job is not None and self.job.cancelled
+        self.job = None
+        self.setRunning(False)
+        return cancelled
+
+    def onDownloadDone(self, error):
+        if self.endJob():
+            self.showStatus("Download cancelled; the next one resumes where it stopped.")
+        elif error:
+            self.showStatus("The model could not be downloaded.")
+            slicer.util.errorDisplay("The model could not be downloaded.\n\n" + error)
+        else:
+            self.showStatus("Model downloaded: it is used offline from now on.")
+        self.updateEstimateButton()
+
     def onEstimateDone(self, result, shownLabelmaps, error):
         """The background estimate ended: result and labelmaps shown, or why not (error)."""
         from BrainAgeLib.slicer_bridge import result_text
 
-        cancelled = self.job is not None and self.job.cancelled
-        self.job = None
-        self.setRunning(False)
-        if cancelled:
+        if self.endJob():
             self.showStatus("Cancelled.")
         elif error:
             self.showStatus("Brain age estimation failed.")
             slicer.util.errorDisplay("Brain age estimation failed.\n\n" + error)
         else:
-            self.shownLabelmaps = shownLabelmaps
-            self.ui.outputLabelmapSelector.setCurrentNode(shownLabelmaps[0])
+            self.shownLabelmaps, self.lastResult = shownLabelmaps, result
+            self._parameterNode.outputLabelmap = shownLabelmaps[0]
             self.ui.resultsTextBrowser.setHtml(result_text(result))
             self.showStatus(f"Done in {result.timings.get('total', 0.0):.1f} s.")
+            self.updateEstimateButton()
 
     def onOpacityChanged(self, opacity):
-        slicer.util.setSliceViewerLayers(labelOpacity=opacity)
+        """The slider sets the label layer's opacity only in views whose label layer is a BrainAge labelmap."""
+        ours = {node.GetID() for node in self.shownLabelmaps if node is not None and slicer.mrmlScene.IsNodePresent(node)}
+        for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
+            if composite.GetLabelVolumeID() in ours:
+                composite.SetLabelOpacity(opacity)
 
     def onShowBrainMask(self, show):
         from BrainAgeLib.slicer_bridge import label_layer_node
@@ -222,6 +329,22 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         logging.info(text)
         if self.logCallback:
             self.logCallback(text)
+
+    def getParameterNode(self):
+        return BrainAgeParameterNode(super().getParameterNode())
+
+    def showInputs(self, inputVolumeNode, sex, chronologicalAge, model, device, explainMethod):
+        """Write a call's inputs to the parameter node, so that the panel shows what ran."""
+        from BrainAgeLib.slicer_bridge import panel_values
+
+        parameters = self.getParameterNode()
+        wasModifying = parameters.StartModify()
+        try:
+            parameters.inputVolume, parameters.device, parameters.explainMethod = inputVolumeNode, device, explainMethod
+            for name, value in panel_values(sex, chronologicalAge, model).items():
+                setattr(parameters, name, value)
+        finally:
+            parameters.EndModify(wasModifying)
 
     def setupPythonRequirements(self, askConfirmation=True):
         """Install what is missing, after one confirmation: torch through PyTorchUtils, the rest through pip
@@ -254,8 +377,13 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
                         askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
                     raise RuntimeError("PyTorch could not be installed. " + PYTORCH_EXTENSION_MISSING)
             if missing:
+                from BrainAgeLib.slicer_bridge import offline_install_message
+
                 self.log("Installing " + ", ".join(missing) + "...")
-                slicer.util.pip_install(" ".join(missing))
+                try:
+                    slicer.util.pip_install(" ".join(missing))
+                except Exception as error:  # no internet, a proxy, a full disk: say what to do instead
+                    raise RuntimeError(offline_install_message(missing, error)) from error
         self._requirementsReady = True
 
     def cudaAvailable(self):
@@ -280,14 +408,14 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
                     raise RuntimeError(f"Could not download the model {model}")
         return source
 
-    def loadModel(self, model="demo"):
-        """A BrainAge model by name ("demo"), file path, or https URL (downloaded once)."""
+    def loadModel(self, model="demo", progress=None):
+        """A BrainAge model by registered name (fetched on first use, with progress), file path, or https URL."""
         from BrainAgeLib.model.checkpoint import load_model
 
         if model not in self._models:
             source = self.modelFile(model)
             self.log(f"Loading model {model}...")
-            self._models[model] = load_model(source)
+            self._models[model] = load_model(source, progress=progress)
         return self._models[model]
 
     def volumeFromNode(self, volumeNode):
@@ -315,7 +443,8 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
                 completedCallback=None, opacity=0.6, showBrainMask=False, explainMethod="paper"):
         """Estimate brain age of a volume node and show the attention labelmap over it.
 
-        sex: "F", "M" or "unknown"; chronologicalAge: years or None; explainMethod: "paper" or
+        sex: "F", "M", "female", "male" or "unknown"; chronologicalAge: years or None; model: a registered name
+        ("brainrotvit", fetched on first use; "demo"), a file or an https URL; explainMethod: "paper" or
         "relevance" (BrainAgeLib.explain.methods). A new labelmap node "<input> attention (<method>)" is made
         when outputLabelmapNode is None; outputAttentionVolumeNode, when given, receives the scalar
         attention map; the brain mask goes to the labelmap "<input> brain mask". progress(fraction,
@@ -327,6 +456,8 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         """
         if not inputVolumeNode:
             raise ValueError("No input volume")
+        if device in DEVICES and explainMethod in EXPLAIN_CHOICES:
+            self.showInputs(inputVolumeNode, sex, chronologicalAge, model, device, explainMethod)
         self.setupPythonRequirements()
         volume = self.volumeFromNode(inputVolumeNode)
         show = lambda result, labelmap=None: self.showResult(  # noqa: E731
@@ -336,7 +467,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
                                       completedCallback, explainMethod)
         from BrainAgeLib.inference import predict  # torch enters Slicer's process only on this blocking path
 
-        result = predict(self.loadModel(model), volume, sex, age=chronologicalAge, explain=explainMethod, device=device,
+        result = predict(self.loadModel(model, progress), volume, sex, age=chronologicalAge, explain=explainMethod, device=device,
                          progress=progress)
         show(result)
         self.log(result.summary())
@@ -375,6 +506,19 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
                 completedCallback(result, shown, error)
 
         return self.runWorker(command, progress, finished)
+
+    def downloadModel(self, model="brainrotvit", progress=None, waitForCompletion=True, completedCallback=None):
+        """Fetch a registered model (the published BrainRotViT) into BrainAge's cache in a background process,
+        with progress(fraction, message); a cancelled download resumes next time. Blocking: raises RuntimeError
+        when it failed. With waitForCompletion=False returns the WorkerMonitor; completedCallback(error or None)."""
+        from BrainAgeLib.worker_protocol import download_command, worker_python
+
+        self.setupPythonRequirements()
+        monitor = self.runWorker(download_command(worker_python(), model), progress,
+                                 completedCallback and (lambda job: completedCallback(job.failure())), waitForCompletion)
+        if waitForCompletion and monitor.failure():
+            raise RuntimeError(f"BrainAge could not download {model}: " + monitor.failure())
+        return monitor
 
     def processFiles(self, pathsOrCohortCsv, outputDir, model="demo", explain=False, device="auto", progress=None,
                      waitForCompletion=True, completedCallback=None):
@@ -477,9 +621,35 @@ class BrainAgeTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        """The panel and parameter node always; the model (blocking and in the background process) only when
+        BrainAge's packages are installed already or BRAINAGE_SELFTEST_INSTALL=1: a build machine installs nothing."""
+        from BrainAgeLib.slicer_bridge import installed_version, missing_requirements, selftest_inference_allowed, torch_missing
+
         self.setUp()
-        self.test_phantom_head()
-        self.test_background_worker()
+        self.test_console_call_shows_in_the_panel()
+        allowed, reason = selftest_inference_allowed(missing_requirements(installed_version), torch_missing(installed_version))
+        self.delayDisplay(f"BrainAge self-test: {reason}")
+        if allowed:
+            self.test_phantom_head()
+            self.test_background_worker()
+
+    def test_console_call_shows_in_the_panel(self):
+        from BrainAgeLib.slicer_bridge import kji_from_volume, phantom_head
+
+        slicer.util.selectModule("BrainAge")
+        widget = slicer.util.getModuleWidget("BrainAge")
+        arrayKji, ijkToRas = kji_from_volume(phantom_head(use_template=False))
+        inputNode = slicer.util.addVolumeFromArray(arrayKji, ijkToRAS=ijkToRas, name="BrainAgePanelPhantom")
+        widget.logic.showInputs(inputNode, "M", 63.5, "demo", "cpu", "relevance")  # what process() does first
+        self.assertEqual(widget.ui.inputVolumeSelector.currentNode(), inputNode)
+        self.assertEqual(widget.ui.sexComboBox.currentText, "male")
+        self.assertAlmostEqual(widget.ui.chronologicalAgeSpinBox.value, 63.5)
+        self.assertEqual(widget.ui.deviceComboBox.currentText, "cpu")
+        self.assertEqual(widget.ui.explainMethodComboBox.currentText, "relevance")
+        self.assertEqual(widget.inputs()["model"], "demo")
+        self.assertTrue(widget.ui.estimateButton.enabled)
+        widget.ui.sexComboBox.currentIndex = 0  # and the GUI writes the parameter node
+        self.assertEqual(widget.logic.getParameterNode().sex, "female")
 
     def test_phantom_head(self):
         import math

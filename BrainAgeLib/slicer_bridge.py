@@ -344,6 +344,18 @@ def model_argument(choice: str, location: str = "") -> str:
     return location if location.lower().startswith("https://") else os.path.expanduser(location)
 
 
+def panel_values(sex: Optional[str], chronological_age: Optional[float], model: str) -> Dict[str, object]:
+    """The parameter-node values that show a logic call's inputs in the panel (the inverse of
+    ``model_argument``): a console call to ``process`` shows in the GUI."""
+    choice = next((label for label, name in MODEL_CHOICES.items() if name == model), None)
+    location = ""
+    if choice is None:  # a file, a URL, or a model registered by the user: typed in the location field
+        choice, location = next(label for label, name in MODEL_CHOICES.items() if name is None), str(model)
+    return {"sex": SEX_CHOICES[("F", "M", "unknown").index(parse_sex(sex))],
+            "chronologicalAge": 0.0 if chronological_age is None else float(chronological_age),  # 0: not given
+            "modelChoice": choice, "modelLocation": location}
+
+
 def model_needs_download(model: str, cache: Optional[str] = None) -> bool:
     """True for a registered model that is fetched on first use and is not in the cache yet."""
     from .registry import REGISTRY, is_cached

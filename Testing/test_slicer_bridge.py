@@ -512,3 +512,14 @@ def test_the_self_test_installs_nothing_unless_allowed():
     assert not allowed and "torch, timm>=1.0 not installed" in reason and SELFTEST_INSTALL_VARIABLE in reason
     assert selftest_inference_allowed(["timm>=1.0"], False, {SELFTEST_INSTALL_VARIABLE: "1"})[0]
     assert not selftest_inference_allowed(["timm>=1.0"], False, {SELFTEST_INSTALL_VARIABLE: "yes"})[0]
+
+
+def test_panel_values_are_the_inverse_of_model_argument():
+    from BrainAgeLib.slicer_bridge import MODEL_CHOICES, model_argument, panel_values
+
+    for model in ("brainrotvit", "demo", "/models/mine.safetensors", "https://example.org/m.safetensors"):
+        values = panel_values("F", 63.5, model)
+        assert model_argument(values["modelChoice"], values["modelLocation"]) == model
+    assert panel_values("m", None, "demo") == {"sex": "male", "chronologicalAge": 0.0,
+                                               "modelChoice": list(MODEL_CHOICES)[1], "modelLocation": ""}
+    assert panel_values(None, 40, "demo")["sex"] == "unknown"

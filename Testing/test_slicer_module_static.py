@@ -38,13 +38,28 @@ SHARED_API = REPO.parent / "shared" / "slicer-api"
 COPIED_API = REPO / "Testing" / "slicer-api"
 API_FILES = ("slicer_util_functions.txt", "scripted_loadable_module_methods.txt",
              "mrml_methods.txt", "pytorchutils_logic.txt")
-MAX_MODULE_LINES = 580  # four classes, everything computable lives in BrainAgeLib (the worker: worker_protocol)
+#: The four classes of the template and the parameter node; everything computable lives in BrainAgeLib
+#: (the worker: worker_protocol; the panel's choices and texts: slicer_bridge).
+MAX_MODULE_LINES = 760
 #: CamelCase methods BrainAge.py calls on VTK objects that are not MRML nodes, and on what.
 NON_MRML_METHODS = {
     "GetDimensions": "vtkImageData, from volumeNode.GetImageData()",
     "GetNumberOfScalarComponents": "vtkImageData, from volumeNode.GetImageData()",
     "SetTableRange": "vtkLookupTable, from colorNode.GetLookupTable()",
+    "AddObserver": "vtkObject's, on slicer.mrmlScene and on the parameter node (parameterNodeWrapper.AddObserver)",
+    "RemoveObserver": "vtkObject's, on slicer.mrmlScene and on the parameter node (parameterNodeWrapper.RemoveObserver)",
 }
+#: MRML methods of classes the lists leave out (they cover the volume, display, colour and scene classes).
+UNLISTED_MRML_METHODS = {
+    "GetLabelVolumeID": "vtkMRMLSliceCompositeNode (Libs/MRML/Core/vtkMRMLSliceCompositeNode.h)",
+    "SetLabelOpacity": "vtkMRMLSliceCompositeNode (Libs/MRML/Core/vtkMRMLSliceCompositeNode.h)",
+}
+#: Methods BrainAge.py calls on its parameter node, each a ``parameterNodeWrapper.X`` member.
+PARAMETER_NODE_METHODS = {"connectGui", "disconnectGui", "StartModify", "EndModify", "AddObserver", "RemoveObserver"}
+#: Slicer releases whose API lists the module is checked against: the newest (the lists' top folder) and the
+#: oldest supported, 5.10 (``v5.10.0/``; BrainAgeLib.slicer_bridge.OLDEST_SLICER).
+RELEASES = ("newest", "v5.10.0")
+CATALOG_SCHEMA = REPO / "Testing" / "schemas" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
 #: ``slicer.<name>`` attributes BrainAge.py may use (the lists cover slicer.util only).
 SLICER_TOP_LEVEL = {"util", "mrmlScene"}
 #: Files under Resources/ that are documentation, not runtime resources.
@@ -53,8 +68,12 @@ UNINSTALLED_RESOURCE_FOLDERS = {"Screenshots"}
 
 # --- helpers ------------------------------------------------------------------------------
 
-def api_names(file_name: str) -> List[str]:
+def api_names(file_name: str, release: str = "newest") -> List[str]:
     folder = SHARED_API if SHARED_API.is_dir() else COPIED_API
+    if release != "newest":
+        folder = folder / release
+    if not (folder / file_name).is_file():
+        pytest.skip(f"no {release} list {file_name} in {folder}")
     return [line.strip() for line in (folder / file_name).read_text().splitlines() if line.strip()]
 
 
@@ -162,13 +181,16 @@ def test_no_undefined_or_unused_names_in_the_module_library_scripts_or_tests():
 def test_api_copies_match_the_shared_lists():
     if not SHARED_API.is_dir():
         pytest.skip("../shared/slicer-api is not beside this checkout; the committed copies are used")
-    for name in API_FILES:
-        assert (COPIED_API / name).read_text() == (SHARED_API / name).read_text(), (
+    shared = [path.relative_to(SHARED_API) for path in SHARED_API.rglob("*.txt")]
+    assert {str(name) for name in shared} >= set(API_FILES)
+    for name in shared:
+        assert (COPIED_API / name).is_file() and (COPIED_API / name).read_text() == (SHARED_API / name).read_text(), (
             f"Testing/slicer-api/{name} differs from ../shared/slicer-api/{name}; copy it again")
 
 
-def test_only_listed_slicer_util_functions_are_used(tree, source_lines):
-    listed = set(api_names("slicer_util_functions.txt"))
+@pytest.mark.parametrize("release", RELEASES)
+def test_only_listed_slicer_util_functions_are_used(tree, source_lines, release):
+    listed = set(api_names("slicer_util_functions.txt", release))
     problems = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and dotted(node.value) == "slicer.util" and node.attr not in listed:
@@ -183,8 +205,9 @@ def test_only_listed_slicer_util_functions_are_used(tree, source_lines):
     assert {"loadUI", "childWidgetVariables", "arrayFromVolume", "updateVolumeFromArray", "pip_install"} <= used
 
 
-def test_scripted_module_base_methods_exist(tree, source_lines):
-    listed = set(api_names("scripted_loadable_module_methods.txt"))
+@pytest.mark.parametrize("release", RELEASES)
+def test_scripted_module_base_methods_exist(tree, source_lines, release):
+    listed = set(api_names("scripted_loadable_module_methods.txt", release))
     test_case_methods = set(dir(unittest.TestCase))
     problems = []
     for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
@@ -210,15 +233,16 @@ def test_scripted_module_base_methods_exist(tree, source_lines):
     assert not problems, "\n".join(problems)
 
 
-def test_mrml_methods_called_on_nodes_exist(tree, source_lines):
-    listed = {line.split(".", 1)[1] for line in api_names("mrml_methods.txt")}
+@pytest.mark.parametrize("release", RELEASES)
+def test_mrml_methods_called_on_nodes_exist(tree, source_lines, release):
+    listed = {line.split(".", 1)[1] for line in api_names("mrml_methods.txt", release)}
     modules = imported_modules(tree)
     problems, checked = [], set()
     for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)):
         method, receiver = call.func.attr, dotted(call.func.value)
         if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", method) or receiver in modules:
             continue  # Python/Qt-style names, or classes taken from a module (qt.QTimer, vtk.vtkMatrix4x4)
-        if method in NON_MRML_METHODS:
+        if method in NON_MRML_METHODS or method in UNLISTED_MRML_METHODS:
             continue
         checked.add(method)
         if method not in listed:
@@ -255,6 +279,56 @@ def test_widgets_used_exist_in_the_ui_file(tree, source_lines):
     for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and dotted(n.func) == "self.resourcePath"):
         relative = call.args[0].value
         assert (MODULE_DIR / "Resources" / relative).is_file(), f"{where(call, source_lines)}  <- no such resource"
+
+
+def parameter_node_class(tree: ast.Module) -> ast.ClassDef:
+    return next(node for node in tree.body if isinstance(node, ast.ClassDef)
+                and any(dotted(d) == "parameterNodeWrapper" for d in node.decorator_list))
+
+
+def test_parameter_node_uses_only_names_slicer_5_10_has(tree, source_lines):
+    """@parameterNodeWrapper and its annotations exist at the oldest supported release; `from slicer import`
+    brings MRML classes only; the methods called on the parameter node are the wrapper's members."""
+    exported = set(api_names("parameter_node_wrapper.txt", "v5.10.0"))
+    mrml_classes = {line.split(".", 1)[0] for line in api_names("mrml_methods.txt", "v5.10.0")}
+    problems = []
+    for node in (n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)):
+        if node.module == "slicer.parameterNodeWrapper":
+            problems += [f"{where(node, source_lines)}  <- {a.name} is not in parameter_node_wrapper.txt (5.10)"
+                         for a in node.names if a.name not in exported]
+        if node.module == "slicer":
+            problems += [f"{where(node, source_lines)}  <- slicer.{a.name} is not an MRML class of mrml_methods.txt"
+                         for a in node.names if a.name not in mrml_classes]
+    members = {name.split(".", 1)[1] for name in exported if name.startswith("parameterNodeWrapper.")}
+    assert PARAMETER_NODE_METHODS <= members, sorted(PARAMETER_NODE_METHODS - members)
+    called = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+              and dotted(n.func.value) in ("self._parameterNode", "parameters")}
+    assert called - {"lower"} <= PARAMETER_NODE_METHODS, sorted(called - PARAMETER_NODE_METHODS)
+    assert {"connectGui", "disconnectGui"} <= called
+    assert not problems, "\n".join(problems)
+    parameter_node_class(tree)  # there is one
+
+
+def test_every_parameter_has_its_widget_and_every_tagged_widget_a_parameter(tree):
+    """connectGui pairs widgets whose SlicerParameterName is a parameter's name: a typo in either place
+    would leave a widget disconnected (or raise in Slicer). modelLocation is synced by hand (a ctkPathLineEdit
+    takes paths; the field also takes https URLs)."""
+    fields = [node.target.id for node in parameter_node_class(tree).body if isinstance(node, ast.AnnAssign)]
+    tagged = re.findall(r'<property name="SlicerParameterName" stdset="0">\s*<string>(\w+)</string>',
+                        UI_FILE.read_text(encoding="utf-8"))
+    assert len(tagged) == len(set(tagged)), "a parameter is tagged on two widgets"
+    assert set(tagged) == set(fields) - {"modelLocation"}, (sorted(set(fields) - set(tagged)), sorted(set(tagged) - set(fields)))
+    assert "modelLocationPathLineEdit" in UI_FILE.read_text(encoding="utf-8")
+    assert '<widget class="ctkPathLineEdit" name="modelLocationPathLineEdit">' in UI_FILE.read_text(encoding="utf-8")
+
+
+def test_the_module_appends_its_library_folder_and_reloads_brainagelib(tree):
+    text = MODULE.read_text(encoding="utf-8")
+    assert "sys.path.append(_libraryParent)" in text and "sys.path.insert" not in text
+    widget = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "BrainAgeWidget")
+    reload = next(f for f in widget.body if isinstance(f, ast.FunctionDef) and f.name == "onReload")
+    calls = [dotted(n.func) for n in ast.walk(reload) if isinstance(n, ast.Call)]
+    assert calls.index("forget_library_modules") < calls.index("ScriptedLoadableModuleWidget.onReload")
 
 
 # --- CMake lists --------------------------------------------------------------------------
@@ -332,14 +406,35 @@ def test_extension_metadata_is_complete_and_consistent():
     assert description["category"] == sets["EXTENSION_CATEGORY"][0]
     assert description["build_dependencies"] == sets["EXTENSION_DEPENDS"]
     assert description["build_subdirectory"] == "."
-    repository = description["scmurl"].removesuffix(".git").split("github.com/")[1]
-    assert repository in sets["EXTENSION_HOMEPAGE"][0] and repository in sets["EXTENSION_ICONURL"][0]
+    # One repository everywhere: the catalog entry's scm_url and the homepage, icon and screenshot URLs
+    # (the CMakeLists.txt block a publisher fills in, see README "Publishing to the Extensions Index").
+    repository = description["scm_url"].removesuffix(".git").split("github.com/")[1]
+    for url in sets["EXTENSION_HOMEPAGE"] + sets["EXTENSION_ICONURL"] + sets["EXTENSION_SCREENSHOTURLS"]:
+        assert f"/{repository}/" in url + "/" or f"/{repository}#" in url, f"{cmake_line(TOP_CMAKE, url)}  <- not {repository}"
+    # Contributors as the Index asks, "Name (Organisation)", the same in CMake and in the module.
+    contributors = [c.strip() for c in sets["EXTENSION_CONTRIBUTORS"][0].split(",")]
+    assert all(re.fullmatch(r"[^()]+ \([^()]+\)", c) for c in contributors), contributors
+    module_contributors = ast.literal_eval(re.search(r"^CONTRIBUTORS = (\[.*?\])", MODULE.read_text(encoding="utf-8"),
+                                                     re.M).group(1))
+    assert module_contributors == contributors
 
     from PIL import Image
 
     for icon in (REPO / "Resources" / "Icons" / "BrainAge.png", MODULE_DIR / "Resources" / "Icons" / "BrainAge.png"):
         with Image.open(icon) as image:
             assert image.size == (128, 128) and image.format == "PNG", icon
+
+
+def test_catalog_entry_follows_the_extensions_index_schema():
+    import jsonschema
+
+    schema = json.loads(CATALOG_SCHEMA.read_text(encoding="utf-8"))
+    description = json.loads(EXTENSION_JSON.read_text(encoding="utf-8"))
+    assert description["$schema"] == schema["$id"], "BrainAge.json's $schema must name the schema it follows"
+    jsonschema.Draft7Validator(schema).validate(description)
+    for broken in ({**description, "scmurl": description["scm_url"]}, {k: v for k, v in description.items() if k != "scm_url"}):
+        with pytest.raises(jsonschema.ValidationError):  # the old item schema's key, or a missing one, is refused
+            jsonschema.Draft7Validator(schema).validate(broken)
 
 
 HARNESS = """
