@@ -296,7 +296,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
             slicer.util.errorDisplay("Brain age estimation failed.\n\n" + error)
         else:
             self.shownLabelmaps, self.lastResult = shownLabelmaps, result
-            self._parameterNode.outputLabelmap = shownLabelmaps[0]
+            self.logic.getParameterNode().outputLabelmap = shownLabelmaps[0]  # the panel may be disconnected now
             self.ui.resultsTextBrowser.setHtml(result_text(result))
             self.showStatus(f"Done in {result.timings.get('total', 0.0):.1f} s.")
             self.updateEstimateButton()
@@ -456,8 +456,10 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         """
         if not inputVolumeNode:
             raise ValueError("No input volume")
-        if device in DEVICES and explainMethod in EXPLAIN_CHOICES:
+        try:
             self.showInputs(inputVolumeNode, sex, chronologicalAge, model, device, explainMethod)
+        except ValueError:
+            pass  # a value the panel cannot show (device "cuda:1", a bad age): the library checks it below
         self.setupPythonRequirements()
         volume = self.volumeFromNode(inputVolumeNode)
         show = lambda result, labelmap=None: self.showResult(  # noqa: E731

@@ -6,7 +6,10 @@ Start-up overhead: from starting ``python -m BrainAgeLib.slicer_worker predict``
 progress line from ``inference.predict`` (Python start, imports, reading the input, loading the
 model). ``paper`` is ``build_model("paper")`` with random weights saved to a temporary checkpoint.
 Cancel: the worker is killed (``WorkerMonitor.cancel``) 1 s into preprocessing; the time is from
-the call until the worker and all its children are gone. Input: the bundled sample head.
+the call until the worker and all its children are gone. GUI work per timer tick: one whole demo
+estimate polled every 100 ms as the module's QTimer polls it (``WorkerMonitor.poll`` with a progress
+callback that formats what the panel shows); the time each tick spends in Python, not Qt's repaint.
+Input: the bundled sample head.
 """
 from __future__ import annotations
 
@@ -72,6 +75,27 @@ def cancel_time(folder, device):
     return time.monotonic() - tic, len(tree), sorted(p.name for p in folder.iterdir())
 
 
+def tick_cost(folder, device, interval_s=0.1):
+    """Seconds spent in each timer tick (poll + the panel's progress formatting) over one whole estimate."""
+    shutil.copy(SAMPLE, folder / INPUT_FILE)
+    shown = {}
+
+    def on_progress(fraction, message):  # what BrainAgeWidget.onProgress computes before handing it to Qt
+        shown["bar"], shown["status"] = int(round(100 * fraction)), str(message)
+
+    monitor = WorkerMonitor(subprocess.Popen(
+        worker_command(sys.executable, folder / INPUT_FILE, folder, "F", 67.0, "demo", device),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO), on_progress, lambda line: None)
+    ticks = []
+    while True:
+        tic = time.perf_counter()
+        ended = monitor.poll()
+        ticks.append(time.perf_counter() - tic)
+        if ended:
+            return ticks
+        time.sleep(interval_s)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -105,6 +129,10 @@ def main() -> int:
             folder = temporary / f"cancel-{repeat}"
             folder.mkdir()
             cancels.append(cancel_time(folder, args.device))
+        (temporary / "ticks").mkdir()
+        ticks = sorted(tick_cost(temporary / "ticks", args.device))
+        print(f"GUI work per 100 ms tick over one demo estimate: {len(ticks)} ticks, median {statistics.median(ticks) * 1e6:.0f} us, "
+              f"99th percentile {ticks[int(0.99 * (len(ticks) - 1))] * 1e6:.0f} us, max {ticks[-1] * 1e6:.0f} us")
         print("cancel -> process tree gone: " + ", ".join(f"{s * 1000:.0f} ms ({n} processes)" for s, n, _ in cancels)
               + f"; files left: {[files for _, _, files in cancels][0]}")
     return 0
