@@ -10,9 +10,12 @@
   (fp16) vs 5e-3 (bf16) for the paper ViT. On the CPU, bfloat16 is several times faster where
   the CPU does it natively (AVX512-BF16 or AMX: 2.7 s vs 7.8 s for the paper ViT over 160
   slices on 16 Xeon cores), but its error reaches the age in a way only a trained model can
-  tell, and nothing records that yet: so "auto" is float32 on the CPU, and bf16 runs only when
-  asked for (``precision="bf16"``). (On CPUs without native bf16, like AVX2-only ones, bf16 is
-  several times slower than fp32.) The regressor always runs in float32.
+  tell: so on the CPU "auto" is decided per checkpoint by ``model.precision.choose_precision``
+  (``BrainAgeModel.resolve_precision``): the fastest of int8 (dynamic quantisation of the ViT's
+  linear layers) and native bf16 whose recorded age difference from fp32 is within 0.1 years,
+  else float32. Here ``autocast_dtype(cpu, "auto")`` stays None (float32). (On CPUs without
+  native bf16, like AVX2-only ones, bf16 is several times slower than fp32.) The regressor
+  always runs in float32.
 - Slices go to the device in batches sized to its free memory, through pinned host memory on CUDA.
 """
 from __future__ import annotations
@@ -82,7 +85,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
         raise BrainAgeError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):  # int8: quantised linear layers in float32 (model.precision), no autocast
         return None
     if precision != "auto":
         return _DTYPES[precision]

@@ -81,7 +81,8 @@ def predict(
     # reuse its preprocessing and ViT outputs (see BrainAgeLib.embedding_cache).
     cache = default_cache() if use_cache else None
     target = resolve_device(device)
-    key = cache.key(volume, model, target, precision) if cache is not None and cache.enabled else None
+    key = (cache.key(volume, model, target, model.resolve_precision(precision, target))
+           if cache is not None and cache.enabled else None)
     cached = cache.get(key) if key is not None else None
     if cached is not None:
         report(0.3, "Reusing the slices and embeddings of this volume (cached)")
@@ -224,6 +225,7 @@ def _infer(model: BrainAgeModel, prepared: Any, sex: str, chronological: Optiona
         qc=qc,
         brain_mask=prepared.brain_mask_volume(),
         model_weights_sha256=str(model.metadata.get("weights_sha256") or ""),
+        precision=model.resolve_precision(precision, target),
         input_to_template=prepared.input_to_template,
         interval=interval,
         interval_level=calibration.level if interval is not None else None,

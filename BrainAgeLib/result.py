@@ -53,6 +53,9 @@ class Result:
     brain_mask: Optional[Volume] = None
     #: SHA-256 of the model's weights (its card's ``weights_sha256``; empty when unknown)
     model_weights_sha256: str = ""
+    #: the precision the ViT ran in: "fp32", "int8", "bf16" or "fp16" ("auto" resolved; see
+    #: ``model.precision``); empty when unknown
+    precision: str = ""
     #: 4x4 input RAS (mm) -> template RAS (mm) when preprocessing registered to the template
     #: (``Prepared.input_to_template``); used for cohort attention maps. Not in ``to_dict``.
     input_to_template: Optional[np.ndarray] = None
@@ -97,6 +100,7 @@ class Result:
             "model_intended_use": self.model_intended_use,
             "model_is_demo": bool(self.model_is_demo),
             "model_weights_sha256": self.model_weights_sha256,
+            "precision": self.precision,
             "warnings": [str(w) for w in self.warnings],
             "qc": self.qc.to_dict(),
         }

@@ -170,8 +170,9 @@ def test_autocast_policy():
     assert autocast_dtype(cpu, "bf16") is torch.bfloat16
     assert autocast_dtype(cpu, "auto") is None  # bf16 on the CPU only when asked for
     assert autocast_dtype(torch.device("cuda"), "auto") is torch.float16
+    assert autocast_dtype(cpu, "int8") is None  # int8: quantised linear layers, no autocast (model.precision)
     with pytest.raises(BrainAgeError, match="unknown precision"):
-        autocast_dtype(cpu, "int8")
+        autocast_dtype(cpu, "int4")
     assert slice_batch_size(cpu, PRESETS["paper"], 160) == 32
     assert slice_batch_size(cpu, PRESETS["tiny"], 16) == 16
 

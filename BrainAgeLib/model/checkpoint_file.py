@@ -26,8 +26,16 @@ METADATA_KEY = "brainage"
 PathLike = Union[str, os.PathLike]
 
 
-def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional[Mapping[str, Any]] = None) -> Path:
+def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional[Mapping[str, Any]] = None,
+                    *, record_precisions: Optional[bool] = False) -> Path:
     """Write ``model`` (a BrainAgeModel) to ``path`` atomically; returns the path.
+
+    ``record_precisions``: measure each CPU precision's largest age difference from fp32
+    (``model.precision.measure_precisions``, minutes for the paper preset) and keep it in the
+    card under ``cpu_precisions``, which ``precision="auto"`` reads; None: as the environment
+    says (``BRAINAGE_PRECISION_RECORD=0`` turns it off, the default is on), what training, the
+    authors' import and the published-model download pass. A record measured for other weights
+    is dropped, never carried over.
 
     The card is the model's own ``metadata`` updated by ``metadata``, which may hold name,
     intended_use, is_demo, source, trained, training_data, metrics, bias_correction (a
@@ -39,6 +47,12 @@ def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in model.state_dict().items()}
     card = build_metadata(config, {**getattr(model, "metadata", {}), **(metadata or {})})
     card["weights_sha256"] = weights_digest(tensors)
+    from .precision import RECORD_KEY, measure_precisions, record_wanted
+
+    if record_wanted(record_precisions):
+        card[RECORD_KEY] = measure_precisions(model)
+    if (card.get(RECORD_KEY) or {}).get("weights_sha256") != card["weights_sha256"]:
+        card.pop(RECORD_KEY, None)
     # an imported classifier whose labels are unknown keeps its generic names ("class 0", ...)
     generic = card.get("class_labels_known") is False and len(card.get("class_names") or ()) == config.n_classes
     if not generic:

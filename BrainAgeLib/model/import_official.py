@@ -783,8 +783,12 @@ def import_official(
     num_heads: Optional[int] = None,
     class_labels: Optional[Sequence[str]] = None,
     metadata: Optional[Mapping[str, Any]] = None,
+    record_precisions: Optional[bool] = None,
 ) -> Path:
     """Convert the authors' ViT ``.pth`` and CNN ``.pkl`` into a BrainAge safetensors checkpoint.
+
+    ``record_precisions``: as ``save_checkpoint``'s (None: on unless ``BRAINAGE_PRECISION_RECORD=0``):
+    the card records how far each CPU precision moves the age (what ``precision="auto"`` reads).
 
     ``metadata``: entries added to the card (a dict value is merged into a dict already there,
     e.g. ``{"source": {"download": ...}}`` keeps the recorded files).
@@ -824,4 +828,4 @@ def import_official(
         raise CheckpointError(f"the conversion leaves tensors unset: {unset[:3]}", out_path)
     model.eval()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    return save_checkpoint(model, out_path)
+    return save_checkpoint(model, out_path, record_precisions=record_precisions)

@@ -422,7 +422,7 @@ def _finish(model, groups, sets, predictions, entries, cache, config, state, res
     }
     _deep_update(summary, metadata or {})
     checkpoint = run_dir / "model.safetensors"
-    save_checkpoint(model, checkpoint, summary)
+    save_checkpoint(model, checkpoint, summary, record_precisions=None)  # BRAINAGE_PRECISION_RECORD=0: no record
     atomic_write_text(run_dir / "metrics.json", json.dumps(
         {"test": metrics, "baselines": baseline, "bias_correction": correction.to_dict(),
          "validation_mae": result2.best_val_mae, "stage2_history": result2.history,
