@@ -3,7 +3,8 @@
 Prints a short summary (or, with ``--json``, one JSON object with the keys of
 ``Result.to_dict()`` plus the input and output file names) and writes
 ``OUT/<input stem>_brainage.json``; with ``--explain`` also the attention map and its
-labelmap, colour table, PNG montage and sidecar (``explain_outputs``). A progress bar is shown
+labelmap, colour table, PNG montage and sidecar (``explain_outputs``); with ``--report`` a
+self-contained HTML report (``BrainAgeLib.report.write_subject_report``). A progress bar is shown
 only when stderr is a terminal.
 """
 from __future__ import annotations
@@ -44,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--explain writes it too)")
     parser.add_argument("--strict-qc", action="store_true",
                         help="exit with code 4 when the input has a QC flag (the results are still written)")
+    parser.add_argument("--report", action="store_true",
+                        help="also write a self-contained HTML report (<stem>_report.html): numbers with interval "
+                             "and gap z, the scan against the model's reference set, QC, attention when explained, "
+                             "the model card")
     parser.add_argument("--out", default=".", metavar="DIR", help="folder for the output files (default: .)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
 
@@ -99,6 +104,13 @@ def run(args: argparse.Namespace) -> int:
         from ..explain.qc_figure import write_result_qc_figure
 
         outputs["qc_figure"] = str(write_result_qc_figure(result, volume, out_dir, stem))
+    if args.report:
+        from ..report.subject import write_subject_report
+
+        montage = outputs.get("montage")
+        outputs["report"] = str(write_subject_report(
+            result, out_dir / f"{stem}_report.html", model=model, volume=volume, subject=stem,
+            qc_picture=outputs.get("qc_figure"), montage=montage))
     report = {**result.to_dict(), "input": str(source), "model": _model_label(args), "outputs": outputs}
     result_path = out_dir / f"{stem}_brainage.json"
     outputs["result"] = str(result_path)
@@ -115,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"Montage: {outputs['montage']}")
         if "qc_figure" in outputs:
             print(f"QC picture: {outputs['qc_figure']}")
+        if "report" in outputs:
+            print(f"Report: {outputs['report']}")
     if args.strict_qc and not result.qc.ok:
         problems = result.qc.flags if result.qc.measured else ["quality control did not run"]
         print(f"error: {source}: {len(problems)} QC flag(s) (--strict-qc): " + "; ".join(problems), file=sys.stderr)
