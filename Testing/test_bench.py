@@ -148,7 +148,8 @@ def test_bench_cli_json_keeps_each_stage_fastest_run(small_head, observed, repea
 
     monkeypatch.setattr(bench, "write_generated_head", small)
     observed.slow_embed, observed.slow_vit = 1, 2  # embed call 0 is the warm-up
-    command = ["bench", "--preset", "tiny", "--device", "cpu", "--no-explain", "--json", "--repeat", str(repeats)]
+    command = ["bench", "--preset", "tiny", "--device", "cpu", "--no-explain", "--json", "--repeat", str(repeats),
+               "--no-compare"]
     assert main(command) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == {f.name for f in dataclasses.fields(BenchResult)}
@@ -166,6 +167,28 @@ def test_bench_cli_json_keeps_each_stage_fastest_run(small_head, observed, repea
         assert data["embed_s"] < SLOWDOWN_S   # run 2's, not the first
         assert data["vit_forward_s"] < SLOWDOWN_S  # run 1's, not the last
         assert data["end_to_end_s"] < SLOWDOWN_S
+
+
+def test_bench_json_compares_the_authors_loop_and_the_cpu_precisions(small_head, monkeypatch, capsys):
+    """`brainage bench --json` (compare is on by default): the authors'-style loop, each CPU
+    precision's bare ViT and age difference, the fastest agreeing one and the ratios."""
+    from BrainAgeLib.model.precision import AGREEMENT_YEARS, cpu_precision_order
+
+    monkeypatch.setattr(bench, "write_generated_head", lambda path: (save_volume(small_head[0], path), "small")[1])
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--no-explain", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["authors_loop_s"] > 0 and data["load_average_1min"] is not None
+    assert list(data["precisions"]) == cpu_precision_order()
+    assert data["precisions"]["fp32"]["age_difference_years"] == 0
+    fastest = data["fastest_precision"]
+    assert data["precisions"][fastest]["age_difference_years"] <= AGREEMENT_YEARS
+    assert data["fastest_precision_vit_s"] == min(
+        row["vit_s"] for row in data["precisions"].values() if row["age_difference_years"] <= AGREEMENT_YEARS)
+    assert data["ratio_authors_loop_over_fastest"] == pytest.approx(data["authors_loop_s"] / data["fastest_precision_vit_s"])
+    assert data["end_to_end_fastest_s"] == pytest.approx(
+        data["end_to_end_s"] - data["embed_s"] + data["fastest_precision_embed_s"])
+    assert data["ratio_authors_loop_over_end_to_end_fastest"] == pytest.approx(
+        data["authors_loop_s"] / data["end_to_end_fastest_s"])
 
 
 def test_cohort_benchmark_times_sequential_batch_and_commands_on_the_same_heads(monkeypatch, capsys):

@@ -8,6 +8,20 @@ explain. In the same run it times the bare ViT forward (``vit.forward_features``
 already-normalised slices on the device, same batch size and autocast), so the cost of
 everything else shows as ``ratio_end_to_end_over_vit``. One-time start-up (building the model,
 the first call into each kernel library) runs in a warm-up before the clock starts.
+
+With ``compare=True`` (``brainage bench``'s default) the same run also times
+
+- the authors'-style loop (``authors_loop_s``): every slice on its own through the same ViT in
+  float32, batch 1, after a per-slice transform as their torchvision pipeline does it (8-bit
+  PIL image, resize to the ViT's size, to tensor, normalise, three channels), and
+- on the CPU, the ViT over all slices in each precision this CPU does well (``precisions``:
+  seconds, and the age's difference from fp32 on this head with these weights), the fastest one
+  within 0.1 years (``fastest_precision``), its embed stage as ``predict`` runs it and the end to
+  end with it; ``ratio_authors_loop_over_fastest`` is the authors' loop over that precision's
+  bare ViT, ``ratio_authors_loop_over_end_to_end_fastest`` over its end to end.
+
+The weights are random: agreement here is the rounding's effect on an untrained CNN, not on a
+trained model (a checkpoint's own record, ``model.precision``, decides what "auto" runs).
 """
 from __future__ import annotations
 
@@ -59,6 +73,20 @@ class BenchResult:
     #: can be reset: None elsewhere), and how far it rose above the memory held just before it
     explain_peak_memory_mb: Optional[float] = None
     explain_added_memory_mb: Optional[float] = None
+    #: compare=True: the authors'-style loop (per-slice transform, batch-1 fp32 forward), seconds
+    authors_loop_s: Optional[float] = None
+    #: compare=True on the CPU: {precision: {"vit_s", "age_difference_years"}} on this head
+    precisions: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    #: the fastest precision within 0.1 y of fp32 here, its embed stage (as predict runs it with
+    #: the explanation's outputs) and the end to end with it
+    fastest_precision: Optional[str] = None
+    fastest_precision_vit_s: Optional[float] = None
+    fastest_precision_embed_s: Optional[float] = None
+    end_to_end_fastest_s: Optional[float] = None
+    ratio_authors_loop_over_fastest: Optional[float] = None
+    ratio_authors_loop_over_end_to_end_fastest: Optional[float] = None
+    #: the 1-minute load average at the start (the machine may be shared)
+    load_average_1min: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)
@@ -91,6 +119,20 @@ class BenchResult:
         if self.prepare_steps:
             steps = ", ".join(f"{k} {v:.2f}" for k, v in self.prepare_steps.items() if k != "total")
             lines.append(f"  prepare steps (s): {steps}")
+        if self.precisions:
+            lines.append("  bare ViT by precision: " + ", ".join(
+                f"{name} {row['vit_s']:.2f} s ({row['age_difference_years']:.3f} y from fp32)"
+                for name, row in self.precisions.items()))
+        if self.authors_loop_s is not None:
+            line = f"  authors'-style loop (per-slice transform, batch 1, fp32) {self.authors_loop_s:.2f} s"
+            if self.fastest_precision:
+                line += (f"; fastest agreeing precision {self.fastest_precision}: bare ViT "
+                         f"{self.fastest_precision_vit_s:.2f} s ({self.ratio_authors_loop_over_fastest:.2f}x), "
+                         f"end to end {self.end_to_end_fastest_s:.2f} s "
+                         f"({self.ratio_authors_loop_over_end_to_end_fastest:.2f}x)")
+            lines.append(line)
+        if self.load_average_1min is not None:
+            lines.append(f"  load average {self.load_average_1min:.2f} at the start")
         return "\n".join(lines)
 
 
@@ -135,6 +177,7 @@ def run_benchmark(
     repeats: int = 1,
     head_file: Optional[Path] = None,
     explain_method: str = "paper",
+    compare: bool = False,
 ) -> BenchResult:
     """Time one prediction of ``preset`` with random weights on a generated head (see module docstring).
 
@@ -142,6 +185,7 @@ def run_benchmark(
     interleaved, and keeps each one's fastest time: on a shared machine that is the best
     estimate of the cost itself. ``head_file`` times a given T1 file instead of a generated head.
     ``explain_method``: the explanation timed, "paper" or "relevance" (``explain.methods``).
+    ``compare``: also the authors'-style loop and the CPU precisions (module docstring).
     """
     from ..devices import autocast, autocast_dtype, precision_name, resolve_device, slice_batch_size, to_device
     from ..explain.methods import explain_slices
@@ -150,6 +194,7 @@ def run_benchmark(
     from ..preprocess.pipeline import prepare
 
     target = resolve_device(device)
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     folder = tempfile.TemporaryDirectory(prefix="brainage_bench_")
     head_path = Path(folder.name) / "head.nii.gz"
@@ -234,6 +279,14 @@ def run_benchmark(
 
     without_explain = load_s + prepare_s + embed_s + regress_s
     end_to_end = without_explain + (explain_s or 0.0)
+    compared: Dict[str, Any] = {}
+    if compare:
+        log("timing the authors'-style loop and the CPU precisions")
+        compared = compare_precisions(model, prepared.slices, target, repeats)
+        if compared.get("fastest_precision_embed_s") is not None:
+            fastest_end = end_to_end - embed_s + compared["fastest_precision_embed_s"]
+            compared["end_to_end_fastest_s"] = fastest_end
+            compared["ratio_authors_loop_over_end_to_end_fastest"] = compared["authors_loop_s"] / fastest_end
     return BenchResult(
         preset=config.name,
         device=str(target),
@@ -260,7 +313,71 @@ def run_benchmark(
         explain_method=explain_method if explain else None,
         explain_peak_memory_mb=explain_peak,
         explain_added_memory_mb=explain_added,
+        load_average_1min=load_average,
+        **compared,
     )
+
+
+def authors_style_loop(model: Any, slices: np.ndarray, device: torch.device) -> float:
+    """Seconds for the authors' kind of inference loop over ``slices`` [S, H, W] in [0, 1]: each
+    slice alone through a per-slice transform as their torchvision pipeline has it (8-bit PIL
+    image, resize to the ViT's size, to tensor, normalise 0.5/0.5, three channels) and a batch-1
+    float32 forward of the same ViT, averaging its last hidden state."""
+    from PIL import Image
+
+    vit, size = model.encoder.vit, model.config.image_size
+    channels = model.config.in_chans
+    tic = time.perf_counter()
+    with torch.no_grad():
+        for plane in slices:
+            image = Image.fromarray(np.floor(np.clip(plane, 0, 1) * 255).astype(np.uint8)).resize(
+                (size, size), Image.BILINEAR)
+            x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+            x = ((x - 0.5) / 0.5).expand(1, channels, size, size).to(device)
+            vit.forward_features(x).mean(dim=1)
+    _sync(device)
+    return time.perf_counter() - tic
+
+
+def compare_precisions(model: Any, slices: np.ndarray, device: torch.device, repeats: int) -> Dict[str, Any]:
+    """The ``compare`` figures of :func:`run_benchmark` (its field names), from ``repeats``
+    interleaved runs (fastest kept): the authors'-style loop and, on the CPU, each precision of
+    ``model.precision.cpu_precision_order`` timed over all slices, with its age's difference from
+    fp32 on these slices; the fastest within ``AGREEMENT_YEARS``, and its embed stage."""
+    from ..model.precision import AGREEMENT_YEARS, cpu_precision_order
+
+    names = cpu_precision_order() if device.type == "cpu" else []
+    if names and "fp32" not in names:
+        names.append("fp32")
+    authors = math.inf
+    seconds = {name: math.inf for name in names}
+    ages: Dict[str, float] = {}
+    for _ in range(max(1, int(repeats))):
+        authors = min(authors, authors_style_loop(model, slices, device))
+        for name in names:
+            with torch.no_grad():
+                tic = time.perf_counter()
+                embeddings = model.embed(slices, precision=name)
+                _sync(device)
+                seconds[name] = min(seconds[name], time.perf_counter() - tic)
+                ages[name] = float(model.regress(embeddings, "F"))
+    out: Dict[str, Any] = {"authors_loop_s": authors}
+    if not names:
+        return out
+    reference = ages["fp32"]
+    out["precisions"] = {name: {"vit_s": seconds[name], "age_difference_years": abs(ages[name] - reference)}
+                         for name in names}
+    agreeing = [name for name in names if abs(ages[name] - reference) <= AGREEMENT_YEARS]
+    fastest = min(agreeing, key=lambda name: seconds[name])
+    embed_s = math.inf
+    for _ in range(max(1, int(repeats))):
+        tic = time.perf_counter()
+        model.embed_explain(slices, precision=fastest)
+        _sync(device)
+        embed_s = min(embed_s, time.perf_counter() - tic)
+    out.update(fastest_precision=fastest, fastest_precision_vit_s=seconds[fastest],
+               fastest_precision_embed_s=embed_s, ratio_authors_loop_over_fastest=authors / seconds[fastest])
+    return out
 
 
 def _status_mb(field: str) -> Optional[float]:

@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --cohort: batch mode's preprocessing workers (default: as brainage batch)")
     parser.add_argument("--no-cli-baseline", dest="cli_baseline", action="store_false",
                         help="with --cohort: skip timing one `brainage predict` command per head")
+    parser.add_argument("--no-compare", dest="compare", action="store_false",
+                        help="skip the authors'-style loop and the CPU precisions (timed by default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = run_benchmark(
         args.preset or "paper", device=args.device, precision=args.precision, explain=args.explain,
-        repeats=args.repeat, head_file=args.head, explain_method=args.explain_method,
+        repeats=args.repeat, head_file=args.head, explain_method=args.explain_method, compare=args.compare,
         log=(lambda message: print(f"  ... {message}", file=sys.stderr)) if verbose else (lambda message: None),
     )
     if args.json:
