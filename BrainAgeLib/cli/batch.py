@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "runs (default: one per CPU core, at most 4; 0: all in one process)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="on a resumed run, try the subjects whose row is an error again")
+    parser.add_argument("--report", action="store_true",
+                        help="also write HTML reports: OUT/report/index.html (sortable subject table, scatter, "
+                             "Bland-Altman, gap by group/site) and each subject's in OUT/report/subjects/")
+    parser.add_argument("--group-column", default="group", metavar="NAME",
+                        help="cohort column whose values the report's gap-by-group plot uses (default: group)")
     parser.add_argument("--no-plots", action="store_true", help="skip the evaluation plots")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     parser.epilog = ("exit status: 0 when the run finished and at least one subject has an age (subjects "
@@ -67,10 +72,21 @@ def run(args: argparse.Namespace) -> int:
         explain = (args.explain_method or "paper") if (args.explain or args.explain_method) else False
         summary = run_batch(subjects, args.out, model=model, explain=explain, device=args.device,
                             workers=args.workers, progress=progress, retry_failed=args.retry_failed,
-                            explain_format=args.explain_format, precision=args.precision, qc=args.qc)
+                            explain_format=args.explain_format, precision=args.precision, qc=args.qc,
+                            report=args.report)
     if summary.rank != 0:
         return 0
     statistics = cohort_statistics(summary.rows, summary.out_dir, plots=not args.no_plots)
+    if args.report:
+        from ..report.cohort_report import write_batch_report
+
+        groups = {str(s.id): s.extra[args.group_column] for s in subjects
+                  if (s.extra or {}).get(args.group_column)}
+        index = write_batch_report(summary.out_dir, summary.rows, model=model, groups=groups,
+                                   group_label=args.group_column)
+        (statistics if statistics is not None else {}).setdefault("files", {})["report"] = str(index)
+        if statistics is None:
+            print(f"report: {index}", file=sys.stdout if not args.json else sys.stderr)
     if args.json:
         print(json.dumps({**summary.to_dict(), "statistics": statistics}, indent=2))
     else:

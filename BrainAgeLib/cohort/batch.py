@@ -357,9 +357,9 @@ def _stem(subject_id: str) -> str:
 
 
 def infer_subject(model: Any, item: PreparedSubject, subject: Subject, out_dir: Path, explain: Optional[str],
-                  explain_format: str, precision: str, qc: bool = False) -> PredictionRow:
-    """The row of one prepared subject: predict (and write its explanation files and, with
-    ``qc``, its QC picture in ``out_dir/qc/``)."""
+                  explain_format: str, precision: str, qc: bool = False, report: bool = False) -> PredictionRow:
+    """The row of one prepared subject: predict (and write its explanation files, with ``qc``
+    its QC picture in ``out_dir/qc/``, with ``report`` its HTML report in ``out_dir/report/subjects/``)."""
     row = _base_row(subject, model.name)
     if item.error:
         row.error = item.error
@@ -382,12 +382,20 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Subject, out_dir: 
                 result, maps_dir, _stem(row.id), explain_format, volume=item.volume,
                 input_to_template=getattr(item.prepared, "input_to_template", None), input_path=subject.path)
             row.attention_map = str(paths["attention"].relative_to(out_dir))
+        qc_picture = None
         if (qc or explain) and item.volume is not None:   # as predict: --explain draws the mask too
             from ..explain.qc_figure import write_result_qc_figure
 
             qc_dir = out_dir / "qc"
             qc_dir.mkdir(exist_ok=True)
-            write_result_qc_figure(result, item.volume, qc_dir, _stem(row.id))
+            qc_picture = write_result_qc_figure(result, item.volume, qc_dir, _stem(row.id))
+        if report:
+            from ..report.cohort_report import subject_report_path
+            from ..report.subject import write_subject_report
+
+            write_subject_report(result, subject_report_path(out_dir, row.id), model=model, volume=item.volume,
+                                 subject=row.id, qc_picture=qc_picture,
+                                 montage=paths.get("montage") if explain else None)
     except BrainAgeError as error:
         row.error = message_naming(error, subject.path)
         return row
@@ -429,6 +437,7 @@ def run_batch(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     qc: bool = False,
+    report: bool = False,
 ) -> BatchSummary:
     """Predict every subject of ``cohort`` into ``out_dir/predictions.csv`` (resumable).
 
@@ -441,7 +450,9 @@ def run_batch(
     failed ones are tried again). ``rank``/``world_size`` (default: from ``torchrun``'s
     environment) shard the cohort: each rank writes its own part file, and rank 0 merges.
     ``qc`` (and ``explain``) writes each subject's QC picture (brain-mask outline over the input)
-    into ``out_dir/qc/``; every row has the QC columns either way.
+    into ``out_dir/qc/``; every row has the QC columns either way. ``report`` writes each
+    subject's HTML report into ``out_dir/report/subjects/`` (``BrainAgeLib.report``; the
+    cohort's index page is ``report.write_batch_report``, which ``brainage batch --report`` adds).
     """
     from ..inference import resolve_explain_method
     from ..parallel import RankContext
@@ -450,12 +461,12 @@ def run_batch(
     subjects = cohort_subjects(cohort)
     with RankContext.from_environment(rank, world_size) as context:
         return _run(subjects, Path(out_dir), model, explain, device, workers, progress,
-                    retry_failed, explain_format, precision, context, qc)
+                    retry_failed, explain_format, precision, context, qc, report)
 
 
 def _run(subjects: Cohort, out_dir: Path, model: Any, explain: Optional[str], device: Any,
          workers: Optional[int], progress: Optional[BatchProgress], retry_failed: bool,
-         explain_format: str, precision: str, context: Any, qc: bool = False) -> BatchSummary:
+         explain_format: str, precision: str, context: Any, qc: bool = False, report: bool = False) -> BatchSummary:
     started = time.perf_counter()
     report = progress or (lambda fraction, message: None)
     order = [str(s.id) for s in subjects]
@@ -465,7 +476,7 @@ def _run(subjects: Cohort, out_dir: Path, model: Any, explain: Optional[str], de
     todo = [(index, s) for index, s in mine if str(s.id) not in done_ids]
     by_index = dict(todo)
     n_workers = default_workers() if workers is None else max(0, int(workers))
-    preparer = _Preparer([(index, str(s.path)) for index, s in todo], bool(explain or qc), n_workers)
+    preparer = _Preparer([(index, str(s.path)) for index, s in todo], bool(explain or qc or report), n_workers)
     try:
         model, target = _resolve_model(model, context.device_for(device))
         out_dir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves no folder
@@ -501,7 +512,7 @@ def _run(subjects: Cohort, out_dir: Path, model: Any, explain: Optional[str], de
                     timings[key] += item.timings.get(key, 0.0)
                 subject = by_index[item.index]
                 tic = time.perf_counter()
-                row = infer_subject(model, item, subject, out_dir, explain, explain_format, precision, qc)
+                row = infer_subject(model, item, subject, out_dir, explain, explain_format, precision, qc, report)
                 timings["infer"] += time.perf_counter() - tic
                 writer.append(row)
                 if row.ok:
