@@ -109,7 +109,6 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.logic.logCallback = self.showStatus
         self.job = None  # the WorkerMonitor of the estimate or download running in the background
         self.shownLabelmaps = (None, None)  # (attention labelmap, brain mask) of the last result
-        self.lastResult = None
         self.starting = False  # True while packages install / the worker starts
         self._parameterNode = self._parameterNodeGuiTag = self._parameterObserver = None
 
@@ -119,6 +118,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.ui.estimateButton.connect("clicked(bool)", self.onEstimate)
         self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReport)
         self.sceneObservers = [slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose),
                                slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)]
         self.setRunning(False)
@@ -128,6 +128,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         if self.job:  # the worker must not outlive the panel: stop it and clean up while the widgets exist
             self.job.cancel()
             self.job.poll_until_finished(0.05)
+        self.logic.forgetLastEstimate()
         for tag in self.sceneObservers:
             slicer.mrmlScene.RemoveObserver(tag)
         self.setParameterNode(None)
@@ -215,6 +216,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
             problems.append("Download the model first (Download model), or choose another model.")
         self.ui.estimateButton.enabled = not problems and idle
         self.ui.estimateButton.toolTip = "\n".join(problems) or "Estimate the brain age of the selected volume."
+        self.ui.saveReportButton.enabled = self.logic.lastEstimate is not None and idle
         if self.job is None:
             self.showStatus(" ".join(problems))
 
@@ -245,7 +247,6 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
 
     def onEstimate(self):
         self.ui.resultsTextBrowser.setHtml("")
-        self.lastResult = None
         parameters = self._parameterNode
         self.startJob(lambda: self.logic.process(
             **self.inputs(), outputLabelmapNode=parameters.outputLabelmap, outputAttentionVolumeNode=parameters.outputAttention,
@@ -255,6 +256,22 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
     def onDownloadModel(self):
         self.startJob(lambda: self.logic.downloadModel(self.inputs()["model"], progress=self.onProgress,
                                                        waitForCompletion=False, completedCallback=self.onDownloadDone))
+
+    def onSaveReport(self):
+        path = qt.QFileDialog.getSaveFileName(None, "Save brain age report", f"{self.logic.lastEstimate[2]}_brainage.html",
+                                              "HTML report (*.html)")
+        if path:
+            self.startJob(lambda: self.logic.saveReport(path, progress=self.onProgress, waitForCompletion=False,
+                                                        completedCallback=self.onReportDone))
+
+    def onReportDone(self, error):
+        if self.endJob():
+            self.showStatus("Cancelled.")
+        elif error:
+            self.showStatus("The report could not be saved.")
+            slicer.util.errorDisplay("The report could not be saved.\n\n" + error)
+        else:
+            self.showStatus("Report saved.")
 
     def onCancel(self):
         if self.job:
@@ -295,7 +312,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
             self.showStatus("Brain age estimation failed.")
             slicer.util.errorDisplay("Brain age estimation failed.\n\n" + error)
         else:
-            self.shownLabelmaps, self.lastResult = shownLabelmaps, result
+            self.shownLabelmaps = shownLabelmaps
             self.logic.getParameterNode().outputLabelmap = shownLabelmaps[0]  # the panel may be disconnected now
             self.ui.resultsTextBrowser.setHtml(result_text(result))
             self.showStatus(f"Done in {result.timings.get('total', 0.0):.1f} s.")
@@ -324,6 +341,7 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         self.logCallback = None
         self._models = {}
         self._requirementsReady = False
+        self.lastEstimate = None  # (folder, model, input name) of the last background estimate, for saveReport
 
     def log(self, text):
         logging.info(text)
@@ -359,32 +377,38 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         if problems:
             raise RuntimeError("\n".join(problems))
         needTorch = torch_missing(installed_version)
-        missing = missing_requirements(installed_version)
-        if needTorch or missing:
-            if needTorch:
-                try:
-                    import PyTorchUtils
-                except ModuleNotFoundError:
-                    raise RuntimeError(PYTORCH_EXTENSION_MISSING)
-            packages = (["torch and torchvision (through the PyTorch extension)"] if needTorch else []) + missing
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    "BrainAge needs these Python packages, which will be downloaded and installed now "
-                    "(this can take several minutes):\n\n" + "\n".join(packages), "BrainAge: install packages"):
-                raise RuntimeError("BrainAge cannot run without its Python packages: " + ", ".join(packages))
-            if needTorch:
-                self.log("Installing PyTorch...")
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                        askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
-                    raise RuntimeError("PyTorch could not be installed. " + PYTORCH_EXTENSION_MISSING)
-            if missing:
-                from BrainAgeLib.slicer_bridge import offline_install_message
-
-                self.log("Installing " + ", ".join(missing) + "...")
-                try:
-                    slicer.util.pip_install(" ".join(missing))
-                except Exception as error:  # no internet, a proxy, a full disk: say what to do instead
-                    raise RuntimeError(offline_install_message(missing, error)) from error
+        if needTorch:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise RuntimeError(PYTORCH_EXTENSION_MISSING)
+        torchNote = ["torch and torchvision (through the PyTorch extension)"] if needTorch else []
+        self.installPackages(missing_requirements(installed_version), "BrainAge cannot run", askConfirmation, torchNote)
+        if needTorch:
+            self.log("Installing PyTorch...")
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+                raise RuntimeError("PyTorch could not be installed. " + PYTORCH_EXTENSION_MISSING)
         self._requirementsReady = True
+
+    def installPackages(self, missing, withoutThem, askConfirmation=True, alsoListed=()):
+        """pip-install the specs in missing after one confirmation (listing alsoListed too, installed by the
+        caller); no internet gives the offline route. withoutThem: what the refusal message says happens."""
+        from BrainAgeLib.slicer_bridge import offline_install_message
+
+        packages = list(alsoListed) + list(missing)
+        if not packages:
+            return
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                "BrainAge needs these Python packages, which will be downloaded and installed now "
+                "(this can take several minutes):\n\n" + "\n".join(packages), "BrainAge: install packages"):
+            raise RuntimeError(f"{withoutThem} without these Python packages: " + ", ".join(packages))
+        if missing:
+            self.log("Installing " + ", ".join(missing) + "...")
+            try:
+                slicer.util.pip_install(" ".join(missing))
+            except Exception as error:  # no internet, a proxy, a full disk: say what to do instead
+                raise RuntimeError(offline_install_message(missing, error)) from error
 
     def cudaAvailable(self):
         """True/False once torch is imported; None (unknown) before, to keep the GUI light."""
@@ -484,8 +508,9 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         workDir = tempfile.mkdtemp(prefix="BrainAge-")
         try:
             inputPath = str(save_volume(volume, os.path.join(workDir, INPUT_FILE)))
+            modelSource = self.modelFile(model)
             command = worker_command(worker_python(), inputPath, workDir, sex, chronologicalAge,
-                                     self.modelFile(model), device, explain=explainMethod, levels=ATTENTION_LEVELS)
+                                     modelSource, device, explain=explainMethod, levels=ATTENTION_LEVELS)
         except Exception:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
@@ -503,11 +528,37 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
                 logging.exception("BrainAge could not show the result")
                 error = str(exception)
             finally:
-                shutil.rmtree(workDir, ignore_errors=True)
+                self.forgetLastEstimate()
+                if error is None:  # kept for saveReport until the next estimate
+                    self.lastEstimate = (workDir, modelSource, inputVolumeNode.GetName())
+                else:
+                    shutil.rmtree(workDir, ignore_errors=True)
             if completedCallback:
                 completedCallback(result, shown, error)
 
         return self.runWorker(command, progress, finished)
+
+    def forgetLastEstimate(self):
+        """Delete the folder the last background estimate left for saveReport."""
+        if self.lastEstimate:
+            shutil.rmtree(self.lastEstimate[0], ignore_errors=True)
+        self.lastEstimate = None
+
+    def saveReport(self, path, progress=None, waitForCompletion=True, completedCallback=None):
+        """The HTML report (BrainAgeLib.report: numbers with interval and z, the subject against the model's
+        reference set, QC and attention pictures, model card) of the last background estimate, to path; written
+        by a worker. Installs matplotlib and jinja2 on first use (after one confirmation). Blocking: raises
+        RuntimeError when it failed; with waitForCompletion=False returns the WorkerMonitor."""
+        from BrainAgeLib.slicer_bridge import REPORT_REQUIREMENTS, installed_version, missing_requirements
+        from BrainAgeLib.worker_protocol import report_command, worker_python
+
+        if not self.lastEstimate:
+            raise ValueError("No estimate to report on yet: run Estimate Brain Age first.")
+        self.setupPythonRequirements()
+        self.installPackages(missing_requirements(installed_version, REPORT_REQUIREMENTS), "Reports cannot be saved")
+        workDir, model, subject = self.lastEstimate
+        return self.runJob(report_command(worker_python(), workDir, path, model, subject), progress, waitForCompletion,
+                           completedCallback, "BrainAge could not save the report")
 
     def downloadModel(self, model="brainrotvit", progress=None, waitForCompletion=True, completedCallback=None):
         """Fetch a registered model (the published BrainRotViT) into BrainAge's cache in a background process,
@@ -516,11 +567,8 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
         from BrainAgeLib.worker_protocol import download_command, worker_python
 
         self.setupPythonRequirements()
-        monitor = self.runWorker(download_command(worker_python(), model), progress,
-                                 completedCallback and (lambda job: completedCallback(job.failure())), waitForCompletion)
-        if waitForCompletion and monitor.failure():
-            raise RuntimeError(f"BrainAge could not download {model}: " + monitor.failure())
-        return monitor
+        return self.runJob(download_command(worker_python(), model), progress, waitForCompletion, completedCallback,
+                           f"BrainAge could not download {model}")
 
     def processFiles(self, pathsOrCohortCsv, outputDir, model="demo", explain=False, device="auto", progress=None,
                      waitForCompletion=True, completedCallback=None):
@@ -532,11 +580,17 @@ class BrainAgeLogic(ScriptedLoadableModuleLogic):
 
         self.setupPythonRequirements()
         command = batch_command(worker_python(), pathsOrCohortCsv, outputDir, self.modelFile(model), device, explain)
+        monitor = self.runJob(command, progress, waitForCompletion, completedCallback, "BrainAge batch failed")
+        return os.path.join(outputDir, "predictions.csv") if waitForCompletion else monitor
+
+    def runJob(self, command, progress, waitForCompletion, completedCallback, failureText):
+        """runWorker for a job whose outcome is an error or None: blocking, raises RuntimeError(failureText: why)
+        when it failed; else returns the WorkerMonitor and calls completedCallback(error or None) at the end."""
         monitor = self.runWorker(command, progress, completedCallback and (lambda job: completedCallback(job.failure())),
                                  waitForCompletion)
         if waitForCompletion and monitor.failure():
-            raise RuntimeError("BrainAge batch failed: " + monitor.failure())
-        return os.path.join(outputDir, "predictions.csv") if waitForCompletion else monitor
+            raise RuntimeError(f"{failureText}: {monitor.failure()}")
+        return monitor
 
     def runWorker(self, command, progress=None, finished=None, waitForCompletion=False):
         """Start a BrainAgeLib worker command (slicer.util.launchConsoleProcess, stdout and stderr merged): its
@@ -729,6 +783,13 @@ class BrainAgeTest(ScriptedLoadableModuleTest):
         for node in (labelmapNode, maskNode):
             self.assertEqual(slicer.util.arrayFromVolume(node).shape, arrayKji.shape)
         self.assertEqual(int(slicer.util.arrayFromVolume(labelmapNode).max()), ATTENTION_LEVELS)
+        from BrainAgeLib.slicer_bridge import REPORT_REQUIREMENTS, installed_version, missing_requirements
+
+        if not missing_requirements(installed_version, REPORT_REQUIREMENTS):  # Save report, when it needs no install
+            reportPath = os.path.join(tempfile.mkdtemp(prefix="BrainAgeTest-"), "report.html")
+            logic.saveReport(reportPath)
+            with open(reportPath, encoding="utf-8") as report:
+                self.assertIn(f"{result.predicted_age:.1f}", report.read())
 
         self.delayDisplay("Cancelling a background estimate during preprocessing")
         job, fractions, (result, shown, error) = runInBackground(cancelAt=0.09)

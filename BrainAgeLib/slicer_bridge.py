@@ -78,6 +78,8 @@ PIP_REQUIREMENTS: Dict[str, str] = {
     # Cancel kills the background worker and its children (worker_protocol.kill_process_tree)
     "psutil": "5.9",
 }
+#: Installed only when the user first saves a report (*Save report*): the report's plots and its template.
+REPORT_REQUIREMENTS: Dict[str, str] = {"matplotlib": "3.6", "jinja2": "3.0"}
 #: What every Slicer ships in its own Python (with the version BrainAge needs at least): never
 #: pip-installed, because replacing any of them breaks Slicer. Missing or older: the Slicer is too old.
 SLICER_BUNDLED: Dict[str, str] = {"numpy": "1.23", "scipy": "1.10", "SimpleITK": "2.3", "pillow": "9.0", "vtk": "9.2"}
@@ -472,14 +474,16 @@ def at_least(version: Optional[str], floor: str) -> bool:
     return version is not None and version_tuple(version) >= version_tuple(floor)
 
 
-def missing_requirements(installed_version: Callable[[str], Optional[str]] = installed_version) -> List[str]:
-    """pip specs (``name>=floor``) of the ``PIP_REQUIREMENTS`` not installed, or installed older than
-    their floor; never one of ``SLICER_BUNDLED`` or torch.
+def missing_requirements(installed_version: Callable[[str], Optional[str]] = installed_version,
+                         requirements: Optional[Dict[str, str]] = None) -> List[str]:
+    """pip specs (``name>=floor``) of the ``PIP_REQUIREMENTS`` (or ``requirements``, e.g.
+    ``REPORT_REQUIREMENTS``) not installed, or installed older than their floor; never one of
+    ``SLICER_BUNDLED`` or torch.
 
     ``installed_version(name)`` returns the installed version or None (in Slicer: a wrapper of
     ``importlib.metadata.version``).
     """
-    return [f"{name}>={floor}" for name, floor in PIP_REQUIREMENTS.items()
+    return [f"{name}>={floor}" for name, floor in (PIP_REQUIREMENTS if requirements is None else requirements).items()
             if not at_least(installed_version(name), floor)]
 
 

@@ -6,6 +6,7 @@ from ``worker_protocol.worker_command`` / ``batch_command``), or with any Python
     python -m BrainAgeLib.slicer_worker predict input.nii.gz --out DIR --sex F --age 67 --model demo
     python -m BrainAgeLib.slicer_worker batch cohort.csv --out DIR --model demo --explain
     python -m BrainAgeLib.slicer_worker download brainrotvit
+    python -m BrainAgeLib.slicer_worker report DIR --out report.html --model demo
 
 ``predict`` writes into DIR (which must exist), each file atomically: the attention map, its
 labelmap and colour table, the montage and sidecar (``explain.outputs.write_explanation_outputs``),
@@ -13,7 +14,8 @@ the brain mask, the QC picture (``explain.qc_figure``), and last the result file
 (``worker_protocol.RESULT_FILE``: ``Result.to_dict()`` and the output file names). ``download``
 fetches a registered model into the cache (the published BrainRotViT: its 17 archive volumes, each
 verified, then the import); a cancelled download resumes where it stopped. Progress, the final
-line (for ``download``: the model's path) and the exit codes follow ``worker_protocol``. The worker runs in its own process so
+line (for ``download``: the model's path; for ``report``, which writes the HTML report of a finished
+``predict`` folder: the report's path) and the exit codes follow ``worker_protocol``. The worker runs in its own process so
 Slicer stays responsive, and Cancel can stop it at any point by killing it.
 """
 from __future__ import annotations
@@ -57,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--device", default="auto")
     many.add_argument("--explain", action="store_true")
     many.add_argument("--explain-method", default="paper", help="as for predict")
+    report = sub.add_parser("report", help="the HTML report of a finished predict folder (BrainAgeLib.report)")
+    report.add_argument("folder", help="the folder a predict run wrote (its result file and input)")
+    report.add_argument("--out", required=True, help="the .html file to write")
+    report.add_argument("--model", default="demo", help="the model the prediction used (its card and reference set)")
+    report.add_argument("--subject", default="", help="a name for the report's title")
     fetch = sub.add_parser("download", help="fetch a registered model (e.g. brainrotvit) into the cache")
     fetch.add_argument("name", help="registered model name")
     fetch.add_argument("--cache-dir", default=None, help="model cache (default: $BRAINAGE_CACHE, else ~/.cache/brainage)")
@@ -148,7 +155,22 @@ def run_download(args: argparse.Namespace, progress: ProgressWriter) -> Path:
     return path
 
 
-RUNNERS = {"predict": run_predict, "batch": run_batch_command, "download": run_download}
+def run_report(args: argparse.Namespace, progress: ProgressWriter) -> Path:
+    """The subject report of a finished ``predict`` folder (Slicer's *Save report*); returns the HTML file."""
+    from .io import load_volume
+    from .report.subject import write_subject_report
+    from .worker_protocol import INPUT_FILE, load_worker_result
+
+    progress(0.1, "Reading the result")
+    result, _ = load_worker_result(args.folder)
+    progress(0.3, "Drawing the report")
+    path = write_subject_report(result, args.out, model=args.model, volume=load_volume(Path(args.folder) / INPUT_FILE),
+                                subject=args.subject)
+    progress(1.0, f"Report written: {path}")
+    return path
+
+
+RUNNERS = {"predict": run_predict, "batch": run_batch_command, "download": run_download, "report": run_report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -169,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         traceback.print_exc(file=sys.stdout)
         progress.error(f"{type(error).__name__}: {error}")
         return EXIT_FAILED
-    progress.done(getattr(args, "out", None) or written)
+    progress.done(written if args.command in ("download", "report") else args.out)
     return EXIT_OK
 
 

@@ -207,6 +207,13 @@ def download_command(python_executable: str, name: str, cache_dir: Optional[Path
     return command
 
 
+def report_command(python_executable: str, folder: PathLike, out_path: PathLike, model: str,
+                   subject: str = "") -> List[str]:
+    """The argument list that writes the HTML report of a finished ``predict`` folder to ``out_path``."""
+    return [str(python_executable), "-m", WORKER_MODULE, "report", str(folder), "--out", str(out_path),
+            "--model", str(model), "--subject", str(subject)]
+
+
 # --- reading it back ------------------------------------------------------------------------
 
 @dataclass

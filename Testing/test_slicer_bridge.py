@@ -523,3 +523,10 @@ def test_panel_values_are_the_inverse_of_model_argument():
     assert panel_values("m", None, "demo") == {"sex": "male", "chronologicalAge": 0.0,
                                                "modelChoice": list(MODEL_CHOICES)[1], "modelLocation": ""}
     assert panel_values(None, 40, "demo")["sex"] == "unknown"
+
+
+def test_report_packages_are_asked_for_only_when_a_report_is_saved():
+    from BrainAgeLib.slicer_bridge import REPORT_REQUIREMENTS
+
+    assert not set(REPORT_REQUIREMENTS) & set(PIP_REQUIREMENTS)  # the estimate itself never needs them
+    assert missing_requirements({"matplotlib": "3.8.0"}.get, REPORT_REQUIREMENTS) == [f"jinja2>={REPORT_REQUIREMENTS['jinja2']}"]
