@@ -41,6 +41,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "build" / "demo_calibration")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--record", action="store_true",
+                        help="write the phantoms' ages and predictions to Resources/Models/brainage_demo_interval_check.json "
+                             "(Testing/test_demo_intervals.py checks the card's intervals against them)")
+    parser.add_argument("--card", action="store_true",
+                        help="add the coverage line to Resources/Models/brainage_demo.md's interval section")
     args = parser.parse_args()
     model = load_model(args.model)
     calibration = model.calibration
@@ -62,10 +67,29 @@ def main() -> None:
                        for b in range(len(edges) - 1) if np.any(bands == b)]
     report["levels"] = {f"{lv:g}": dict(zip(("coverage", "mean_width", "n"), coverage(calibration, ages, predicted, lv)))
                         for lv in (0.5, 0.8, 0.9, 0.95) if calibration.half_width(50.0, lv) is not None}
+    o = report["overall"]
+    if args.record:
+        record = [{"id": r.id, "age": r.chronological_age, "sex": r.sex, "predicted_age": round(r.predicted_age, 4)}
+                  for r in rows]
+        (REPO / "Resources" / "Models" / "brainage_demo_interval_check.json").write_text(
+            json.dumps({"what": "the demo's held-out test phantoms (scripts/demo_split_phantoms.py test) and the "
+                                "ages the shipped model predicts for them with the default preprocessing",
+                        "command": "python scripts/interval_coverage.py --record", "phantoms": record}, indent=1),
+            encoding="utf-8")
+    if args.card:
+        card_path = REPO / "Resources" / "Models" / "brainage_demo.md"
+        card = card_path.read_text(encoding="utf-8")
+        line = (f"On the {o['n']} held-out test phantoms (`python scripts/interval_coverage.py`) the 90% intervals "
+                f"held the chronological age of {o['coverage']:.1%}, mean width {o['mean_width']:.1f} years.\n")
+        start = card.find("## Prediction intervals")
+        end = card.find("\n## ", start + 5)
+        section = card[start:end + 1]
+        section = "".join(l for l in section.splitlines(keepends=True) if not l.startswith("On the ") or
+                          "interval_coverage" not in l)
+        card_path.write_text(card[:start] + section.rstrip("\n") + "\n" + line + "\n" + card[end + 1:], encoding="utf-8")
     if args.json:
         print(json.dumps(report, indent=2, default=float))
         return
-    o = report["overall"]
     print(f"{model.name}: {o['n']} held-out phantoms, {calibration.level:.0%} intervals from {calibration.n_reference} "
           f"validation phantoms: coverage {o['coverage']:.1%}, mean width {o['mean_width']:.1f} years")
     for band in report["bands"]:
