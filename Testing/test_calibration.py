@@ -149,3 +149,22 @@ def test_slicer_results_text_shows_the_interval_and_gap_z_or_says_not_calibrated
     text = result_text(calibrated)
     assert "67.2 years (90% interval 61.4\u201373.0)" in text and "+1.40" in text and "extreme" in text
     assert NOT_CALIBRATED in result_text(Result(predicted_age=50.0))
+
+
+def test_a_checkpoint_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A safetensors file begins with its header's length (8 bytes, little-endian); a pickle with
+    the byte 0x80. One calibrated card in 32 has such a length: it must still load."""
+    import struct
+
+    from BrainAgeLib.model import build_model
+    from BrainAgeLib.model.checkpoint import save_checkpoint
+
+    model = build_model("tiny", seed=0)
+    for pad in range(0, 64):
+        path = save_checkpoint(model, tmp_path / "padded.safetensors", {"note": "x" * (8 * pad)})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length whose first byte is 0x80")
+    assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
+    assert read_metadata(path)["note"] and load_model(path) is not None
