@@ -164,6 +164,34 @@ class RankContext:
 # Worker processes
 # --------------------------------------------------------------------------------------------
 
+def available_cores() -> int:
+    """The CPU cores this process is given: its affinity mask (``taskset``, a batch scheduler's
+    cpuset) bounded by a cgroup v2 CPU quota (``/sys/fs/cgroup/cpu.max``, containers), else
+    ``os.cpu_count()``; at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as handle:
+            quota, period = handle.read().split()[:2]
+        if quota != "max" and float(period) > 0:
+            cores = min(cores, max(1, int(float(quota) / float(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, int(cores))
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory available to new processes now (psutil's ``available``), None when unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # pragma: no cover - psutil is a dependency
+        return None
+
+
 def limit_threads(threads: int) -> None:
     """Bound this process to ``threads`` CPU threads: OpenMP, OpenBLAS and MKL (environment,
     for libraries loaded from now on), torch (if already imported; one imported later reads

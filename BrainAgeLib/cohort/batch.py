@@ -203,14 +203,29 @@ def load_and_prepare(index: int, path: str, preset: Any, keep_volume: bool, devi
         return PreparedSubject(index, error=f"{path}: {type(error).__name__}: {error}")
 
 
-def default_workers() -> int:
-    """Preprocessing workers when not told: one per core, at most 4.
+#: A preprocessing worker's peak memory with deepbet's networks loaded (bytes; measured ~1.5 GB).
+WORKER_MEMORY_BYTES = int(1.5 * 2**30)
+
+
+def default_workers(cores: Optional[int] = None, memory_bytes: Optional[int] = None) -> int:
+    """Preprocessing workers when not told: one per core given (``parallel.available_cores``,
+    shared among torchrun's ranks on this node), as many as the available memory holds at
+    :data:`WORKER_MEMORY_BYTES` each (keeping one worker's worth for the model); at least 1.
 
     Preparing a head is mostly single-threaded (SciPy, NumPy and SimpleITK's N4 and
-    registration gain little from a second thread), so on two cores two workers keep both busy;
-    the model runs in between on the cores they leave free (``_leave_cores_to_workers``).
+    registration gain little from a second thread), so one worker per core keeps them busy; the
+    model takes the cores the workers are not using at that moment (``_ThreadBalance``): all of
+    them while the workers wait (a slow ViT, as the paper preset's on a CPU), one while every
+    worker prepares.
     """
-    return max(1, min(4, os.cpu_count() or 1))
+    from ..parallel import available_cores, available_memory_bytes
+
+    if cores is None:
+        ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        cores = max(1, available_cores() // ranks_here)
+    memory = available_memory_bytes() if memory_bytes is None else memory_bytes
+    by_memory = cores if memory is None else int(memory // WORKER_MEMORY_BYTES) - 1
+    return max(1, min(int(cores), by_memory))
 
 
 class _Preparer:
@@ -227,13 +242,16 @@ class _Preparer:
         self.keep_volume = keep_volume
         self.workers = workers
         self.pool: Optional[ProcessPoolExecutor] = None
+        self._pending: Dict[Future, Tuple[int, str]] = {}
         if workers > 0 and len(self.tasks) > 1:
             self.pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         from ..parallel import worker_pool
 
-        threads = max(1, (os.cpu_count() or 1) // (self.workers + 1))
+        from ..parallel import available_cores
+
+        threads = max(1, available_cores() // (self.workers + 1))
         # Workers ignore Ctrl-C (the main process decides) and exit as soon as the main process
         # is gone (killed with SIGKILL, it cannot tell them). Preparing imports torch only for
         # deepbet's brain extraction: its two networks are loaded once per worker (~0.5 s), and
@@ -248,7 +266,7 @@ class _Preparer:
             for index, path in self.tasks:
                 yield load_and_prepare(index, path, self.preset, self.keep_volume, self.device)
             return
-        pending: Dict[Future, Tuple[int, str]] = {}
+        pending = self._pending
         queue = list(reversed(self.tasks))
         window = self.workers * PREFETCH_PER_WORKER
         crashes: Dict[Tuple[int, str], int] = {}
@@ -295,6 +313,12 @@ class _Preparer:
                 else:
                     queue.append(item)
             self.pool = self._new_pool()
+
+    def busy(self) -> int:
+        """Workers preparing a subject now (submitted, not finished; at most the pool's size)."""
+        if self.pool is None:
+            return 0
+        return min(self.workers, sum(1 for future in list(self._pending) if not future.done()))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -357,9 +381,11 @@ def _stem(subject_id: str) -> str:
 
 
 def infer_subject(model: Any, item: PreparedSubject, subject: Subject, out_dir: Path, explain: Optional[str],
-                  explain_format: str, precision: str, qc: bool = False, report: bool = False) -> PredictionRow:
+                  explain_format: str, precision: str, qc: bool = False, report: bool = False, *,
+                  on_progress: Optional[Callable[[float, str], None]] = None) -> PredictionRow:
     """The row of one prepared subject: predict (and write its explanation files, with ``qc``
-    its QC picture in ``out_dir/qc/``, with ``report`` its HTML report in ``out_dir/report/subjects/``)."""
+    its QC picture in ``out_dir/qc/``, with ``report`` its HTML report in ``out_dir/report/subjects/``).
+    ``on_progress``: ``predict_prepared``'s progress callback (batch mode rebalances threads there)."""
     row = _base_row(subject, model.name)
     if item.error:
         row.error = item.error
@@ -372,7 +398,8 @@ def infer_subject(model: Any, item: PreparedSubject, subject: Subject, out_dir: 
                                                       item.dicom_header)
         from ..inference import predict_prepared
 
-        result = predict_prepared(model, item.prepared, sex, age, explain=explain, precision=precision)
+        result = predict_prepared(model, item.prepared, sex, age, explain=explain, precision=precision,
+                                  progress=on_progress)
         if explain:
             from ..explain.outputs import write_explanation_outputs
 
@@ -468,6 +495,7 @@ def _run(subjects: Cohort, out_dir: Path, model: Any, explain: Optional[str], de
          workers: Optional[int], progress: Optional[BatchProgress], retry_failed: bool,
          explain_format: str, precision: str, context: Any, qc: bool = False, report: bool = False) -> BatchSummary:
     started = time.perf_counter()
+    html_report = report  # the flag; ``report`` is the progress callback below
     report = progress or (lambda fraction, message: None)
     order = [str(s.id) for s in subjects]
     earlier = read_all_predictions(out_dir)
@@ -476,7 +504,7 @@ def _run(subjects: Cohort, out_dir: Path, model: Any, explain: Optional[str], de
     todo = [(index, s) for index, s in mine if str(s.id) not in done_ids]
     by_index = dict(todo)
     n_workers = default_workers() if workers is None else max(0, int(workers))
-    preparer = _Preparer([(index, str(s.path)) for index, s in todo], bool(explain or qc or report), n_workers)
+    preparer = _Preparer([(index, str(s.path)) for index, s in todo], bool(explain or qc or html_report), n_workers)
     try:
         model, target = _resolve_model(model, context.device_for(device))
         out_dir.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a failed start leaves no folder
@@ -499,7 +527,7 @@ def _run(subjects: Cohort, out_dir: Path, model: Any, explain: Optional[str], de
     # seconds summed over subjects: load/prepare (wall, in the workers), cpu (the workers' CPU
     # time), infer (this process), wait (this process idle, waiting for a prepared subject)
     timings = {"load": 0.0, "prepare": 0.0, "cpu": 0.0, "infer": 0.0, "wait": 0.0}
-    restore_threads = _leave_cores_to_workers(target, summary.workers)
+    balance = _ThreadBalance(target, preparer)
     try:
         # before the first row, flushed to disk as the rows are: rows never outlive their record
         write_bytes_atomic(out_dir / RUN_RECORD, (json.dumps(identity, indent=2) + "\n").encode(), fsync=True)
@@ -512,7 +540,9 @@ def _run(subjects: Cohort, out_dir: Path, model: Any, explain: Optional[str], de
                     timings[key] += item.timings.get(key, 0.0)
                 subject = by_index[item.index]
                 tic = time.perf_counter()
-                row = infer_subject(model, item, subject, out_dir, explain, explain_format, precision, qc, report)
+                balance()
+                row = infer_subject(model, item, subject, out_dir, explain, explain_format, precision, qc,
+                                    html_report, on_progress=balance.on_progress)
                 timings["infer"] += time.perf_counter() - tic
                 writer.append(row)
                 if row.ok:
@@ -526,7 +556,7 @@ def _run(subjects: Cohort, out_dir: Path, model: Any, explain: Optional[str], de
                 waited = time.perf_counter()
     finally:
         preparer.close()
-        restore_threads()
+        balance.restore()
     summary.timings = timings
     summary.rows = _finish(out_dir, order, context, csv_path)
     if context.synchronised:  # the whole run's counts and timings, summed over the ranks
@@ -594,17 +624,44 @@ def check_run_record(out_dir: Path, earlier: Sequence[PredictionRow], ours: Dict
             "choose another output folder")
 
 
-def _leave_cores_to_workers(device: Any, workers: int) -> Callable[[], None]:
-    """On a CPU with preprocessing workers, run the model on the cores they leave free (at least
-    one thread): torch's idle OpenMP threads spin-wait for work and would take the workers'
-    cores. Returns the function that restores the thread count."""
-    import torch
+class _ThreadBalance:
+    """On a CPU with preprocessing workers, the model's torch threads are the cores the workers
+    leave free at that moment (at least one): set before each subject and again after each batch
+    of slices through the ViT (``on_progress``). While every worker prepares, the model runs on
+    one thread (torch's idle OpenMP threads spin-wait and would take the workers' cores); once
+    the workers have filled their prefetch window and wait, it runs on all the cores given. On
+    CUDA, or without workers, nothing changes. :meth:`restore` puts the thread count back."""
 
-    before = torch.get_num_threads()
-    if workers <= 0 or getattr(device, "type", str(device)) != "cpu":
-        return lambda: None
-    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
-    return lambda: torch.set_num_threads(before)
+    def __init__(self, device: Any, preparer: "_Preparer"):
+        import torch
+
+        from ..parallel import available_cores
+
+        self.before = torch.get_num_threads()
+        self.preparer = preparer
+        self.active = preparer.pool is not None and getattr(device, "type", str(device)) == "cpu"
+        self.cores = min(self.before, available_cores())
+        self.current = self.before
+        self()
+
+    def __call__(self) -> None:
+        if not self.active:
+            return
+        import torch
+
+        threads = max(1, self.cores - self.preparer.busy())
+        if threads != self.current:
+            torch.set_num_threads(threads)
+            self.current = threads
+
+    def on_progress(self, fraction: float, message: str) -> None:
+        self()
+
+    def restore(self) -> None:
+        if self.active:
+            import torch
+
+            torch.set_num_threads(self.before)
 
 
 def _finish(out_dir: Path, order: List[str], context: Any, csv_path: Path) -> List[PredictionRow]:
