@@ -36,6 +36,20 @@ def screenshot(page: Path, png: Path, width: int = 1100, height: int = 2000) -> 
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--window-size={width},{height}", f"--screenshot={png}", page.as_uri()],
                    check=True, capture_output=True)
+    return crop_blank_bottom(png)
+
+
+def crop_blank_bottom(png: Path, margin: int = 24) -> Path:
+    """Cut the white below the page's last content (the window is taller than most pages) and
+    store the picture with a 256-colour palette."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(png).convert("RGB")
+    rows = np.flatnonzero((np.asarray(image.convert("L")) < 250).any(axis=1))
+    if rows.size:
+        image = image.crop((0, 0, image.width, min(image.height, int(rows[-1]) + margin)))
+    image.quantize(256).save(png, optimize=True)      # a palette PNG: a third of the size, looks the same
     return png
 
 
