@@ -229,3 +229,20 @@ def test_cohort_benchmark_times_sequential_batch_and_commands_on_the_same_heads(
     # the same weights give the same ages in-process, in batch mode and through the command
     assert report["max_difference_years"] < 1e-3
     assert report["cli_max_difference_years"] < 1e-3
+
+
+def test_cohort_scaling_counts_and_rows():
+    assert cohort_bench.scaling_counts(1) == [1]
+    assert cohort_bench.scaling_counts(2) == [1, 2]
+    assert cohort_bench.scaling_counts(12) == [1, 2, 3, 4, 5, 6, 7, 8, 12]
+    assert cohort_bench.scaling_counts(64) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]
+    fields = {f.name for f in dataclasses.fields(cohort_bench.CohortBenchResult)}
+    assert "scaling" in fields
+    result = cohort_bench.CohortBenchResult(
+        preset="tiny", device="cpu", n_heads=2, head_spacing_mm=1.0, explain=False, workers=2, sequential_s=2.0,
+        batch_s=1.0, volumes_per_minute_sequential=60.0, volumes_per_minute_batch=120.0, speedup=2.0,
+        max_difference_years=0.0, torch_threads=2, cpu_count=2,
+        scaling=[{"workers": 1, "seconds": 1.5, "volumes_per_minute": 80.0, "cores_used": 1.2},
+                 {"workers": 2, "seconds": 1.0, "volumes_per_minute": 120.0, "cores_used": 1.9}])
+    assert result.to_dict()["scaling"][1]["volumes_per_minute"] == 120.0
+    assert "batch,  2 workers" in result.table() and "1.90 cores busy" in result.table()

@@ -13,6 +13,10 @@ the same process times
   process per head, as a shell loop over a cohort would run them: each pays Python's start,
   importing torch and loading the checkpoint (the same weights, saved once to a file).
 
+- **scaling** (``scaling``, the CLI's default when ``--workers`` is not given): batch mode again
+  with 1, 2, ... workers (up to the cores given), each one's volumes per minute and the CPU
+  cores it kept busy.
+
 Both include reading the files and, with ``explain``, writing the explanation files. The two
 runs must agree on every predicted age (``max_difference_years``). On a machine shared with
 other work, the 1-minute load average at the start is reported alongside.
@@ -24,7 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 #: Heads of the benchmark cohort are whole-head phantoms at this spacing (mm), as clinical T1s.
 HEAD_SPACING_MM = 1.0
@@ -60,6 +64,8 @@ class CohortBenchResult:
     volumes_per_minute_sequential_cli: Optional[float] = None
     speedup_vs_cli: Optional[float] = None
     cli_max_difference_years: Optional[float] = None
+    #: batch mode by number of workers: [{"workers", "seconds", "volumes_per_minute", "cores_used"}]
+    scaling: List[Dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -81,6 +87,10 @@ class CohortBenchResult:
             lines.append(f"  one `brainage predict` command per head {self.sequential_cli_s:.1f} s  "
                          f"{self.volumes_per_minute_sequential_cli:.2f} volumes/minute; batch is "
                          f"{self.speedup_vs_cli:.2f} x faster (agree to {self.cli_max_difference_years:.1e} years)")
+        for row in self.scaling:
+            lines.append(f"  batch, {row['workers']:>2} worker{'s' if row['workers'] != 1 else ' '}      "
+                         f"{row['seconds']:8.1f} s  {row['volumes_per_minute']:7.2f} volumes/minute"
+                         f"  ({row['cores_used']:.2f} cores busy)")
         if self.sequential_stage_s:
             lines.append("  sequential stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.sequential_stage_s.items()))
         if self.batch_stage_s:
@@ -101,11 +111,13 @@ def run_cohort_benchmark(
     repeats: int = 1,
     cli_baseline: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    scaling: Optional[Sequence[int]] = None,
 ) -> CohortBenchResult:
     """Time ``n_heads`` generated heads through sequential ``predict`` calls and through batch mode.
 
     ``repeats`` > 1 runs both modes that many times, alternating, and keeps each one's fastest
-    run (on a machine shared with other work, the least disturbed one).
+    run (on a machine shared with other work, the least disturbed one). ``scaling``: worker
+    counts to time batch mode with as well (:func:`scaling_counts` gives 1, 2, ... up to the cores).
     """
     import torch
 
@@ -135,6 +147,7 @@ def run_cohort_benchmark(
         model_file = save_checkpoint(model, root / "bench_model.safetensors") if cli_baseline else None
         sequential_s = batch_s = cli_s = float("inf")
         sequential_cpu = batch_cpu = 0.0
+        scaled: Dict[int, Dict[str, float]] = {}
         cli_ages: Dict[str, float] = {}
         for attempt in range(max(1, int(repeats))):
             if model_file is not None:
@@ -177,7 +190,22 @@ def run_cohort_benchmark(
                 # the workers' CPU time (in-process preparing is already in this process's)
                 batch_cpu = time.process_time() - cpu + (summary.timings["cpu"] if summary.workers else 0.0)
                 batch_stages = dict(summary.timings)
+            for count in scaling or ():
+                if count == n_workers:
+                    continue
+                log(f"batch mode, {count} workers ({attempt + 1}/{repeats})")
+                tic, cpu = time.perf_counter(), time.process_time()
+                scaled_summary = run_batch(subjects, root / f"batch{attempt}w{count}", model=model, explain=explain,
+                                           device=target, workers=count, precision=precision)
+                seconds = time.perf_counter() - tic
+                busy = time.process_time() - cpu + (scaled_summary.timings["cpu"] if scaled_summary.workers else 0.0)
+                if count not in scaled or seconds < scaled[count]["seconds"]:
+                    scaled[count] = {"workers": count, "seconds": seconds,
+                                     "volumes_per_minute": 60.0 * n_heads / seconds, "cores_used": busy / seconds}
 
+    if scaling:
+        scaled[n_workers] = {"workers": n_workers, "seconds": batch_s, "volumes_per_minute": 60.0 * n_heads / batch_s,
+                             "cores_used": batch_cpu / batch_s}
     failed = [row for row in summary.rows if not row.ok]
     if failed:
         raise RuntimeError(f"batch mode failed on {failed[0].id}: {failed[0].error}")
@@ -197,7 +225,24 @@ def run_cohort_benchmark(
         torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count() or 1, load_average_1min=load_average,
         sequential_stage_s=sequential_stages, batch_stage_s=batch_stages, repeats=max(1, int(repeats)),
         sequential_cores_used=sequential_cpu / sequential_s, batch_cores_used=batch_cpu / batch_s, **cli,
+        scaling=[scaled[count] for count in sorted(scaled)],
     )
+
+
+def scaling_counts(cores: Optional[int] = None) -> List[int]:
+    """Worker counts to time: 1, 2, ... up to ``cores`` (default: the cores given), every one up
+    to 8, then doublings and the cores themselves."""
+    from ..parallel import available_cores
+
+    cores = available_cores() if cores is None else max(1, int(cores))
+    counts = list(range(1, min(cores, 8) + 1))
+    step = 16
+    while step < cores:
+        counts.append(step)
+        step *= 2
+    if cores not in counts:
+        counts.append(cores)
+    return counts
 
 
 def run_predict_command(subject: Any, model_file: Path, device: Any, precision: str, explain: bool, out: Path) -> float:

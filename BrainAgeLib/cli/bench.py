@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead: volumes/minute for N generated heads: one `brainage predict` command per "
                              "head, in-process predict calls and batch mode (BrainAgeLib.bench.cohort)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="with --cohort: batch mode's preprocessing workers (default: as brainage batch)")
+                        help="with --cohort: batch mode's preprocessing workers (default: as brainage batch, and "
+                             "batch mode is timed with 1, 2, ... workers too, up to the cores given)")
     parser.add_argument("--no-cli-baseline", dest="cli_baseline", action="store_false",
                         help="with --cohort: skip timing one `brainage predict` command per head")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
@@ -42,11 +43,12 @@ def run(args: argparse.Namespace) -> int:
 
     verbose = not args.json and sys.stderr.isatty()
     if args.cohort is not None:
-        from ..bench.cohort import run_cohort_benchmark
+        from ..bench.cohort import run_cohort_benchmark, scaling_counts
 
         cohort = run_cohort_benchmark(
             args.cohort, preset=args.preset or "demo", device=args.device, workers=args.workers,
             precision=args.precision, repeats=args.repeat, cli_baseline=args.cli_baseline,
+            scaling=scaling_counts() if args.workers is None else None,
             log=(lambda message: print(f"  ... {message}", file=sys.stderr)) if verbose else (lambda message: None))
         print(json.dumps(cohort.to_dict(), indent=2) if args.json else cohort.table())
         return 0
