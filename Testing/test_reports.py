@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 
 from BrainAgeLib.bias_correction import BiasCorrection
-from BrainAgeLib.cohort.batch import run_batch
 from BrainAgeLib.conformal import ConformalCalibration
 from BrainAgeLib.inference import predict
 from BrainAgeLib.io import load_volume
 from BrainAgeLib.model import build_model
 from BrainAgeLib.model.checkpoint import load_model, save_checkpoint
-from BrainAgeLib.report import write_batch_report, write_subject_report
+from BrainAgeLib.report import write_subject_report
 from BrainAgeLib.result import DEMO_DISCLAIMER
 
 from cohort_heads import write_bad_inputs, write_cohort_csv, write_heads
