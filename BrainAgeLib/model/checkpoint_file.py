@@ -50,6 +50,11 @@ def save_checkpoint(model: "torch.nn.Module", path: PathLike, metadata: Optional
     from .precision import RECORD_KEY, measure_precisions, record_wanted
 
     if record_wanted(record_precisions):
+        import logging
+
+        logging.getLogger(__name__).info(
+            "measuring how far each CPU precision moves the age (minutes for the paper preset; "
+            "BRAINAGE_PRECISION_RECORD=0 skips it)")
         card[RECORD_KEY] = measure_precisions(model)
     if (card.get(RECORD_KEY) or {}).get("weights_sha256") != card["weights_sha256"]:
         card.pop(RECORD_KEY, None)
