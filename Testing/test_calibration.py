@@ -168,3 +168,22 @@ def test_a_checkpoint_whose_header_length_starts_with_0x80_is_not_taken_for_a_pi
         pytest.fail("no padding gave a header length whose first byte is 0x80")
     assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
     assert read_metadata(path)["note"] and load_model(path) is not None
+
+
+def test_a_predictions_file_of_the_earlier_columns_is_read_and_upgraded_on_resume(tmp_path):
+    import csv
+
+    from BrainAgeLib.cohort.predictions_csv import COLUMNS, LEGACY_COLUMNS, PredictionRow, PredictionsWriter
+
+    path = tmp_path / "predictions.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(LEGACY_COLUMNS)
+        writer.writerow(["sub-1" if c == "id" else "61.2" if c == "predicted_age" else "" for c in LEGACY_COLUMNS])
+    assert read_predictions(path)[0].predicted_age == 61.2
+    with PredictionsWriter(path) as appending:
+        appending.append(PredictionRow(id="sub-2", predicted_age=50.0, interval_low=40.0, interval_high=60.0,
+                                       interval_level=0.9, gap_z=0.5))
+    rows = read_predictions(path)
+    assert path.read_text(encoding="utf-8").splitlines()[0] == ",".join(COLUMNS)
+    assert [r.id for r in rows] == ["sub-1", "sub-2"] and rows[1].interval_high == 60.0 and rows[1].gap_z == 0.5

@@ -116,6 +116,8 @@ def test_tiny_preset_trains_both_stages_resumes_and_loads(tiny_cohort, tmp_path)
     assert model.metadata["trained"] is True
     assert model.metadata["training_data"]["n_subjects"] == N_PHANTOMS
     assert set(model.metadata["bias_correction"]) >= {"slope", "intercept"}
+    # prediction intervals fitted on the same validation subjects
+    assert model.calibration.n_reference == model.metadata["training_data"]["n_val"]
     # the saved model reproduces the run's predictions from the cached slices
     entry_slices = np.load(slice_files[0]).astype(np.float32)
     with torch.no_grad():
