@@ -85,7 +85,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> Optional[to
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
         raise BrainAgeError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision in ("fp32", "int8"):  # int8: quantised linear layers in float32 (model.precision), no autocast
+    if precision in ("fp32", "int8", "onnx"):  # int8, onnx: other kernels, float32 tensors (model.precision)
         return None
     if precision != "auto":
         return _DTYPES[precision]

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 #: Precision names the ViT may run in (``devices.autocast_dtype``); here, free of torch, so the
 #: command line can list them without importing torch.
-PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISIONS: Tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8", "onnx")
 #: Brain extraction methods (``PreprocessConfig.skull_strip``): a trained extractor (deepbet, see
 #: ``brain_extraction.py``), the template registration of ``template_strip.py``, or none. Inputs
 #: that are skull-stripped already are detected and kept with every method.

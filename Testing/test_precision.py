@@ -59,6 +59,8 @@ def test_int8_copy_follows_changed_weights():
 
 def test_cpu_order_by_features():
     assert cpu_precision_order(INT8_CPU) == ["int8", "fp32"]
+    assert cpu_precision_order(dict(INT8_CPU, onnx=True)) == ["int8", "onnx", "fp32"]
+    assert cpu_precision_order(dict(AMX_CPU, onnx=True)) == ["bf16", "int8", "onnx", "fp32"]
     assert cpu_precision_order(AMX_CPU) == ["bf16", "int8", "fp32"]
     assert cpu_precision_order(dict(INT8_CPU, avx512_bf16=True, native_bf16=True)) == ["int8", "bf16", "fp32"]
     assert cpu_precision_order(OLD_CPU) == ["fp32"]
@@ -75,6 +77,10 @@ def test_auto_picks_the_fastest_agreeing_precision_from_the_record():
                                                  "max_age_difference_years": {"int8": 0.3, "bf16": 0.05}}}
     assert choose_precision(far, cpu, "auto", INT8_CPU) == "fp32"      # int8 too far; bf16 not native
     assert choose_precision(far, cpu, "auto", AMX_CPU) == "bf16"
+    onnx = {"weights_sha256": "abc", RECORD_KEY: {"weights_sha256": "abc",
+                                                  "max_age_difference_years": {"int8": 0.3, "onnx": 1e-5}}}
+    assert choose_precision(onnx, cpu, "auto", dict(INT8_CPU, onnx=True)) == "onnx"  # int8 too far: the next
+    assert choose_precision(onnx, cpu, "auto", INT8_CPU) == "fp32"                    # no ONNX Runtime here
     assert choose_precision(dict(far, weights_sha256="other"), cpu, "auto", AMX_CPU) == "fp32"  # stale record
     assert choose_precision({}, cpu, "auto", INT8_CPU) == "fp32"       # no record: fp32, as before
     assert choose_precision(card, cpu, "fp32", INT8_CPU) == "fp32"     # an explicit precision is kept
@@ -92,6 +98,7 @@ def test_measure_precisions_record(tiny):
 
 
 def test_save_checkpoint_writes_the_record_when_asked(tmp_path, monkeypatch, tiny):
+    monkeypatch.setenv("BRAINAGE_CACHE", str(tmp_path / "cache"))  # an ONNX graph, if measured, goes here
     monkeypatch.setattr(precision_module, "default_inputs", lambda config, log=None: _inputs())
     plain = read_metadata(save_checkpoint(tiny, tmp_path / "plain.safetensors"))
     assert RECORD_KEY not in plain
@@ -105,6 +112,26 @@ def test_save_checkpoint_writes_the_record_when_asked(tmp_path, monkeypatch, tin
     with torch.no_grad():
         next(loaded.regressor.parameters()).add_(1.0)
     assert RECORD_KEY not in read_metadata(save_checkpoint(loaded, tmp_path / "changed.safetensors"))
+
+
+@pytest.mark.skipif(not precision_module.cpu_features()["onnx"], reason="ONNX Runtime is not installed")
+def test_onnx_runtime_agrees_with_fp32_and_caches_its_graph_by_digest(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAINAGE_CACHE", str(tmp_path))
+    from BrainAgeLib.model.onnx_encoder import onnx_encoder
+
+    model = build_model("tiny", seed=5).eval()
+    slices = torch.from_numpy(_inputs(1)[0][1])
+    with torch.no_grad():
+        reference = model.embed_explain(slices, precision="fp32")
+        ours = model.embed_explain(slices, precision="onnx")
+    for a, b in zip(reference, ours):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    graphs = list((tmp_path / "onnx").glob("*.onnx"))
+    assert len(graphs) == 1 and onnx_encoder(model).path == graphs[0]
+    with torch.no_grad():
+        next(model.encoder.parameters()).add_(0.01)
+        model.embed(slices, precision="onnx")
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2   # new weights, new graph
 
 
 def test_record_switch_from_the_environment(monkeypatch):

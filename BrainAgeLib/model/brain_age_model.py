@@ -116,7 +116,8 @@ class BrainAgeModel(nn.Module):
 
         ``device`` moves the model first (None keeps it where it is). Slices run through the ViT
         ``batch_size`` at a time (default: sized to the device); ``precision`` "auto" is
-        :meth:`resolve_precision`'s choice; "int8" runs the ViT's linear layers quantised (CPU). ``progress(done, total)`` is called after each batch.
+        :meth:`resolve_precision`'s choice; "int8" runs the ViT's linear layers quantised, "onnx" the ViT in ONNX Runtime
+        (both CPU only; ``model.precision``). ``progress(done, total)`` is called after each batch.
         """
         return self._encode(slices, batch_size, device, precision=precision, progress=progress, explain=False)[0]
 
@@ -151,6 +152,12 @@ class BrainAgeModel(nn.Module):
             if target.type != "cpu":
                 raise BrainAgeError(f"precision 'int8' runs on the CPU only, not on {target.type}")
             encoder = int8_encoder(self)
+        elif chosen == "onnx":
+            from .onnx_encoder import onnx_encoder
+
+            if target.type != "cpu":
+                raise BrainAgeError(f"precision 'onnx' runs on the CPU only, not on {target.type}")
+            encoder = onnx_encoder(self)
         dtype = autocast_dtype(target, chosen)
         step = int(batch_size or slice_batch_size(target, self.config, n))
         pieces: List[Tuple[torch.Tensor, ...]] = []

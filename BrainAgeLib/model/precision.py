@@ -10,6 +10,9 @@ float32 two precisions are faster there:
   disk; rebuilt when the weights change). It needs fbgemm's AVX2 (or wider) kernels: measured
   on 2 AMD EPYC cores (AVX-512, 2026-12-01) the paper ViT over 160 slices ran ~2.5x faster than
   float32 (README, *Benchmark*). No extra dependency.
+- ``"onnx"``: the float32 ViT run by ONNX Runtime (``model.onnx_encoder``; optional, where
+  ``onnxruntime`` and ``onnx`` are installed): the same arithmetic, other kernels, ~2x torch's
+  fp32 on those EPYC cores; its graph is cached by the weights' digest in the user's cache.
 - ``"bf16"``: autocast to bfloat16, several times faster than fp32 only where the CPU has it
   natively (AMX; AVX512-BF16 gains less), several times *slower* without.
 
@@ -41,7 +44,7 @@ RECORD_KEY = "cpu_precisions"
 #: "auto" takes a faster precision only if it moved no recorded age by more than this (years).
 AGREEMENT_YEARS = 0.1
 #: The CPU precisions besides the float32 reference that can be recorded and chosen.
-FAST_CPU_PRECISIONS: Tuple[str, ...] = ("int8", "bf16")
+FAST_CPU_PRECISIONS: Tuple[str, ...] = ("int8", "onnx", "bf16")
 
 
 # --------------------------------------------------------------------------------- CPU features
@@ -76,20 +79,26 @@ def cpu_features() -> Dict[str, bool]:
         "int8": avx2 and bool(engines & {"x86", "fbgemm"}) and platform.machine().lower() in ("x86_64", "amd64"),
     }
     features["native_bf16"] = features["avx512_bf16"] or features["amx_bf16"]
+    from .onnx_encoder import onnx_available
+
+    features["onnx"] = onnx_available()
     return features
 
 
 def cpu_precision_order(features: Optional[Mapping[str, bool]] = None) -> List[str]:
     """CPU precisions from fastest to slowest on a CPU with ``features`` (default: this one's),
     float32 last. With AMX bf16 leads (2.9x fp32 on 16 Xeon cores, above int8's ~2.5x); with
-    AVX512-BF16 alone int8 leads (2 EPYC cores: int8 ~2.5x, bf16 ~1.3x); without native bf16,
-    bf16 is left out (slower than fp32); without AVX2, int8 too."""
+    AVX512-BF16 alone int8 leads, then ONNX Runtime's fp32, then bf16 (2 EPYC cores, README);
+    without native bf16, bf16 is left out (slower than fp32); without AVX2, int8 too; "onnx"
+    only where ONNX Runtime is installed."""
     features = cpu_features() if features is None else features
     order: List[str] = []
     if features.get("amx_bf16"):
         order.append("bf16")
     if features.get("int8"):
         order.append("int8")
+    if features.get("onnx"):
+        order.append("onnx")
     if features.get("native_bf16") and "bf16" not in order:
         order.append("bf16")
     return order + ["fp32"]
@@ -262,8 +271,8 @@ def measure_precisions(model: nn.Module, inputs: Optional[Sequence[PrecisionInpu
 
     features = cpu_features()
     if precisions is None:
-        precisions = [p for p in FAST_CPU_PRECISIONS
-                      if (p == "int8" and features["int8"]) or (p == "bf16" and features["native_bf16"])]
+        wanted = {"int8": features["int8"], "onnx": features["onnx"], "bf16": features["native_bf16"]}
+        precisions = [p for p in FAST_CPU_PRECISIONS if wanted[p]]
     unknown = [p for p in precisions if p not in FAST_CPU_PRECISIONS]
     if unknown:
         raise ValueError(f"unknown CPU precisions {unknown}; measured are {', '.join(FAST_CPU_PRECISIONS)}")
