@@ -169,11 +169,12 @@ def test_bench_cli_json_keeps_each_stage_fastest_run(small_head, observed, repea
         assert data["end_to_end_s"] < SLOWDOWN_S
 
 
-def test_bench_json_compares_the_authors_loop_and_the_cpu_precisions(small_head, monkeypatch, capsys):
+def test_bench_json_compares_the_authors_loop_and_the_cpu_precisions(small_head, monkeypatch, capsys, tmp_path):
     """`brainage bench --json` (compare is on by default): the authors'-style loop, each CPU
     precision's bare ViT and age difference, the fastest agreeing one and the ratios."""
     from BrainAgeLib.model.precision import AGREEMENT_YEARS, cpu_precision_order
 
+    monkeypatch.setenv("BRAINAGE_CACHE", str(tmp_path))  # precision onnx's graph, where installed
     monkeypatch.setattr(bench, "write_generated_head", lambda path: (save_volume(small_head[0], path), "small")[1])
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--no-explain", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
