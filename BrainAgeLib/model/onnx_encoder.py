@@ -62,7 +62,11 @@ class OnnxEncoder:
         self.encoder = encoder  # its normalize (and config); the torch weights are not used here
         self.path = path
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        from ..parallel import available_cores
+
+        # the cores given, fixed for the session's life (batch mode's thread balance moves only
+        # torch's threads: with workers busy, ONNX Runtime's share the cores with them)
+        options.intra_op_num_threads = int(threads or available_cores())
         options.inter_op_num_threads = 1
         # no spinning: in batch mode idle threads would take the preprocessing workers' cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
