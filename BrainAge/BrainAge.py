@@ -254,24 +254,18 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
             waitForCompletion=False, completedCallback=self.onEstimateDone))
 
     def onDownloadModel(self):
-        self.startJob(lambda: self.logic.downloadModel(self.inputs()["model"], progress=self.onProgress,
-                                                       waitForCompletion=False, completedCallback=self.onDownloadDone))
+        texts = ("Download cancelled; the next one resumes where it stopped.", "The model could not be downloaded.",
+                 "Model downloaded: it is used offline from now on.")
+        self.startJob(lambda: self.logic.downloadModel(self.inputs()["model"], progress=self.onProgress, waitForCompletion=False,
+                                                       completedCallback=lambda error: self.jobDone(error, *texts)))
 
     def onSaveReport(self):
         path = qt.QFileDialog.getSaveFileName(None, "Save brain age report", f"{self.logic.lastEstimate[2]}_brainage.html",
                                               "HTML report (*.html)")
+        texts = ("Cancelled.", "The report could not be saved.", f"Report saved: {path}")
         if path:
             self.startJob(lambda: self.logic.saveReport(path, progress=self.onProgress, waitForCompletion=False,
-                                                        completedCallback=self.onReportDone))
-
-    def onReportDone(self, error):
-        if self.endJob():
-            self.showStatus("Cancelled.")
-        elif error:
-            self.showStatus("The report could not be saved.")
-            slicer.util.errorDisplay("The report could not be saved.\n\n" + error)
-        else:
-            self.showStatus("Report saved.")
+                                                        completedCallback=lambda error: self.jobDone(error, *texts)))
 
     def onCancel(self):
         if self.job:
@@ -292,14 +286,15 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         self.setRunning(False)
         return cancelled
 
-    def onDownloadDone(self, error):
+    def jobDone(self, error, cancelledText, failedText, doneText):
+        """A download or report job ended: the status says how; a failure also in a message box."""
         if self.endJob():
-            self.showStatus("Download cancelled; the next one resumes where it stopped.")
+            self.showStatus(cancelledText)
         elif error:
-            self.showStatus("The model could not be downloaded.")
-            slicer.util.errorDisplay("The model could not be downloaded.\n\n" + error)
+            self.showStatus(failedText)
+            slicer.util.errorDisplay(f"{failedText}\n\n{error}")
         else:
-            self.showStatus("Model downloaded: it is used offline from now on.")
+            self.showStatus(doneText)
         self.updateEstimateButton()
 
     def onEstimateDone(self, result, shownLabelmaps, error):
