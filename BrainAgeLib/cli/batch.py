@@ -132,6 +132,12 @@ def summary_text(summary: Any, statistics: Optional[Dict[str, Any]]) -> str:
             + f", RMSE {m['rmse']:.2f}" + ("" if r is None else f", r {r:.3f}"))
         bag = statistics["bag"]
         lines.append(f"Brain-age gap: mean {bag['mean']:+.2f} years, SD {bag['sd']:.2f}")
+        covered = [r.interval_low <= r.chronological_age <= r.interval_high for r in summary.rows
+                   if r.ok and r.chronological_age is not None and r.interval_low is not None and r.interval_high is not None]
+        if covered:   # for healthy controls about the interval's level; far below it: calibrate for this site
+            level = next(r.interval_level for r in summary.rows if r.interval_level is not None)
+            lines.append(f"Ages inside their {level:.0%} prediction interval: {sum(covered)} of {len(covered)} "
+                         f"({sum(covered) / len(covered):.0%})")
         if statistics["corrected_bag"] is not None:
             cb = statistics["corrected_bag"]
             lines.append(f"Bias-corrected gap (model's coefficients): mean {cb['mean']:+.2f} years, SD {cb['sd']:.2f}")
