@@ -9,7 +9,8 @@ this module runs it on a volume, as nnU-Net keeps its predictor apart from its n
 - ``predict_prepared(model, prepared, sex, age)``: from a volume already prepared (batch runs
   prepare in worker processes and predict in the main one).
 
-Both check the age and sex, give the brain-age gap and its bias-corrected form, the attention
+Both check the age and sex, give the brain-age gap and its bias-corrected form, the prediction
+interval and gap z of a calibrated model (``BrainAgeLib.conformal``), the attention
 map on the input's grid (``explain``), the input's QC with the model's age flags, and the
 warnings: unknown sex, untrained weights, preprocessing's own, and a brain extraction other than
 the one the model was trained with.
