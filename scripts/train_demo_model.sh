@@ -10,7 +10,10 @@
 #    embeddings, stage 2 (residual CNN);
 # 3. `brainage evaluate` on the held-out phantoms (bias correction fitted on the validation split);
 # 4. copies the checkpoint into Resources/Models, writes its model card (brainage_demo.md) from
-#    the run's metrics, and the bundled sample head the `brainage demo` command reads.
+#    the run's metrics, and the bundled sample head the `brainage demo` command reads;
+# 5. the prediction intervals: the shipped model run on its validation phantoms as `brainage predict`
+#    prepares them (scripts/demo_calibration.py, metadata only), and their coverage on the test
+#    phantoms (scripts/interval_coverage.py, recorded for Testing/test_demo_intervals.py).
 #
 # Runs offline (needs nilearn for the MNI152 template) in under 90 minutes on 2 CPU cores; every step
 # resumes if interrupted (rerun the same command). Timings go to WORK_DIR/timings.json.
@@ -186,3 +189,5 @@ phantoms in every way the phantoms do not model. For real data, train on your ow
 print(json.dumps(timings, indent=2))
 print(f"demo model: {models / 'brainage_demo.safetensors'} ({size_mb:.1f} MB); held-out MAE {test['mae']:.2f} y, r {test['pearson_r']:.3f}")
 PY
+python "$REPO/scripts/demo_calibration.py" --work "$WORK/calibration" --workers "$WORKERS"
+python "$REPO/scripts/interval_coverage.py" --work "$WORK/calibration" --workers "$WORKERS" --record --card
