@@ -365,3 +365,25 @@ def test_worker_without_matplotlib_writes_everything_slicer_loads(tmp_path, monk
     assert not {"montage", "qc_figure"} & set(outputs.paths) and not list(tmp_path.glob("*.png"))
     result, labelmap = load_worker_result(tmp_path)
     assert labelmap.colors == colors and int(np.asarray(labelmap.volume.array).max()) == DEFAULT_LEVELS
+
+
+
+@pytest.mark.slow
+def test_the_report_of_a_finished_worker_folder_is_the_panels_save_report(finished_worker, tmp_path, capsys):
+    """Save report: a worker writes the subject's HTML from the estimate's folder (result, maps, input)."""
+    from html.parser import HTMLParser
+
+    from BrainAgeLib import slicer_worker
+    from BrainAgeLib.worker_protocol import report_command
+
+    out = finished_worker[0]
+    command = report_command(sys.executable, out, tmp_path / "report.html", "demo", subject="sample F67")
+    assert slicer_worker.main(command[3:]) == 0
+    lines = [parse_worker_line(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[-1].kind == "done" and lines[-1].text == str(tmp_path / "report.html")
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    HTMLParser().feed(text)
+    result = json.loads((out / RESULT_FILE).read_text())
+    assert f"{result['predicted_age']:.1f}" in text and "sample F67" in text
+    assert text.count("data:image/png;base64,") >= 2  # the QC picture and the attention montage, embedded
+    assert "synthetic" in text  # the demo model's disclaimer

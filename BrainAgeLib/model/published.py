@@ -12,13 +12,16 @@ CNN in ``model_dumps/mix/``). The recipe here, pinned to one commit:
    git itself stores for the file at that commit); a volume that does not match is deleted;
 2. extract the archive into a temporary folder with py7zr (``multivolumefile`` joins the
    volumes), or with a ``7z`` program on PATH when py7zr cannot read the archive's method;
-3. find the two checkpoints and convert them with :func:`import_official.import_official`,
+3. delete the volumes once extracted (unless ``keep_downloads``), so that the disk never holds
+   the volumes, the extracted checkpoints and the model at once;
+4. find the two checkpoints and convert them with :func:`import_official.import_official`,
    which writes the model file atomically, recording the repository, commit, volumes and their
    blob ids, the extraction tool and the licence in the model card;
-4. delete the volumes and the extracted pickles (unless ``keep_downloads``).
+5. delete the extracted pickles (unless ``keep_downloads``).
 
-An interrupted run leaves verified volumes and a partial one (resumed next time) in the
-downloads folder, and never a half-written model. ``checkpoint.REGISTRY`` names the model
+An interrupted download leaves verified volumes and a partial one (resumed next time) in the
+downloads folder, and never a half-written model; a run stopped after the extraction downloads
+again. ``checkpoint.REGISTRY`` names the model
 (``"brainrotvit"``); ``load_model("brainrotvit")`` runs this recipe once and then loads the
 cached file without touching the network.
 """
@@ -367,6 +370,11 @@ def install_published_model(
         extracted = work / "extracted"
         method = extract_archive(parts[0], extracted)
         vit, cnn = find_official_files(extracted)
+        volumes = [{"file": path.name, "git_blob_id": blob, "bytes": path.stat().st_size}
+                   for path, (_, blob) in zip(parts, archive.parts)]
+        if not keep_downloads:  # extracted: the volumes go now, so the disk never holds volumes, pickles and model
+            shutil.rmtree(downloads, ignore_errors=True)
+            _remove_if_empty(downloads.parent)
         report(_DOWNLOAD_SHARE + _EXTRACT_SHARE, f"importing {vit.name} and {cnn.name}")
         card = {
             "source": {"download": {
@@ -374,8 +382,7 @@ def install_published_model(
                 "commit": archive.commit,
                 "folder": archive.folder,
                 "url": archive.base_url(base_url),
-                "volumes": [{"file": path.name, "git_blob_id": blob, "bytes": path.stat().st_size}
-                            for path, (_, blob) in zip(parts, archive.parts)],
+                "volumes": volumes,
                 "extracted_with": method,
                 "files_in_archive": [str(vit.relative_to(extracted)), str(cnn.relative_to(extracted))],
             }},
@@ -391,9 +398,6 @@ def install_published_model(
             shutil.move(str(extracted), str(kept))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if not keep_downloads:
-        shutil.rmtree(downloads, ignore_errors=True)
-        _remove_if_empty(downloads.parent)
     report(1.0, f"installed {model_path}")
     logger.info("installed the published model %r at %s (extracted with %s)", name, model_path, method)
     return model_path
