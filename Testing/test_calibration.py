@@ -79,6 +79,24 @@ def test_site_calibration_removes_a_constant_offset_from_the_corrected_gap():
     assert np.mean(inside) == pytest.approx(0.9, abs=0.06)
 
 
+def test_site_calibration_removes_a_scanner_offset_from_the_demo_models_phantom_predictions():
+    """The demo model's own predictions for its 96 held-out phantoms (recorded by
+    scripts/interval_coverage.py --record), as a site whose scanner adds 6 years to every age:
+    calibrating on half of them removes the offset from the other half's corrected gaps."""
+    record = json.loads((REPO / "Resources" / "Models" / "brainage_demo_interval_check.json").read_text(encoding="utf-8"))
+    age = np.array([p["age"] for p in record["phantoms"]])
+    predicted = np.array([p["predicted_age"] for p in record["phantoms"]])
+    controls, patients = slice(0, None, 2), slice(1, None, 2)  # both spread over the whole age range
+    shipped = load_model("demo").bias_correction
+    baseline = np.mean(shipped.corrected_gap(predicted[patients], age[patients]))
+    before = np.mean(shipped.corrected_gap(predicted[patients] + 6.0, age[patients]))
+    assert before - baseline == pytest.approx(6.0, abs=1e-6)  # the shipped correction keeps the offset
+    site, calibration = fit_site_calibration(age[controls], predicted[controls] + 6.0)
+    after = site.corrected_gap(predicted[patients] + 6.0, age[patients])
+    assert abs(np.mean(after)) < 1.0, np.mean(after)
+    assert calibration.n_reference == len(age[controls])
+
+
 def test_too_few_controls_or_too_narrow_ages_are_refused_with_the_reason():
     age, predicted = simulated_site(19, 0.0, seed=7)
     with pytest.raises(CalibrationRefused, match="19 control subjects with an age, at least 20"):
