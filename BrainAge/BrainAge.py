@@ -68,8 +68,9 @@ brain looks older than the person is. The <b>bias-corrected BAG</b> removes the 
 overestimate young and underestimate old people (de Lange &amp; Cole), when the model carries its
 correction coefficients.<br><br>
 <b>The bundled demo model is trained on synthetic phantoms, not on real people.</b> It demonstrates
-and tests the software; its ages, gaps and maps mean nothing clinically. Load a model trained on real
-scans (a file or https URL) for research use. No model here is a medical device.
+and tests the software; its ages, gaps and maps mean nothing clinically. For research use choose the
+authors' published BrainRotViT (trained on real scans; downloaded once) or a model file or https URL, and
+<b>Save report</b> writes the result as one HTML file. No model here is a medical device.
 """
         self.parent.acknowledgementText = """
 BrainAge implements BrainRotViT: Jalal, Rahman, Rahman &amp; Rahman (2025), "BrainRotViT",
@@ -150,8 +151,7 @@ class BrainAgeWidget(ScriptedLoadableModuleWidget):
         """Reload BrainAgeLib too: Slicer's Reload re-reads only this file."""
         from BrainAgeLib.slicer_bridge import forget_library_modules
 
-        self.cleanup()
-        forget_library_modules()
+        forget_library_modules()  # Slicer's reload calls cleanup() on this widget first
         ScriptedLoadableModuleWidget.onReload(self)
 
     def initializeParameterNode(self):
