@@ -87,6 +87,23 @@ def test_auto_picks_the_fastest_agreeing_precision_from_the_record():
     assert choose_precision(card, torch.device("cuda"), "auto", INT8_CPU) == "fp16"
 
 
+def test_auto_orders_by_the_recorded_seconds_on_the_same_kind_of_cpu():
+    cpu = torch.device("cpu")
+    here = dict(INT8_CPU, onnx=True, avx512=True, avx512_bf16=True, native_bf16=True)
+    record = {"weights_sha256": "abc", "cpu": dict(here, onnx=False),
+              "max_age_difference_years": {"int8": 0.04, "onnx": 1e-5, "bf16": 0.03},
+              "seconds": {"fp32": 10.0, "int8": 6.0, "onnx": 5.0, "bf16": 4.0}}
+    card = {"weights_sha256": "abc", RECORD_KEY: record}
+    assert choose_precision(card, cpu, "auto", here) == "bf16"          # fastest there, and it agrees
+    slow_bf16 = {"weights_sha256": "abc", RECORD_KEY: dict(record, seconds={"fp32": 10.0, "int8": 6.0,
+                                                                            "onnx": 5.0, "bf16": 12.0})}
+    assert choose_precision(slow_bf16, cpu, "auto", here) == "onnx"
+    other_cpu = dict(here, avx512_bf16=False, amx_bf16=True)               # seconds from another CPU: static order
+    assert choose_precision(card, cpu, "auto", other_cpu) == "bf16"
+    assert choose_precision(card, cpu, "auto", dict(here, avx512=False, avx512_bf16=False,
+                                                    native_bf16=False)) == "int8"
+
+
 def test_measure_precisions_record(tiny):
     record = measure_precisions(tiny, inputs=_inputs(), precisions=["int8"] if precision_module.cpu_features()["int8"] else [])
     assert record["reference"] == "fp32" and len(record["ages"]["fp32"]) == 2

@@ -111,6 +111,9 @@ def choose_precision(metadata: Mapping[str, Any], device: torch.device, precisio
     An explicit ``precision`` is kept. "auto": float16 on CUDA; float32 on MPS; on the CPU the
     first of :func:`cpu_precision_order` whose recorded age difference (the card's
     :data:`RECORD_KEY`, measured for these weights) is at most :data:`AGREEMENT_YEARS`, else fp32.
+    When the record was measured on a CPU with the same features as this one, its seconds order
+    the candidates instead (fastest first; one no faster than fp32 there is left out): which of
+    int8, ONNX Runtime and bf16 is fastest differs between CPUs and models (README, *Benchmark*).
     """
     precision = (precision or "auto").lower()
     if precision != "auto":
@@ -121,13 +124,30 @@ def choose_precision(metadata: Mapping[str, Any], device: torch.device, precisio
     if device.type != "cpu":
         return "fp32"
     differences = recorded_differences(metadata)
-    for name in cpu_precision_order(features):
+    features = cpu_features() if features is None else features
+    for name in _by_recorded_speed(cpu_precision_order(features), metadata, features):
         if name == "fp32":
             break
         difference = differences.get(name)
         if difference is not None and difference <= AGREEMENT_YEARS:
             return name
     return "fp32"
+
+
+#: The CPU flags a record's seconds are comparable under (not what is installed, like onnx).
+_CPU_FLAGS = ("avx2", "avx512", "avx512_bf16", "amx_bf16")
+
+
+def _by_recorded_speed(order: List[str], metadata: Mapping[str, Any], features: Mapping[str, bool]) -> List[str]:
+    record = metadata.get(RECORD_KEY) if metadata else None
+    if not isinstance(record, Mapping) or not recorded_differences(metadata):
+        return order
+    seconds, cpu = record.get("seconds") or {}, record.get("cpu") or {}
+    same_cpu = bool(cpu) and all(bool(cpu.get(flag)) == bool(features.get(flag)) for flag in _CPU_FLAGS)
+    if not same_cpu or not all(isinstance(seconds.get(name), (int, float)) for name in order):
+        return order
+    faster = [name for name in order if name != "fp32" and seconds[name] < seconds["fp32"]]
+    return sorted(faster, key=lambda name: seconds[name]) + ["fp32"]
 
 
 def recorded_differences(metadata: Mapping[str, Any]) -> Dict[str, float]:
@@ -265,7 +285,8 @@ def measure_precisions(model: nn.Module, inputs: Optional[Sequence[PrecisionInpu
     several times slower than fp32 and is left out; a record without it keeps "auto" from
     choosing it). Returns ``{"reference": "fp32", "max_age_difference_years": {p: years},
     "ages": {p: [...]}, "seconds": {p: s}, "inputs": [...], "weights_sha256", "torch_version",
-    "cpu": {...}}``; the seconds are the ViT's over all inputs, for orientation only.
+    "cpu": {...}}``; the seconds are the ViT's over all inputs (after a warm-up), which order
+    "auto"'s candidates on CPUs with the same features (:func:`choose_precision`).
     """
     from ..digests import weights_digest
 
@@ -287,6 +308,8 @@ def measure_precisions(model: nn.Module, inputs: Optional[Sequence[PrecisionInpu
         ages: Dict[str, List[float]] = {name: [] for name in ["fp32", *precisions]}
         seconds: Dict[str, float] = {name: 0.0 for name in ages}
         with torch.no_grad():
+            for name in ages:  # not timed: the int8 copy, the ONNX export, the first bf16 kernels
+                model.embed(inputs[0][1][:2], precision=name)
             for description, slices, sex in inputs:
                 for name in ages:
                     log(f"{description}: {name}")
