@@ -211,7 +211,8 @@ def run_benchmark(
     model = build_model(preset, seed=0).to(target).eval()
     build_s = time.perf_counter() - tic
     config = model.config
-    dtype = autocast_dtype(target, precision)
+    chosen = model.resolve_precision(precision, target)  # "auto" as predict resolves it (random weights: fp32)
+    dtype = autocast_dtype(target, chosen)
     batch = slice_batch_size(target, config, config.n_slices)
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
@@ -234,7 +235,15 @@ def run_benchmark(
     prepared = prepare(loaded, config)
     prepare_s = time.perf_counter() - tic
 
-    vit = model.encoder.vit
+    forward = model.encoder.vit.forward_features
+    if chosen == "int8":  # the bare pass in the precision the embed stage ran in
+        from ..model.precision import int8_encoder
+
+        forward = int8_encoder(model).vit.forward_features
+    elif chosen == "onnx":
+        from ..model.onnx_encoder import onnx_encoder
+
+        forward = onnx_encoder(model).embed
     with torch.no_grad():
         images = to_device(torch.from_numpy(np.ascontiguousarray(prepared.slices)), target)
         images = model.encoder.normalize(images).contiguous()
@@ -273,7 +282,7 @@ def run_benchmark(
             tic = time.perf_counter()
             with autocast(target, dtype):
                 for start in range(0, images.shape[0], batch):
-                    vit.forward_features(images[start:start + batch])
+                    forward(images[start:start + batch])
             _sync(target)
             vit_s = min(vit_s, time.perf_counter() - tic)
 
@@ -290,7 +299,7 @@ def run_benchmark(
     return BenchResult(
         preset=config.name,
         device=str(target),
-        precision=precision_name(dtype),
+        precision=chosen if chosen in ("int8", "onnx") else precision_name(dtype),
         head=head_name,
         input_shape=tuple(int(n) for n in loaded.shape),
         n_slices=int(prepared.slices.shape[0]),
