@@ -303,7 +303,8 @@ def load_worker_result(out_dir: PathLike) -> Tuple["Result", Optional["Attention
         qc=quality_control_from_dict(data.get("qc") or {}),
         model_weights_sha256=str(data.get("model_weights_sha256") or ""), explain_method=data.get("explain_method"),
         interval=tuple(float(v) for v in data["interval"]) if data.get("interval") else None,
-        interval_level=number("interval_level"), gap_z=number("gap_z"))
+        interval_level=number("interval_level"), gap_z=number("gap_z"),
+        precision=str(data.get("precision") or ""))
     if "attention" in paths:
         result.attention = read_volume_file(paths["attention"])
     if "brain_mask" in paths:
