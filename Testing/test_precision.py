@@ -63,6 +63,8 @@ def test_cpu_order_by_features():
     assert cpu_precision_order(dict(AMX_CPU, onnx=True)) == ["bf16", "int8", "onnx", "fp32"]
     assert cpu_precision_order(AMX_CPU) == ["bf16", "int8", "fp32"]
     assert cpu_precision_order(dict(INT8_CPU, avx512_bf16=True, native_bf16=True)) == ["int8", "bf16", "fp32"]
+    assert cpu_precision_order(dict(INT8_CPU, avx512_bf16=True, native_bf16=True, onnx=True)) == [
+        "int8", "bf16", "onnx", "fp32"]
     assert cpu_precision_order(OLD_CPU) == ["fp32"]
 
 
