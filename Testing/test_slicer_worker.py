@@ -238,9 +238,15 @@ def test_worker_refuses_a_bad_age_before_loading_anything(tmp_path):
     assert "age" in monitor.drain()[-1].text
 
 
+REAL_HEAD = REPO.parent / "shared" / "data" / "real-t1" / "IXI132-HH-1415_T1.nii.gz"  # a real IXI head with neck
+
+
 @pytest.mark.slow
-def test_cancel_mid_preprocessing_kills_the_tree_and_leaves_no_files(tmp_path):
-    shutil.copy(SAMPLE, tmp_path / INPUT_FILE)
+@pytest.mark.parametrize("head", [SAMPLE, REAL_HEAD], ids=["sample phantom", "real IXI head"])
+def test_cancel_mid_preprocessing_kills_the_tree_and_leaves_no_files(tmp_path, head):
+    if not head.is_file():
+        pytest.skip(f"{head} is not here (../shared beside the checkout)")
+    shutil.copy(head, tmp_path / INPUT_FILE)
     monitor = WorkerMonitor(start(worker_command(sys.executable, tmp_path / INPUT_FILE, tmp_path, "F", 67.0, "demo",
                                                  "cpu")))
     deadline = time.monotonic() + 120
