@@ -33,6 +33,17 @@ class BiasCorrectionRefused(ValueError):
     """The reference subjects are too few, or their ages too close, for a trustworthy fit."""
 
 
+def finite_pairs(chronological_age, predicted_age):
+    """The (age, predicted) pairs of a reference set as float arrays, pairs with a non-finite value
+    dropped; ValueError when the two differ in length."""
+    age = np.asarray(chronological_age, dtype=np.float64).ravel()
+    predicted = np.asarray(predicted_age, dtype=np.float64).ravel()
+    if age.shape != predicted.shape:
+        raise ValueError(f"ages ({age.size}) and predictions ({predicted.size}) differ in length")
+    keep = np.isfinite(age) & np.isfinite(predicted)
+    return age[keep], predicted[keep]
+
+
 @dataclass(frozen=True)
 class BiasCorrection:
     """Linear trend of BAG on chronological age (years), fitted on a reference set."""
@@ -45,12 +56,7 @@ class BiasCorrection:
     def fit(cls, chronological_age, predicted_age) -> "BiasCorrection":
         """Least-squares fit of BAG ~ age on reference subjects (at least two distinct ages; a
         cohort's own correction uses :meth:`fit_on_reference`, which asks for more)."""
-        age = np.asarray(chronological_age, dtype=np.float64).ravel()
-        predicted = np.asarray(predicted_age, dtype=np.float64).ravel()
-        if age.shape != predicted.shape:
-            raise ValueError(f"ages ({age.size}) and predictions ({predicted.size}) differ in length")
-        keep = np.isfinite(age) & np.isfinite(predicted)
-        age, predicted = age[keep], predicted[keep]
+        age, predicted = finite_pairs(chronological_age, predicted_age)
         if age.size < 2 or np.ptp(age) == 0:
             raise ValueError("bias correction needs at least two reference subjects of different ages")
         slope, intercept = np.polyfit(age, predicted - age, deg=1)

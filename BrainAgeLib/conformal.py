@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .bias_correction import finite_pairs
+
 #: The interval's default level (probability of holding the chronological age).
 DEFAULT_LEVEL = 0.9
 #: The fewest reference subjects per band of predicted age; more bands only when every band
@@ -81,12 +83,7 @@ class ConformalCalibration:
         quantiles of the reference predictions, so the bands hold equal numbers.
         """
         _check_level(level)
-        age = np.asarray(chronological_age, dtype=np.float64).ravel()
-        predicted = np.asarray(predicted_age, dtype=np.float64).ravel()
-        if age.shape != predicted.shape:
-            raise ValueError(f"ages ({age.size}) and predictions ({predicted.size}) differ in length")
-        keep = np.isfinite(age) & np.isfinite(predicted)
-        age, predicted = age[keep], predicted[keep]
+        age, predicted = finite_pairs(chronological_age, predicted_age)
         if age.size < 2:
             raise ValueError("conformal calibration needs at least two reference subjects")
         if bands is None:

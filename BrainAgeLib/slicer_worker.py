@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import BrainAgeError
-from .worker_protocol import (BRAIN_MASK_FILE, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, OUTPUT_STEM, RESULT_FILE,
-                              ProgressWriter)
+from .worker_protocol import (BRAIN_MASK_FILE, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, INPUT_FILE, OUTPUT_STEM,
+                              RESULT_FILE, ProgressWriter, load_worker_result)
 
 #: Where the steps of ``predict`` sit in the progress bar (start, span), as fractions of the whole.
 LOAD_SPAN = (0.0, 0.05)
@@ -159,7 +159,6 @@ def run_report(args: argparse.Namespace, progress: ProgressWriter) -> Path:
     """The subject report of a finished ``predict`` folder (Slicer's *Save report*); returns the HTML file."""
     from .io import load_volume
     from .report.subject import write_subject_report
-    from .worker_protocol import INPUT_FILE, load_worker_result
 
     progress(0.1, "Reading the result")
     result, _ = load_worker_result(args.folder)

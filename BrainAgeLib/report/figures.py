@@ -74,6 +74,11 @@ def reference_figure(calibration: Any, predicted_age: float, chronological_age: 
         ax.axhline(predicted_age, color=SUBJECT_COLOUR, lw=2, label=label + ", age not given")
         if interval is not None:
             ax.axhspan(interval[0], interval[1], color=SUBJECT_COLOUR, alpha=0.15)
+    return _age_axes_figure(fig, ax, low, high)
+
+
+def _age_axes_figure(fig: Any, ax: Any, low: float, high: float) -> str:
+    """Square predicted-vs-chronological axes from ``low`` to ``high`` years, labelled, as a data URI."""
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
     ax.set_aspect("equal")
@@ -98,14 +103,7 @@ def cohort_scatter_figure(age: Sequence[float], predicted: Sequence[float], refe
     ax.scatter(age, predicted, s=18, color=COHORT_COLOUR, label=f"this cohort (n = {age.size})")
     low, high = float(np.min(values)) - 3, float(np.max(values)) + 3
     ax.plot([low, high], [low, high], color="black", lw=0.8, ls="--", label="predicted = chronological")
-    ax.set_xlim(low, high)
-    ax.set_ylim(low, high)
-    ax.set_aspect("equal")
-    ax.set_xlabel("chronological age (years)")
-    ax.set_ylabel("predicted brain age (years)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    return figure_data_uri(fig)
+    return _age_axes_figure(fig, ax, low, high)
 
 
 def bland_altman_figure(age: Sequence[float], predicted: Sequence[float]) -> str:
