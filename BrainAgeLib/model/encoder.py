@@ -102,14 +102,14 @@ class SliceEncoder(nn.Module):
         Returns ``(embeddings [B, D], patch_tokens [B, N, D], cls_attention [B, N])``: the patch
         tokens of the final-normed last hidden state, and the last block's attention from the CLS
         token to each patch, averaged over heads (rows of the softmax, so over all 1 + N keys they
-        sum to 1). The ViT runs its own ``forward_features``; see :func:`last_block_attention`
-        for how the attention matrix is taken.
+        sum to 1). The ViT runs its own ``forward_features`` untouched (the fused attention
+        kernel everywhere), so the embeddings are bit for bit those of :meth:`embed`, in every
+        precision; :func:`cls_attention` says how the attention row is taken.
         """
-        with last_block_attention(self.vit) as attention:
+        with cls_attention(self.vit) as attention:
             tokens = self.vit.forward_features(self._images(x))
         start = self.num_prefix_tokens
-        cls_attention = attention.probabilities[:, :, 0, start:].mean(dim=1)
-        return tokens.mean(dim=1), tokens[:, start:], cls_attention
+        return tokens.mean(dim=1), tokens[:, start:], attention.row[:, :, start:].mean(dim=1)
 
     # ------------------------------------------------------------------ weights
     def load_imagenet_weights(self) -> None:
@@ -174,7 +174,7 @@ def block_attentions(vit: VisionTransformer, blocks: Optional[Sequence[int]] = N
     there keeps that module's input (the probabilities before dropout, the same tensor in eval
     mode). Yields one holder per chosen block, in block order; under ``torch.enable_grad`` the
     kept tensors are part of the autograd graph, so gradients with respect to them can be taken
-    (the relevance explanation does). Other blocks keep the fused kernel. On exit, even after an
+    (the relevance explanation does). Other blocks keep the fused kernel. (The paper's map needs only the last block's CLS row: :func:`cls_attention`.) On exit, even after an
     error, the hooks are removed and every ``fused_attn`` restored, so :meth:`SliceEncoder.embed`
     outside this context is untouched. The unfused branch is the arithmetic the fused kernel
     stands for, rounded differently: embeddings differ by float rounding (~5e-7 on the demo model).
@@ -197,11 +197,48 @@ def block_attentions(vit: VisionTransformer, blocks: Optional[Sequence[int]] = N
             handle.remove()
 
 
+class _CapturedRow:
+    """Holder :func:`cls_attention` fills: ``row`` [B, heads, T], the CLS token's attention, once the ViT ran."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+        self._row: Optional[torch.Tensor] = None
+
+    @property
+    def row(self) -> torch.Tensor:
+        if self._row is None:
+            raise BrainAgeError("the ViT's last attention block did not run")
+        return self._row
+
+    def keep(self, module: nn.Module, inputs: Tuple[torch.Tensor, ...], qkv: torch.Tensor) -> None:
+        if self._row is not None:  # a checkpointed forward may rerun the block; keep the first
+            return
+        attn = self.attn
+        b, t, _ = qkv.shape
+        q, k, _ = qkv.float().reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
+        self._row = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
+
+
 @contextlib.contextmanager
-def last_block_attention(vit: VisionTransformer) -> Iterator[_CapturedAttention]:
-    """:func:`block_attentions` for the last block alone (what the paper's map needs)."""
-    with block_attentions(vit, [len(vit.blocks) - 1]) as captured:
-        yield captured[0]
+def cls_attention(vit: VisionTransformer) -> Iterator[_CapturedRow]:
+    """While open, the ViT's last block hands over its CLS token's attention row (what the
+    paper's map needs), without changing how the ViT computes.
+
+    A forward hook on the last block's ``attn.qkv`` keeps softmax(q_CLS k^T * scale) per head,
+    in float32, from the projections the block itself made; the block goes on with its fused
+    attention kernel, so the tokens (and embeddings) are exactly those of a forward without the
+    hook. (Running the block's unfused branch instead, as :func:`block_attentions` does, is the
+    same arithmetic rounded differently: 5e-7 in float32, but 3e-3 in the embeddings and 0.01
+    years in the demo's age in bf16.) The hook is removed on exit, even after an error.
+    """
+    attn = vit.blocks[-1].attn
+    holder = _CapturedRow(attn)
+    handle = attn.qkv.register_forward_hook(holder.keep)
+    try:
+        yield holder
+    finally:
+        handle.remove()
 
 
 def vit_parameter_count(config: ModelConfig) -> int:

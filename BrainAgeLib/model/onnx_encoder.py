@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 #: ONNX opset of the exported graph.
 OPSET = 17
+#: Bumped whenever what the graph computes changes, so a graph cached by an earlier release is
+#: exported again (2: the CLS attention row from the fused forward's own projections).
+GRAPH_VERSION = 2
 
 
 def onnx_available() -> bool:
@@ -44,13 +47,7 @@ class _ExplainGraph(nn.Module):
         self.encoder = encoder
 
     def forward(self, images: torch.Tensor):
-        from .encoder import last_block_attention
-
-        vit = self.encoder.vit
-        with last_block_attention(vit) as attention:
-            tokens = vit.forward_features(images)
-        start = self.encoder.num_prefix_tokens
-        return tokens.mean(dim=1), tokens[:, start:], attention.probabilities[:, :, 0, start:].mean(dim=1)
+        return self.encoder.forward_explain(images)
 
 
 class OnnxEncoder:
@@ -106,7 +103,7 @@ def export_encoder(encoder: nn.Module, path: Path) -> Path:
 def onnx_encoder(model: nn.Module, cache: Optional[os.PathLike] = None) -> OnnxEncoder:
     """``model.encoder`` as an :class:`OnnxEncoder`, made once per set of weights and kept on the
     model; its graph file is cached under ``cache`` (default ``resources.cache_dir()/onnx``) by
-    the weights' SHA-256."""
+    the weights' SHA-256 and :data:`GRAPH_VERSION`."""
     if not onnx_available():
         raise BrainAgeError("precision 'onnx' needs ONNX Runtime and onnx: pip install onnxruntime onnx")
     from ..digests import weights_digest
@@ -121,7 +118,7 @@ def onnx_encoder(model: nn.Module, cache: Optional[os.PathLike] = None) -> OnnxE
         raise BrainAgeError("precision 'onnx' runs on the CPU only")
     digest = weights_digest(encoder.state_dict())
     folder = Path(cache) if cache is not None else cache_dir() / "onnx"
-    path = folder / f"{digest}.onnx"
+    path = folder / f"{digest}-graph{GRAPH_VERSION}.onnx"
     if not path.is_file():
         logger.info("exporting the ViT to ONNX (once for these weights): %s", path)
         export_encoder(encoder, path)
