@@ -19,6 +19,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
+from card_sections import replace_section  # noqa: E402
 from demo_split_phantoms import write_split  # noqa: E402
 
 from BrainAgeLib.bias_correction import BiasCorrection  # noqa: E402
@@ -63,15 +64,7 @@ masks (mean gap {young:+.1f} years under 40), get the widest. Gap SD (for gap z)
 bias correction above (refitted on these predictions it would be slope {refitted.slope:+.3f}, intercept
 {refitted.intercept:+.2f}: the correction the model was trained with is kept).
 """
-    card = CARD.read_text(encoding="utf-8")
-    start = card.find(SECTION)
-    if start >= 0:
-        end = card.find("\n## ", start + len(SECTION))
-        card = card[:start] + text + (card[end + 1:] if end >= 0 else "")
-    else:
-        marker = card.find("## Intended use")
-        card = card[:marker] + text + "\n" + card[marker:]
-    CARD.write_text(card, encoding="utf-8")
+    replace_section(CARD, SECTION, text)
 
 
 def main() -> None:
