@@ -5,7 +5,7 @@ PyTorch dynamic int8 (per-tensor and per-channel weights), bf16 autocast, and ON
 For each variant: the fastest of ``--repeat`` interleaved timings of the ViT over the first
 input's slices (batches of 32, as ``embed`` runs them on the CPU), the largest age difference
 from fp32 over every input (``model.precision.default_inputs``: the bundled sample head, a
-re-orientation, a resampling, a generated phantom), the process's peak resident memory during
+resampling of it, generated phantoms), the process's peak resident memory during
 that variant's forward (and how far it rose above the memory held before it), and what the
 variant needs installed. ``demo`` uses the bundled trained demo checkpoint; ``paper`` random
 weights (seed 0) unless ``--paper-model`` names a trained checkpoint.
@@ -116,7 +116,7 @@ def measure(preset: str, repeats: int, paper_model: str, log, n_inputs: int = 0,
         model, weights = build_model(preset, seed=0).eval(), "random, untrained weights (seed 0)"
     config = model.config
     inputs = default_inputs(config, log)
-    if n_inputs:  # the first and the last (the sample head and the phantom)
+    if n_inputs:  # the first and the last (the sample head and the last phantom)
         inputs = inputs[:max(1, n_inputs - 1)] + inputs[-1:] if n_inputs > 1 else inputs[:1]
     images = [model.encoder.normalize(torch.from_numpy(slices)).contiguous() for _, slices, _ in inputs]
     encoder = model.encoder.eval()

@@ -18,8 +18,8 @@ float32 two precisions are faster there:
 
 Either changes the embeddings by rounding, and how far that moves the age only the trained
 weights can tell. :func:`measure_precisions` measures it on inputs available offline (the
-bundled sample head, its re-orientations and resamplings, a generated phantom when nilearn is
-installed) and returns the record a checkpoint keeps in its card under :data:`RECORD_KEY`
+bundled sample head, a resampling of it, and generated phantoms when nilearn is installed:
+:func:`default_inputs`) and returns the record a checkpoint keeps in its card under :data:`RECORD_KEY`
 (``save_checkpoint(..., record_precisions=True)``). :func:`choose_precision` is what
 ``precision="auto"`` means: on the CPU the fastest precision this CPU does well whose recorded
 difference is at most :data:`AGREEMENT_YEARS`, else float32; on CUDA float16, as before.
@@ -235,12 +235,28 @@ SAMPLE_SEX = "F"
 PrecisionInput = Tuple[str, np.ndarray, str]
 
 
+#: Generated phantoms in a checkpoint's precision record: many for a small ViT (seconds each),
+#: two for a ViT-B-sized one (each input costs the paper ViT about two minutes over its
+#: precisions on 2 cores). With one phantom the demo's record said bf16 moves its age by 0.030
+#: years; 21 other phantoms showed 0.103.
+RECORD_PHANTOMS = {"small": 8, "large": 2}
+#: ViTs with more parameters than this count as large for :data:`RECORD_PHANTOMS`.
+LARGE_VIT_PARAMETERS = 30_000_000
+
+
+def record_phantoms(config: Any) -> int:
+    """How many generated phantoms :func:`default_inputs` adds for a model of ``config``."""
+    from .encoder import vit_parameter_count
+
+    return RECORD_PHANTOMS["large" if vit_parameter_count(config) > LARGE_VIT_PARAMETERS else "small"]
+
+
 def default_inputs(config: Any, log: Callable[[str], None] = lambda message: None,
-                   phantom: bool = True) -> List[PrecisionInput]:
+                   phantoms: Optional[int] = None) -> List[PrecisionInput]:
     """Prepared slices of inputs available offline: the bundled sample head, the same head
-    re-oriented to LPS (orientation is resolved exactly at load: it
-    checks that), resampled to 1.3 mm, and (with nilearn, when
-    ``phantom``) a generated 1 mm phantom of the other sex and another age."""
+    resampled to 1.3 mm, and (with nilearn) ``phantoms`` generated heads (default
+    :func:`record_phantoms`) with ages spread over 25-85 years, alternating sex, voxel size
+    (1 or 1.5 mm) and skull."""
     from ..geometry import resample
     from ..io import load_volume
     from ..preprocess.pipeline import prepare
@@ -256,17 +272,19 @@ def default_inputs(config: Any, log: Callable[[str], None] = lambda message: Non
     affine[:3, :3] = affine[:3, :3] * zoom[np.newaxis, :]
     heads: List[Tuple[str, Volume, str]] = [
         ("sample head", volume, sex),
-        ("sample head, LPS", volume.reoriented("LPS"), sex),
         ("sample head resampled to 1.3 mm", resample(volume, affine, shape, order=3), sex),
     ]
-    if phantom:
+    count = record_phantoms(config) if phantoms is None else int(phantoms)
+    for i in range(count):
+        age = 25.0 + 60.0 * i / max(1, count - 1)
+        phantom_sex, voxel, skull, seed = ("M", "F")[i % 2], (1.0, 1.5)[(i // 2) % 2], i % 3 != 2, 900_000 + i
         try:
-            other = "M" if SAMPLE_SEX == "F" else "F"
-            heads.append(("phantom 45 y M, 1 mm (seed 900045)",
-                          make_phantom(45.0, other, seed=900_045, spacing=1.0, skull=True, with_tissue=False).volume,
-                          other))
+            head = make_phantom(age, phantom_sex, seed=seed, spacing=voxel, skull=skull, with_tissue=False).volume
         except SynthError as error:
-            log(f"no generated phantom ({error})")
+            log(f"no generated phantoms ({error})")
+            break
+        heads.append((f"phantom {age:.0f} y {phantom_sex}, {voxel:g} mm{'' if skull else ', no skull'} (seed {seed})",
+                      head, phantom_sex))
     inputs = []
     for name, head, head_sex in heads:
         log(f"preparing {name}")
