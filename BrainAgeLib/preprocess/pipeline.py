@@ -145,14 +145,15 @@ def _shrink_to_grid(grid_mm: float, spacing: Sequence[float]) -> int:
     return max(1, int(round(float(grid_mm) / float(min(spacing)))))
 
 
-#: Work units N4 runs in, whatever the machine or the run: N4's B-spline fit sums per-unit parts,
-#: so its field (and, through 8-bit quantisation, the slices and the age) changed with ITK's
-#: thread count: an IXI head was 53.866 years in a batch worker (1 thread) and 53.870 from the
-#: command line (2). A fixed count gives the same field everywhere: the units are summed in
-#: their own order, so 2 of them give the same bits on 1 core as on 16 (checked), and on a
-#: 2-core machine N4 of a 1 mm head takes 2.5 s instead of 4.6 s on one (more units than cores
-#: only add overhead there).
-N4_THREADS = 2
+#: Threads N4 runs on, whatever the machine or the run: N4's B-spline fit sums per-thread parts,
+#: so its field (and, through 8-bit quantisation, the slices and the age) changed with the thread
+#: count: an IXI head was 53.866 years in a batch worker (1 thread) and 53.870 from the command
+#: line (2). One thread gives the same field everywhere. Two would too (the parts are summed in
+#: their own order: the same bits on one core as on two) and make a single prediction's N4 1.8x
+#: faster on 2 cores (1 mm head: 2.5 s instead of 4.6), but two batch workers then run four N4
+#: threads on two cores and wait on each other: a batch of 8 heads fell from 14.7 to 12.5
+#: volumes/minute (``brainage bench --cohort 8``), so cohorts keep the one thread.
+N4_THREADS = 1
 _ITK_THREADS_LOCK = threading.Lock()
 
 
