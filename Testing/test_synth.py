@@ -256,3 +256,36 @@ def test_ellipsoid_head_is_a_ras_head_with_brain_inside_skull():
     profile = head.array[32, 37, 32:]
     assert 60.0 in profile and profile[-1] == 0.0          # dark skull between brain and scalp, air outside
     np.testing.assert_allclose(head.voxel_to_world((np.array(head.shape) - 1) / 2), 0.0, atol=1e-9)
+
+
+def test_young_sulcal_csf_opens_sulci_and_keeps_the_person(young):
+    """sulcal_csf turns grey matter into CSF whatever the age, each seed its own amount; the
+    other draws (size, pose, ...) stay; 0 is the default recipe's head bit for bit."""
+    from BrainAgeLib.synth.phantoms import young_sulcal_csf
+
+    same = make_phantom(25, "F", seed=11, spacing=SPACING, skull=False, sulcal_csf=0.0)
+    assert np.array_equal(same.volume.array, young.volume.array)
+    opened = make_phantom(25, "F", seed=11, spacing=SPACING, skull=False, sulcal_csf=0.2)
+    drawn = young_sulcal_csf(11, 0.2)
+    assert 0.0 < drawn <= 0.2 and opened.params["sulcal_csf"] == drawn
+    assert opened.volumes_ml["csf_ml"] > young.volumes_ml["csf_ml"] + 10
+    assert opened.volumes_ml["gm_ml"] < young.volumes_ml["gm_ml"] - 10
+    assert opened.params["scale"] == young.params["scale"]
+    assert opened.params["rotation_deg"] == young.params["rotation_deg"]
+    amounts = {round(young_sulcal_csf(seed, 0.2), 6) for seed in range(20)}
+    assert len(amounts) == 20 and min(amounts) >= 0.0 and max(amounts) <= 0.2
+    with pytest.raises(SynthError, match="sulcal_csf"):
+        make_phantom(25, "F", seed=11, spacing=SPACING, skull=False, sulcal_csf=0.5)
+
+
+def test_a_cohort_with_sulcal_csf_records_it_and_remakes_other_recipes(tmp_path):
+    import json
+
+    folder = tmp_path / "cohort"
+    make_cohort(2, folder, seed=5, spacing=3.0, progress=False)
+    plain = {p.name: p.read_bytes() for p in (folder / "images").iterdir()}
+    make_cohort(2, folder, seed=5, spacing=3.0, progress=False, sulcal_csf=0.15)
+    rows = [json.loads(p.read_text()) for p in sorted((folder / "rows").iterdir())]
+    assert all(row["sulcal_csf_most"] == 0.15 and 0.0 <= row["sulcal_csf"] <= 0.15 for row in rows)
+    assert {p.name: p.read_bytes() for p in (folder / "images").iterdir()} != plain  # made again
+    assert cohort_specs(2, seed=5, spacing=3.0, sulcal_csf=0.15)[0].sulcal_csf == 0.15

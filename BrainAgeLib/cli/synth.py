@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of heads with a synthetic skull and scalp (default 0.5)")
     parser.add_argument("--workers", type=int, default=1, metavar="W",
                         help="processes making phantoms in parallel (default 1)")
+    parser.add_argument("--sulcal-csf", type=float, default=0.0, metavar="F",
+                        help="the most grey matter (fraction, up to 0.2) each phantom turns into sulcal CSF "
+                             "whatever its age, drawn per phantom (default 0: the MNI152 template's near-closed "
+                             "sulci; real young adults have more CSF, see scripts/phantom_cues.py)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -33,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
     writable_folder(args.out)
     path = make_cohort(args.n, args.out, args.seed, age_range=tuple(args.age_range), spacing=spacing,
-                       skull_fraction=args.skull_fraction, workers=args.workers, progress=not args.no_progress)
+                       skull_fraction=args.skull_fraction, workers=args.workers, progress=not args.no_progress,
+                       sulcal_csf=args.sulcal_csf)
     print(f"wrote {args.n} phantoms; cohort table: {path}")
     return 0

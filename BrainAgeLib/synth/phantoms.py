@@ -277,8 +277,9 @@ class _AgedTissue:
     moved: np.ndarray  # tissue probability moved by ageing, in [0, 1]
 
 
-def _age_tissue(template: _Template, age: float) -> _AgedTissue:
-    """The aged tissue maps at ``template.index`` (flat arrays)."""
+def _age_tissue(template: _Template, age: float, sulcal_csf: float = 0.0) -> _AgedTissue:
+    """The aged tissue maps at ``template.index`` (flat arrays). ``sulcal_csf``: a fraction of
+    the grey matter turned into CSF from the pial side whatever the age (see :func:`make_phantom`)."""
     flat = template.flat
     gm, wm, csf = flat["gm"], flat["wm"], flat["csf"]
     wm_change = float(lifespan.wm_change_fraction(age)) * template.wm_total
@@ -291,7 +292,7 @@ def _age_tissue(template: _Template, age: float) -> _AgedTissue:
         to_gm = np.minimum(-wm_change * flat["wm_to_gm_weight"], 0.6 * wm)
         gm_aged, wm_aged = gm + to_gm, wm - to_gm
         extra_gm_loss = float(to_gm.sum()) / template.gm_total  # keeps net GM on its curve
-    fraction = np.minimum(max(0.0, gm_loss + extra_gm_loss) * flat["gm_loss_weight"], 0.9)
+    fraction = np.minimum(max(0.0, gm_loss + extra_gm_loss + sulcal_csf) * flat["gm_loss_weight"], 0.9)
     to_csf = gm_aged * fraction
     gm_aged = gm_aged - to_csf
     csf_aged = csf + to_csf
@@ -388,8 +389,22 @@ def _check_inputs(age: float, sex: str, spacing: float) -> str:
     return parsed
 
 
+def young_sulcal_csf(seed: int, most: float) -> float:
+    """Phantom ``seed``'s age-independent sulcal CSF (a fraction of its grey matter), uniform in
+    [0, ``most``]; drawn from its own stream, so every other draw of the seed stays as it was."""
+    if most <= 0:
+        return 0.0
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5C5F]))
+    return float(rng.uniform(0.0, float(most)))
+
+
+#: Largest ``sulcal_csf`` :func:`make_phantom` accepts (the lifespan curve's loss at ~65 years).
+MAX_SULCAL_CSF = 0.2
+
+
 def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skull: bool = True,
-                 *, with_tissue: bool = True, work_spacing: Optional[float] = None) -> Phantom:
+                 *, with_tissue: bool = True, work_spacing: Optional[float] = None,
+                 sulcal_csf: float = 0.0) -> Phantom:
     """A synthetic T1-weighted head of ``age`` years and ``sex`` ("F"/"M").
 
     ``seed`` fixes every subject-level draw (head size, deformation, pose, bias, noise, gain,
@@ -397,9 +412,20 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
     aged. ``spacing`` is the isotropic voxel size in mm; ``skull`` adds a CSF/skull/scalp
     shell (else the head is skull-stripped, zero outside the brain). ``work_spacing`` (mm)
     overrides the template resolution the anatomy is computed at (default: from spacing).
+
+    ``sulcal_csf`` (0 to :data:`MAX_SULCAL_CSF`): the most grey matter, as a fraction, that is
+    turned into sulcal CSF whatever the age; each seed draws its own amount in [0, sulcal_csf]
+    (:func:`young_sulcal_csf`). The MNI152 average the phantoms come from has almost no sulcal
+    CSF (averaging closes the sulci): its CSF is 5% of the deepbet mask, real young adults have
+    about 17% (Colin27), and without this a phantom reaches that only at ~70 years, so a model
+    trained on them reads real young brains as old (``scripts/phantom_cues.py``). 0 (the
+    default) makes the phantoms of earlier releases, bit for bit.
     """
     import torch
     import torch.nn.functional as F
+
+    if not 0.0 <= float(sulcal_csf) <= MAX_SULCAL_CSF:
+        raise SynthError(f"sulcal_csf must be 0-{MAX_SULCAL_CSF}, got {sulcal_csf!r}")
 
     sex = _check_inputs(age, sex, spacing)
     spacing = float(spacing)
@@ -414,7 +440,8 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
     tissue_jitter, shell, noise_seed = draws.tissue_jitter, draws.shell, draws.noise_seed
 
     # --- anatomy on the template grid
-    aged = _age_tissue(template, age)
+    extra_csf = young_sulcal_csf(seed, sulcal_csf)
+    aged = _age_tissue(template, age, extra_csf)
     contrast = float(lifespan.contrast_factor(age))
     mu_gm, mu_wm, mu_csf = (float(m * j) for m, j in zip(template.mu, tissue_jitter))
     middle, half = 0.5 * (mu_gm + mu_wm), 0.5 * (mu_wm - mu_gm) * contrast
@@ -522,7 +549,7 @@ def make_phantom(age: float, sex: SexLike, seed: int, spacing: float = 1.0, skul
     params = {"scale": float(scale), "rotation_deg": math.degrees(angle),
               "translation_mm": [float(t) for t in translation], "deformation_sd_mm": float(deformation_sd),
               "noise_fraction": float(noise_fraction), "gain": float(gain),
-              "ventricle_push_mm": float(push_mm), "contrast_factor": contrast}
+              "ventricle_push_mm": float(push_mm), "contrast_factor": contrast, "sulcal_csf": extra_csf}
     return Phantom(volume=volume, aging_map=aging_map, age=float(age), sex=sex, seed=int(seed),
                    has_skull=bool(skull), spacing=spacing, tissue=tissue, volumes_ml=volumes, params=params)
 
@@ -547,15 +574,17 @@ class PhantomSpec:
     seed: int
     has_skull: bool
     spacing: float
+    sulcal_csf: float = 0.0  # make_phantom's (the most; each seed draws its own)
 
 
 def cohort_specs(n: int, seed: int, age_range: Tuple[float, float] = lifespan.AGE_RANGE,
                  spacing: Union[float, Tuple[float, float]] = (1.0, 1.5),
-                 skull_fraction: float = 0.5) -> List[PhantomSpec]:
+                 skull_fraction: float = 0.5, sulcal_csf: float = 0.0) -> List[PhantomSpec]:
     """The members of a cohort of ``n`` phantoms: ages uniform in ``age_range`` (years, 0.1 y
     steps), sexes balanced at random, a skull on ``skull_fraction`` of heads, spacing fixed
-    (mm) or uniform in a (low, high) range (0.05 mm steps). Member i's seed depends only on
-    (``seed``, i), so a larger cohort with the same seed extends a smaller one."""
+    (mm) or uniform in a (low, high) range (0.05 mm steps), ``sulcal_csf`` as
+    :func:`make_phantom` has it. Member i's seed depends only on (``seed``, i), so a larger
+    cohort with the same seed extends a smaller one."""
     if n < 1:
         raise SynthError(f"a cohort needs at least one phantom, got n={n}")
     low, high = (float(a) for a in age_range)
@@ -566,6 +595,8 @@ def cohort_specs(n: int, seed: int, age_range: Tuple[float, float] = lifespan.AG
     spacing_range = (float(spacing), float(spacing)) if np.isscalar(spacing) else tuple(float(s) for s in spacing)
     if len(spacing_range) != 2 or not 0.5 <= spacing_range[0] <= spacing_range[1] <= 4.0:
         raise SynthError(f"spacing must be 0.5-4 mm or a (low, high) range within it, got {spacing}")
+    if not 0.0 <= float(sulcal_csf) <= MAX_SULCAL_CSF:
+        raise SynthError(f"sulcal CSF must be 0-{MAX_SULCAL_CSF}, got {sulcal_csf}")
     specs = []
     for index in range(n):
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, 0xC0407]))
@@ -575,7 +606,7 @@ def cohort_specs(n: int, seed: int, age_range: Tuple[float, float] = lifespan.AG
         step = round(float(rng.uniform(*spacing_range)) / 0.05) * 0.05
         member_seed = int(np.random.SeedSequence([int(seed), index]).generate_state(1)[0])
         specs.append(PhantomSpec(index, f"phantom-s{seed}-{index:05d}", age, sex, member_seed, has_skull,
-                                 round(min(max(step, spacing_range[0]), spacing_range[1]), 2)))
+                                 round(min(max(step, spacing_range[0]), spacing_range[1]), 2), float(sulcal_csf)))
     return specs
 
 
@@ -591,12 +622,13 @@ def write_phantom(spec: PhantomSpec, out_dir: Union[str, Path]) -> Dict[str, obj
     if row_path.exists():
         try:
             row = json.loads(row_path.read_text())
-            if (out_dir / row["path"]).exists() and (out_dir / row["aging_map"]).exists():
+            if (out_dir / row["path"]).exists() and (out_dir / row["aging_map"]).exists() \
+                    and float(row.get("sulcal_csf_most", 0.0)) == spec.sulcal_csf:
                 return row
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged sidecar or a missing image: make the member again
     phantom = make_phantom(spec.age, spec.sex, spec.seed, spacing=spec.spacing, skull=spec.has_skull,
-                           with_tissue=False)
+                           with_tissue=False, sulcal_csf=spec.sulcal_csf)
     image_rel = Path("images") / f"{spec.id}_T1w.nii.gz"
     aging_rel = Path("aging_maps") / f"{spec.id}_aging.nii.gz"
     for folder in ("images", "aging_maps", "rows"):
@@ -609,6 +641,8 @@ def write_phantom(spec: PhantomSpec, out_dir: Union[str, Path]) -> Dict[str, obj
         "aging_map": aging_rel.as_posix(),
         **{key: round(value, 2) for key, value in phantom.volumes_ml.items()},
     }
+    if spec.sulcal_csf:  # rows of the default recipe stay as earlier releases wrote them
+        row.update(sulcal_csf_most=spec.sulcal_csf, sulcal_csf=round(phantom.params["sulcal_csf"], 4))
     write_text_atomic(row_path, json.dumps(row))
     return row
 
@@ -622,15 +656,18 @@ def _write_phantom_job(job: Tuple[PhantomSpec, str]) -> Dict[str, object]:
 def make_cohort(n: int, out_dir: Union[str, Path], seed: int, *,
                 age_range: Tuple[float, float] = lifespan.AGE_RANGE,
                 spacing: Union[float, Tuple[float, float]] = (1.0, 1.5),
-                skull_fraction: float = 0.5, workers: int = 1, progress: bool = True) -> Path:
+                skull_fraction: float = 0.5, workers: int = 1, progress: bool = True,
+                sulcal_csf: float = 0.0) -> Path:
     """Write ``n`` phantoms under ``out_dir`` and return the path of ``out_dir/cohort.csv``.
 
     Layout: ``images/<id>_T1w.nii.gz`` (int16), ``aging_maps/<id>_aging.nii.gz`` (float32,
     [0, 1]), ``rows/<id>.json`` (one sidecar per finished member, so a rerun resumes) and
     ``cohort.csv`` with :data:`COHORT_COLUMNS` (paths relative to the CSV's folder). ``workers``
     > 1 makes phantoms in that many processes (one CPU thread each); the result is the same.
+    ``sulcal_csf``: :func:`make_phantom`'s (a member written with another value is made again).
     """
-    specs = cohort_specs(n, seed, age_range=age_range, spacing=spacing, skull_fraction=skull_fraction)
+    specs = cohort_specs(n, seed, age_range=age_range, spacing=spacing, skull_fraction=skull_fraction,
+                         sulcal_csf=sulcal_csf)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     template_dir()  # fail early, with the install hint, before any worker starts
