@@ -174,9 +174,10 @@ def block_attentions(vit: VisionTransformer, blocks: Optional[Sequence[int]] = N
     there keeps that module's input (the probabilities before dropout, the same tensor in eval
     mode). Yields one holder per chosen block, in block order; under ``torch.enable_grad`` the
     kept tensors are part of the autograd graph, so gradients with respect to them can be taken
-    (the relevance explanation does). Other blocks keep the fused kernel. (The paper's map needs only the last block's CLS row: :func:`cls_attention`.) On exit, even after an
-    error, the hooks are removed and every ``fused_attn`` restored, so :meth:`SliceEncoder.embed`
-    outside this context is untouched. The unfused branch is the arithmetic the fused kernel
+    (the relevance explanation does). Other blocks keep the fused kernel. (The paper's map needs
+    only the last block's CLS row, which :func:`cls_attention` takes without unfusing anything.)
+    On exit, even after an error, the hooks are removed and every ``fused_attn`` restored, so
+    :meth:`SliceEncoder.embed` outside this context is untouched. The unfused branch is the arithmetic the fused kernel
     stands for, rounded differently: embeddings differ by float rounding (~5e-7 on the demo model).
     Not for concurrent use of one ViT from several threads (the flags are the modules').
     """
