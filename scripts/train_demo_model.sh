@@ -15,6 +15,10 @@
 #    prepares them (scripts/demo_calibration.py, metadata only), and their coverage on the test
 #    phantoms (scripts/interval_coverage.py, recorded for Testing/test_demo_intervals.py).
 #
+# Experiments (issue 19): SULCAL_CSF=F passes `--sulcal-csf F` to `brainage synth` (default 0, the
+# shipped recipe); SHIP=0 stops after step 3, leaving Resources/Models alone (the model is
+# WORK_DIR/run/model.safetensors); N_PHANTOMS, EPOCHS1 and EPOCHS2 shorten a run.
+#
 # Runs offline (needs nilearn for the MNI152 template) in under 90 minutes on 2 CPU cores; every step
 # resumes if interrupted (rerun the same command). Timings go to WORK_DIR/timings.json.
 set -euo pipefail
@@ -25,6 +29,8 @@ N_PHANTOMS="${N_PHANTOMS:-640}"
 COHORT_SEED=2026
 SPLIT_SEED=0
 WORKERS="${WORKERS:-2}"
+SULCAL_CSF="${SULCAL_CSF:-0}"
+SHIP="${SHIP:-1}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 mkdir -p "$WORK"
 cd "$WORK"
@@ -34,7 +40,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 now() { date +%s; }
 t0=$(now)
 "${BRAINAGE[@]}" synth --n "$N_PHANTOMS" --out phantoms --seed "$COHORT_SEED" --spacing 1.5 2.0 \
-    --skull-fraction 0.5 --workers "$WORKERS"
+    --skull-fraction 0.5 --workers "$WORKERS" --sulcal-csf "$SULCAL_CSF"
 t1=$(now)
 # Two DDP processes with one torch thread each (torchrun, gloo): both cores busy without OpenMP
 # threads waiting on each other; the ranks share preparing, embedding and the batches.
@@ -51,6 +57,10 @@ torchrun --nproc-per-node 2 -m BrainAgeLib train phantoms/cohort.csv --preset de
 t2=$(now)
 "${BRAINAGE[@]}" evaluate run/heldout_predictions.csv --out evaluation
 t3=$(now)
+if [ "$SHIP" = "0" ]; then
+    echo "SHIP=0: not shipped; the model is $WORK/run/model.safetensors"
+    exit 0
+fi
 
 python - "$REPO" "$t0" "$t1" "$t2" "$t3" <<'PY'
 import json, shutil, sys
