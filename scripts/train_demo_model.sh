@@ -17,7 +17,7 @@
 #
 # Experiments (issue 19): SULCAL_CSF=F passes `--sulcal-csf F` to `brainage synth` (default 0, the
 # shipped recipe); SHIP=0 stops after step 3, leaving Resources/Models alone (the model is
-# WORK_DIR/run/model.safetensors); N_PHANTOMS, EPOCHS1 and EPOCHS2 shorten a run.
+# WORK_DIR/run/model.safetensors); N_PHANTOMS, EPOCHS1, WARMUP1 and EPOCHS2 shorten a run.
 #
 # Runs offline (needs nilearn for the MNI152 template) in under 90 minutes on 2 CPU cores; every step
 # resumes if interrupted (rerun the same command). Timings go to WORK_DIR/timings.json.
@@ -49,7 +49,7 @@ t1=$(now)
 # this small memorises the training heads within a dozen epochs.
 torchrun --nproc-per-node 2 -m BrainAgeLib train phantoms/cohort.csv --preset demo \
     --seed "$SPLIT_SEED" --workers 1 --threads 1 --cache cache --out run \
-    --epochs1 "${EPOCHS1:-30}" --lr1 5e-4 --warmup1 300 --schedule1 cosine --batch-size1 32 \
+    --epochs1 "${EPOCHS1:-30}" --lr1 5e-4 --warmup1 "${WARMUP1:-300}" --schedule1 cosine --batch-size1 32 \
     --augment1 --label-sigma1 5 \
     --epochs2 "${EPOCHS2:-100}" --lr2 5e-4 --batch-size2 32 \
     --name "BrainAge demo (synthetic phantoms)" --demo \
